@@ -1,0 +1,200 @@
+use super::*;
+use crate::cluster::ClusterName;
+
+fn labels(s: &str) -> LabelSet {
+    s.parse().unwrap()
+}
+
+fn selector(json: &str) -> EndpointSelector {
+    serde_json::from_str(json).unwrap()
+}
+
+#[test]
+fn selector_matching_table() {
+    let web = labels("k8s:app=web;k8s:io.cilium.k8s.policy.cluster=c1;k8s:tier=front;");
+    let cases: &[(&str, bool)] = &[
+        (r#"{}"#, true),
+        (r#"{"matchLabels":{"app":"web"}}"#, true),
+        (r#"{"matchLabels":{"k8s:app":"web"}}"#, true),
+        (r#"{"matchLabels":{"any:app":"web"}}"#, true),
+        (r#"{"matchLabels":{"container:app":"web"}}"#, false),
+        (r#"{"matchLabels":{"app":"db"}}"#, false),
+        (r#"{"matchLabels":{"app":"web","tier":"back"}}"#, false),
+        (
+            r#"{"matchLabels":{"io.cilium.k8s.policy.cluster":"c1"}}"#,
+            true,
+        ),
+        (
+            r#"{"matchLabels":{"io.cilium.k8s.policy.cluster":"c2"}}"#,
+            false,
+        ),
+        (
+            r#"{"matchExpressions":[{"key":"app","operator":"In","values":["db","web"]}]}"#,
+            true,
+        ),
+        (
+            r#"{"matchExpressions":[{"key":"app","operator":"In","values":["db"]}]}"#,
+            false,
+        ),
+        (
+            r#"{"matchExpressions":[{"key":"app","operator":"NotIn","values":["db"]}]}"#,
+            true,
+        ),
+        (
+            r#"{"matchExpressions":[{"key":"app","operator":"NotIn","values":["web"]}]}"#,
+            false,
+        ),
+        (
+            r#"{"matchExpressions":[{"key":"zone","operator":"NotIn","values":["a"]}]}"#,
+            true,
+        ),
+        (
+            r#"{"matchExpressions":[{"key":"tier","operator":"Exists"}]}"#,
+            true,
+        ),
+        (
+            r#"{"matchExpressions":[{"key":"zone","operator":"Exists"}]}"#,
+            false,
+        ),
+        (
+            r#"{"matchExpressions":[{"key":"zone","operator":"DoesNotExist"}]}"#,
+            true,
+        ),
+        (
+            r#"{"matchExpressions":[{"key":"k8s:tier","operator":"DoesNotExist"}]}"#,
+            false,
+        ),
+        (
+            r#"{"matchLabels":{"app":"web"},"matchExpressions":[{"key":"tier","operator":"In","values":["back"]}]}"#,
+            false,
+        ),
+    ];
+    for (json, want) in cases {
+        let sel = selector(json);
+        assert_eq!(sel.validate(), Ok(()), "{json}");
+        assert_eq!(sel.matches(&web), *want, "{json}");
+    }
+}
+
+#[test]
+fn selector_validation_rejects() {
+    let cases: &[(&str, PolicyError)] = &[
+        (
+            r#"{"matchLabels":{"a b":"x"}}"#,
+            PolicyError::SelectorKey("a b".into()),
+        ),
+        (
+            r#"{"matchLabels":{"app":"a b"}}"#,
+            PolicyError::SelectorValue("a b".into()),
+        ),
+        (
+            r#"{"matchExpressions":[{"key":"app","operator":"In"}]}"#,
+            PolicyError::Expression {
+                key: "app".into(),
+                operator: SelectorOperator::In,
+                problem: "needs values",
+            },
+        ),
+        (
+            r#"{"matchExpressions":[{"key":"app","operator":"Exists","values":["x"]}]}"#,
+            PolicyError::Expression {
+                key: "app".into(),
+                operator: SelectorOperator::Exists,
+                problem: "takes no values",
+            },
+        ),
+    ];
+    for (json, want) in cases {
+        assert_eq!(selector(json).validate(), Err(want.clone()), "{json}");
+    }
+    assert!(
+        serde_json::from_str::<EndpointSelector>(
+            r#"{"matchExpressions":[{"key":"a","operator":"Like"}]}"#
+        )
+        .is_err()
+    );
+}
+
+#[test]
+fn mentions_cluster_label() {
+    let c = crate::labels::CLUSTER_LABEL;
+    assert!(selector(r#"{"matchLabels":{"io.cilium.k8s.policy.cluster":"c2"}}"#).mentions_key(c));
+    assert!(
+        selector(r#"{"matchExpressions":[{"key":"k8s:io.cilium.k8s.policy.cluster","operator":"Exists"}]}"#)
+            .mentions_key(c)
+    );
+    assert!(!selector(r#"{"matchLabels":{"app":"web"}}"#).mentions_key(c));
+}
+
+#[test]
+fn cilium_policy_json_parses_and_validates() {
+    let json = r#"{
+        "name": "allow-web",
+        "namespace": "prod",
+        "audit": false,
+        "rules": [{
+            "endpointSelector": {"matchLabels": {"app": "db"}},
+            "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "web", "io.cilium.k8s.policy.cluster": "c2"}}],
+                         "toPorts": [{"ports": [{"port": "5432", "protocol": "TCP"}, {"port": "metrics"}]}]}],
+            "egressDeny": [{"toEndpoints": [{}]}]
+        }]
+    }"#;
+    let p: NetworkPolicy = serde_json::from_str(json).unwrap();
+    assert_eq!(p.validate(), Ok(()));
+    let rule = &p.rules[0];
+    assert!(rule.covers(Direction::Ingress));
+    assert!(rule.covers(Direction::Egress));
+    let ports = &rule.ingress[0].to_ports[0].ports;
+    assert_eq!(ports[0].port_spec(), Ok(PortSpec::Number(5432)));
+    assert_eq!(ports[1].port_spec(), Ok(PortSpec::Named("metrics".into())));
+    assert_eq!(ports[1].protocol, PolicyProtocol::Any);
+    let back: NetworkPolicy = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+    assert_eq!(back, p);
+    let c1 = ClusterName::new("c1").unwrap();
+    let c2 = ClusterName::new("c2").unwrap();
+    let web_c2 = LabelSet::workload(&c2, "prod", [("app", "web")]).unwrap();
+    let web_c1 = LabelSet::workload(&c1, "prod", [("app", "web")]).unwrap();
+    let peer = &rule.ingress[0].from_endpoints[0];
+    assert!(peer.matches(&web_c2));
+    assert!(!peer.matches(&web_c1));
+}
+
+#[test]
+fn port_rules() {
+    let pp = |port: &str| PortProtocol {
+        port: port.into(),
+        protocol: PolicyProtocol::Tcp,
+    };
+    assert_eq!(pp("80").port_spec(), Ok(PortSpec::Number(80)));
+    assert_eq!(pp("0").port_spec(), Err(PolicyError::PortZero));
+    assert_eq!(
+        pp("65536").port_spec(),
+        Err(PolicyError::Port("65536".into()))
+    );
+    assert_eq!(pp("").port_spec(), Err(PolicyError::Port(String::new())));
+    assert_eq!(
+        pp("HTTP").port_spec(),
+        Err(PolicyError::Port("HTTP".into()))
+    );
+    let bad = NetworkPolicy {
+        namespace: None,
+        name: "p".into(),
+        audit: true,
+        rules: vec![PolicyRule {
+            egress: vec![EgressRule {
+                to_endpoints: vec![],
+                to_ports: vec![PortRule {
+                    ports: vec![pp("0")],
+                }],
+            }],
+            ..PolicyRule::default()
+        }],
+    };
+    assert_eq!(bad.validate(), Err(PolicyError::PortZero));
+    let bad_ns = NetworkPolicy {
+        namespace: Some("Prod".into()),
+        rules: vec![],
+        ..bad
+    };
+    assert!(matches!(bad_ns.validate(), Err(PolicyError::Name(_))));
+}

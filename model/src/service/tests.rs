@@ -20,7 +20,13 @@ fn cfg(global: bool, shared: bool, affinity: Affinity) -> GlobalServiceConfig {
 #[test]
 fn annotation_table() {
     use Affinity::{Local, None as NoAff, Remote};
-    let cases: &[(&[(&str, &str)], GlobalServiceConfig, usize)] = &[
+    // (annotations, expected settings, number of errors)
+    type Case = (
+        &'static [(&'static str, &'static str)],
+        GlobalServiceConfig,
+        usize,
+    );
+    let cases: &[Case] = &[
         (&[], cfg(false, false, NoAff), 0),
         (&[(ANNOTATION_GLOBAL, "true")], cfg(true, true, NoAff), 0),
         (&[(ANNOTATION_GLOBAL, "TRUE")], cfg(true, true, NoAff), 0),

@@ -1,0 +1,82 @@
+//! The one error type of the store contract: what the caller must react to (compaction, a
+//! lost lease) is a variant of its own; backend failures keep their cause.
+
+use crate::{LeaseId, Revision};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The requested history is gone: re-list, then watch from the listing's revision.
+    #[error(
+        "revision {requested} is compacted{}; re-list and watch from the listing",
+        floor.map(|f| format!(" (history starts at {f})")).unwrap_or_default()
+    )]
+    Compacted {
+        /// The revision asked for.
+        requested: Revision,
+        /// The oldest revision still available, when the store says (etcd reports it on
+        /// watches, not on reads).
+        floor: Option<Revision>,
+    },
+    /// A revision the store has not reached.
+    #[error("revision {requested} is in the future (current revision {current})")]
+    FutureRevision {
+        /// The revision asked for.
+        requested: Revision,
+        /// The store's current revision.
+        current: Revision,
+    },
+    /// The lease expired, was revoked, or never existed.
+    #[error("lease {0} not found (expired or revoked)")]
+    LeaseNotFound(LeaseId),
+    /// A TTL of zero, or beyond what the store can keep.
+    #[error("lease TTL {0:?} is not between 1 ms and 1 year")]
+    InvalidTtl(std::time::Duration),
+    /// Keys must not be empty.
+    #[error("key must not be empty")]
+    EmptyKey,
+    /// An etcd request failed.
+    #[error("etcd request failed")]
+    Etcd(#[source] etcd_client::Error),
+    /// Connecting to etcd failed.
+    #[error("failed to connect to etcd at {endpoints}")]
+    EtcdConnect {
+        /// The endpoints tried.
+        endpoints: String,
+        /// Why.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// A TLS file for etcd could not be read.
+    #[error("failed to read etcd TLS file {path}")]
+    TlsFile {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The embedded store failed.
+    #[error("embedded store operation failed")]
+    Sled(#[from] sled::Error),
+    /// Opening the embedded store failed.
+    #[error("failed to open the embedded store at {path}")]
+    SledOpen {
+        /// The store's directory.
+        path: String,
+        /// Why.
+        #[source]
+        source: sled::Error,
+    },
+    /// Bytes in the embedded store that do not decode: the files were damaged.
+    #[error("embedded store data is corrupt: {0}")]
+    Corrupt(String),
+    /// A watch could not be kept going (the store went away for longer than the retries).
+    #[error("watch on {prefix:?} lost: {reason}")]
+    WatchLost {
+        /// The watched prefix.
+        prefix: String,
+        /// Why.
+        reason: String,
+    },
+}

@@ -1,0 +1,87 @@
+//! The etcd backend over mutual TLS against a real etcd that requires client certificates.
+
+use clustermesh_kvstore::etcd::{EtcdStore, EtcdTls};
+use clustermesh_kvstore::testing::{EtcdServer, TlsFiles};
+use clustermesh_kvstore::{Error, KvStore};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair,
+};
+
+/// A CA, a server certificate for 127.0.0.1, a client certificate, and a second client
+/// certificate from a CA the server does not trust.
+fn write_certs(dir: &std::path::Path) -> (TlsFiles, EtcdTls) {
+    let ca = |name: &str| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+    };
+    let leaf = |issuer: &CertifiedIssuer<'_, KeyPair>, sans: &[&str], name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        (params.signed_by(&key, issuer).unwrap().pem(), key.serialize_pem())
+    };
+    let write = |name: &str, pem: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let trusted = ca("etcd-test-ca");
+    let stranger = ca("someone-else");
+    let (server_cert, server_key) = leaf(&trusted, &["127.0.0.1", "localhost"], "etcd");
+    let (client_cert, client_key) = leaf(&trusted, &[], "clustermesh");
+    let (bad_cert, bad_key) = leaf(&stranger, &[], "intruder");
+    let files = TlsFiles {
+        ca: write("ca.pem", &trusted.pem()),
+        server_cert: write("server.pem", &server_cert),
+        server_key: write("server-key.pem", &server_key),
+        client_cert: write("client.pem", &client_cert),
+        client_key: write("client-key.pem", &client_key),
+    };
+    let untrusted = EtcdTls {
+        ca: files.ca.clone(),
+        cert: write("bad.pem", &bad_cert),
+        key: write("bad-key.pem", &bad_key),
+    };
+    (files, untrusted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_store_works_and_untrusted_clients_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (files, untrusted) = write_certs(dir.path());
+    let server = EtcdServer::start_with_tls(files).await;
+    assert!(server.endpoint().starts_with("https://127.0.0.1:"));
+
+    let store = server.store().await;
+    let rev = store.put("tls/a", b"secret", None).await.unwrap();
+    assert_eq!(store.get("tls/a").await.unwrap().unwrap().mod_revision, rev);
+
+    let mut bad = server.config();
+    bad.tls = Some(untrusted);
+    assert!(matches!(EtcdStore::connect(&bad).await, Err(Error::EtcdConnect { .. })));
+
+    let mut plain = server.config();
+    plain.tls = None;
+    plain.endpoints = vec![server.endpoint().replace("https://", "http://")];
+    assert!(EtcdStore::connect(&plain).await.is_err());
+}
+
+#[tokio::test]
+async fn missing_tls_files_are_a_clear_error() {
+    let mut config = clustermesh_kvstore::etcd::EtcdConfig::new(["https://127.0.0.1:1"]);
+    config.tls = Some(EtcdTls {
+        ca: "/nonexistent/ca.pem".into(),
+        cert: "/nonexistent/c.pem".into(),
+        key: "/nonexistent/k.pem".into(),
+    });
+    match EtcdStore::connect(&config).await {
+        Err(Error::TlsFile { path, .. }) => assert_eq!(path, "/nonexistent/ca.pem"),
+        other => panic!("expected TlsFile, got {:?}", other.err()),
+    }
+}

@@ -20,11 +20,17 @@ fn write_certs(dir: &std::path::Path) -> (TlsFiles, EtcdTls) {
     let leaf = |issuer: &CertifiedIssuer<'_, KeyPair>, sans: &[&str], name: &str| {
         let key = KeyPair::generate().unwrap();
         let mut params =
-            CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>()).unwrap();
+            CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+                .unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        (params.signed_by(&key, issuer).unwrap().pem(), key.serialize_pem())
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        (
+            params.signed_by(&key, issuer).unwrap().pem(),
+            key.serialize_pem(),
+        )
     };
     let write = |name: &str, pem: &str| {
         let path = dir.join(name);
@@ -64,7 +70,10 @@ async fn mtls_store_works_and_untrusted_clients_are_refused() {
 
     let mut bad = server.config();
     bad.tls = Some(untrusted);
-    assert!(matches!(EtcdStore::connect(&bad).await, Err(Error::EtcdConnect { .. })));
+    assert!(matches!(
+        EtcdStore::connect(&bad).await,
+        Err(Error::EtcdConnect { .. })
+    ));
 
     let mut plain = server.config();
     plain.tls = None;

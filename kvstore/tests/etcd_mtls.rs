@@ -10,57 +10,56 @@ use rcgen::{
 
 /// A CA, a server certificate for 127.0.0.1, a client certificate, and a second client
 /// certificate from a CA the server does not trust.
-fn write_certs(dir: &std::path::Path) -> (TlsFiles, EtcdTls) {
-    let ca = |name: &str| {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+fn write_certs(dir: &std::path::Path) -> anyhow::Result<(TlsFiles, EtcdTls)> {
+    let ca = |name: &str| -> anyhow::Result<CertifiedIssuer<'static, KeyPair>> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, name);
-        CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+        Ok(CertifiedIssuer::self_signed(params, KeyPair::generate()?)?)
     };
-    let leaf = |issuer: &CertifiedIssuer<'_, KeyPair>, sans: &[&str], name: &str| {
-        let key = KeyPair::generate().unwrap();
+    let leaf = |issuer: &CertifiedIssuer<'_, KeyPair>,
+                sans: &[&str],
+                name: &str|
+     -> anyhow::Result<(String, String)> {
+        let key = KeyPair::generate()?;
         let mut params =
-            CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
-                .unwrap();
+            CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())?;
         params.distinguished_name.push(DnType::CommonName, name);
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        (
-            params.signed_by(&key, issuer).unwrap().pem(),
-            key.serialize_pem(),
-        )
+        Ok((params.signed_by(&key, issuer)?.pem(), key.serialize_pem()))
     };
-    let write = |name: &str, pem: &str| {
+    let write = |name: &str, pem: &str| -> anyhow::Result<std::path::PathBuf> {
         let path = dir.join(name);
-        std::fs::write(&path, pem).unwrap();
-        path
+        std::fs::write(&path, pem)?;
+        Ok(path)
     };
-    let trusted = ca("etcd-test-ca");
-    let stranger = ca("someone-else");
-    let (server_cert, server_key) = leaf(&trusted, &["127.0.0.1", "localhost"], "etcd");
-    let (client_cert, client_key) = leaf(&trusted, &[], "clustermesh");
-    let (bad_cert, bad_key) = leaf(&stranger, &[], "intruder");
+    let trusted = ca("etcd-test-ca")?;
+    let stranger = ca("someone-else")?;
+    let (server_cert, server_key) = leaf(&trusted, &["127.0.0.1", "localhost"], "etcd")?;
+    let (client_cert, client_key) = leaf(&trusted, &[], "clustermesh")?;
+    let (bad_cert, bad_key) = leaf(&stranger, &[], "intruder")?;
     let files = TlsFiles {
-        ca: write("ca.pem", &trusted.pem()),
-        server_cert: write("server.pem", &server_cert),
-        server_key: write("server-key.pem", &server_key),
-        client_cert: write("client.pem", &client_cert),
-        client_key: write("client-key.pem", &client_key),
+        ca: write("ca.pem", &trusted.pem())?,
+        server_cert: write("server.pem", &server_cert)?,
+        server_key: write("server-key.pem", &server_key)?,
+        client_cert: write("client.pem", &client_cert)?,
+        client_key: write("client-key.pem", &client_key)?,
     };
     let untrusted = EtcdTls {
         ca: files.ca.clone(),
-        cert: write("bad.pem", &bad_cert),
-        key: write("bad-key.pem", &bad_key),
+        cert: write("bad.pem", &bad_cert)?,
+        key: write("bad-key.pem", &bad_key)?,
     };
-    (files, untrusted)
+    Ok((files, untrusted))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_store_works_and_untrusted_clients_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (files, untrusted) = write_certs(dir.path());
+    let (files, untrusted) = write_certs(dir.path()).unwrap();
     let server = EtcdServer::start_with_tls(files).await;
     assert!(server.endpoint().starts_with("https://127.0.0.1:"));
 

@@ -370,7 +370,10 @@ async fn reap_leases(inner: Weak<Inner>, lease_changed: Arc<Notify>) {
                 .collect();
             for id in expired {
                 if let Err(e) = store.revoke(&mut st, id) {
-                    tracing::warn!(lease = %id, error = %e, "failed to delete the keys of an expired lease");
+                    tracing::warn!(lease = %id, error = %e, "failed to delete the keys of an expired lease; retrying in 1 s");
+                    if let Some(l) = st.leases.get_mut(&id) {
+                        l.deadline = now + IDLE;
+                    }
                 }
             }
             st.leases

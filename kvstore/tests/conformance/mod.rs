@@ -61,12 +61,14 @@ macro_rules! conformance_tests {
             watch_delivers_deletes,
             watch_resumed_from_last_revision_has_no_gap,
             concurrent_writers_and_watchers_see_no_gap_or_duplicate,
+            slow_watcher_loses_nothing,
             expired_lease_deletes_its_keys_with_delete_events,
             keep_alive_keeps_keys,
             revoke_deletes_keys_at_once,
             put_with_an_unknown_lease_fails,
             keep_alive_of_a_revoked_lease_fails,
             rewriting_a_key_without_lease_detaches_it,
+            lease_keys_still_expire_after_a_restart,
             compaction_fails_old_watches_with_compacted,
             compaction_fails_old_listings_with_compacted,
             watch_from_the_compaction_floor_still_works,
@@ -543,6 +545,34 @@ pub async fn concurrent_writers_and_watchers_see_no_gap_or_duplicate<B: Backend>
     }
 }
 
+pub async fn slow_watcher_loses_nothing<B: Backend>(b: &mut B) {
+    // Far more revisions than any buffer between store and consumer holds, written while the
+    // watcher reads nothing.
+    const N: usize = 3_000;
+    let s = b.store();
+    let start = s.current_revision().await.unwrap();
+    let mut w = s.watch("t/", start).await.unwrap();
+    let mut writers = Vec::new();
+    for t in 0..4 {
+        let s = s.clone();
+        writers.push(tokio::spawn(async move {
+            let mut revs = Vec::new();
+            for i in (t..N).step_by(4) {
+                revs.push(s.put(&format!("t/{}", i % 50), b"v", None).await.unwrap());
+            }
+            revs
+        }));
+    }
+    let mut written = Vec::new();
+    for t in writers {
+        written.extend(t.await.unwrap());
+    }
+    written.sort_unstable();
+    let seen: Vec<Revision> = take(&mut w, N).await.iter().map(|e| e.revision).collect();
+    assert_eq!(seen, written);
+    assert_quiet(&mut w).await;
+}
+
 // === leases ===
 
 const TTL: Duration = Duration::from_secs(2);
@@ -624,6 +654,18 @@ pub async fn rewriting_a_key_without_lease_detaches_it<B: Backend>(b: &mut B) {
     assert_eq!(s.get("t/a").await.unwrap().unwrap().lease, None);
     s.revoke_lease(lease).await.unwrap();
     assert_eq!(keys(&s.list("t/").await.unwrap().kvs), ["t/a"]);
+}
+
+pub async fn lease_keys_still_expire_after_a_restart<B: Backend>(b: &mut B) {
+    let s = b.store();
+    let lease = s.grant_lease(TTL).await.unwrap();
+    let r = s.put("t/a", b"1", Some(lease)).await.unwrap();
+    drop(s);
+    b.restart().await;
+    let s = b.store();
+    let mut w = s.watch("t/", r).await.unwrap();
+    assert_eq!(next(&mut w).await, del("t/a", r + 1));
+    assert_eq!(s.get("t/a").await.unwrap(), None);
 }
 
 // === compaction ===

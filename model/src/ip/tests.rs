@@ -69,3 +69,18 @@ mod props {
         }
     }
 }
+
+mod l4_props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn l4_addrs_round_trip(port in 1u16.., proto in 0..3usize) {
+            let a = L4Addr::new([Protocol::Tcp, Protocol::Udp, Protocol::Sctp][proto], port).unwrap();
+            let json = serde_json::to_string(&a).unwrap();
+            prop_assert_eq!(serde_json::from_str::<L4Addr>(&json).unwrap(), a);
+            prop_assert_eq!(a.protocol.as_str().parse::<Protocol>().unwrap(), a.protocol);
+        }
+    }
+}

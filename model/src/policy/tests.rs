@@ -198,3 +198,111 @@ fn port_rules() {
     };
     assert!(matches!(bad_ns.validate(), Err(PolicyError::Name(_))));
 }
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn selector() -> impl Strategy<Value = EndpointSelector> {
+        let op = prop_oneof![
+            Just(SelectorOperator::In),
+            Just(SelectorOperator::NotIn),
+            Just(SelectorOperator::Exists),
+            Just(SelectorOperator::DoesNotExist),
+        ];
+        (
+            proptest::collection::btree_map("(k8s:)?[a-z]{1,8}", "[a-z0-9]{0,8}", 0..3),
+            proptest::collection::vec(
+                (
+                    "[a-z]{1,8}",
+                    op,
+                    proptest::collection::vec("[a-z]{1,5}", 1..3),
+                ),
+                0..3,
+            ),
+        )
+            .prop_map(|(match_labels, exprs)| EndpointSelector {
+                match_labels,
+                match_expressions: exprs
+                    .into_iter()
+                    .map(|(key, operator, values)| SelectorRequirement {
+                        key,
+                        values: match operator {
+                            SelectorOperator::In | SelectorOperator::NotIn => values,
+                            _ => vec![],
+                        },
+                        operator,
+                    })
+                    .collect(),
+            })
+    }
+
+    fn ports() -> impl Strategy<Value = Vec<PortRule>> {
+        proptest::collection::vec(
+            proptest::collection::vec((1u16.., 0..4u8), 1..3).prop_map(|ps| PortRule {
+                ports: ps
+                    .into_iter()
+                    .map(|(p, proto)| PortProtocol {
+                        port: p.to_string(),
+                        protocol: [
+                            PolicyProtocol::Tcp,
+                            PolicyProtocol::Udp,
+                            PolicyProtocol::Sctp,
+                            PolicyProtocol::Any,
+                        ][usize::from(proto)],
+                    })
+                    .collect(),
+            }),
+            0..2,
+        )
+    }
+
+    fn rule() -> impl Strategy<Value = PolicyRule> {
+        (
+            selector(),
+            proptest::collection::vec(selector(), 0..2),
+            ports(),
+            proptest::collection::vec(selector(), 0..2),
+            any::<bool>(),
+        )
+            .prop_map(|(endpoint_selector, peers, to_ports, deny_peers, egress)| {
+                let mut r = PolicyRule {
+                    endpoint_selector,
+                    ..PolicyRule::default()
+                };
+                if egress {
+                    r.egress = vec![EgressRule {
+                        to_endpoints: peers,
+                        to_ports,
+                    }];
+                    r.egress_deny = vec![EgressRule {
+                        to_endpoints: deny_peers,
+                        to_ports: vec![],
+                    }];
+                } else {
+                    r.ingress = vec![IngressRule {
+                        from_endpoints: peers,
+                        to_ports,
+                    }];
+                    r.ingress_deny = vec![IngressRule {
+                        from_endpoints: deny_peers,
+                        to_ports: vec![],
+                    }];
+                }
+                r
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn policies_round_trip_and_validate(
+            ns in proptest::option::of("[a-z]{1,10}"), name in "[a-z]{1,10}", audit in any::<bool>(),
+            rules in proptest::collection::vec(rule(), 1..3),
+        ) {
+            let p = NetworkPolicy { namespace: ns, name, audit, rules };
+            prop_assert_eq!(p.validate(), Ok(()));
+            let json = serde_json::to_vec(&p).unwrap();
+            prop_assert_eq!(serde_json::from_slice::<NetworkPolicy>(&json).unwrap(), p);
+        }
+    }
+}

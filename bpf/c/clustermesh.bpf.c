@@ -1,0 +1,360 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * clustermesh eBPF programs:
+ * - cm_connect4 / cm_sendmsg4 / cm_recvmsg4 (cgroup sock_addr): socket load balancing of
+ *   service VIPs to one of their active backends;
+ * - cm_from_endpoint / cm_to_endpoint (TC classifier on an endpoint's host-side interface):
+ *   identity-based policy, with verdict events on a ring buffer.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "clustermesh.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CM_MAX_SERVICES * 4);
+	__type(key, struct cm_service_key);
+	__type(value, struct cm_service_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cm_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CM_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct cm_backend);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cm_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CM_MAX_REVNAT);
+	__type(key, struct cm_revnat_key);
+	__type(value, struct cm_revnat_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cm_revnat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, CM_MAX_IPCACHE);
+	__type(key, struct cm_ipcache_key);
+	__type(value, struct cm_ipcache_value);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cm_ipcache SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CM_MAX_ENDPOINTS);
+	__type(key, __u32);
+	__type(value, struct cm_endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cm_endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CM_MAX_POLICY);
+	__type(key, struct cm_policy_key);
+	__type(value, struct cm_policy_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cm_policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CM_MAX_CT);
+	__type(key, struct cm_ct_key);
+	__type(value, struct cm_ct_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cm_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, CM_EVENTS_BYTES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cm_events SEC(".maps");
+
+/* ===== socket load balancing ===== */
+
+/* Picks a backend for ctx's destination. Returns 1 when the destination is no service
+ * (leave it), 0 when it is a service without an active backend (refuse), and 2 after
+ * rewriting the destination. */
+static __always_inline int cm_translate(struct bpf_sock_addr *ctx, __u8 proto, __u32 *vip,
+					__u16 *vport)
+{
+	struct cm_service_key key = {
+		.vip = ctx->user_ip4,
+		.port = (__u16)ctx->user_port,
+		.proto = proto,
+		.slot = 0,
+	};
+	struct cm_service_value *svc = bpf_map_lookup_elem(&cm_services, &key);
+	if (!svc)
+		return 1;
+	if (svc->count == 0)
+		return 0;
+	*vip = key.vip;
+	*vport = key.port;
+	key.slot = (bpf_get_prandom_u32() % svc->count) + 1;
+	struct cm_service_value *slot = bpf_map_lookup_elem(&cm_services, &key);
+	if (!slot)
+		return 0;
+	__u32 id = slot->backend_id;
+	struct cm_backend *be = bpf_map_lookup_elem(&cm_backends, &id);
+	if (!be)
+		return 0;
+	ctx->user_ip4 = be->ip;
+	ctx->user_port = be->port;
+	return 2;
+}
+
+static __always_inline __u8 cm_sock_proto(struct bpf_sock_addr *ctx)
+{
+	return ctx->type == 2 /* SOCK_DGRAM */ ? IPPROTO_UDP : IPPROTO_TCP;
+}
+
+SEC("cgroup/connect4")
+int cm_connect4(struct bpf_sock_addr *ctx)
+{
+	__u32 vip;
+	__u16 vport;
+	__u8 proto = cm_sock_proto(ctx);
+	int ret = cm_translate(ctx, proto, &vip, &vport);
+	if (ret == 0)
+		return 0;
+	if (ret == 2 && proto == IPPROTO_UDP) {
+		/* A connected UDP socket may still use recvmsg with an address. */
+		struct cm_revnat_key rk = {
+			.cookie = bpf_get_socket_cookie(ctx),
+			.ip = ctx->user_ip4,
+			.port = (__u16)ctx->user_port,
+		};
+		struct cm_revnat_value rv = { .vip = vip, .port = vport };
+		bpf_map_update_elem(&cm_revnat, &rk, &rv, BPF_ANY);
+	}
+	return 1;
+}
+
+SEC("cgroup/sendmsg4")
+int cm_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	__u32 vip;
+	__u16 vport;
+	int ret = cm_translate(ctx, IPPROTO_UDP, &vip, &vport);
+	if (ret == 0)
+		return 0;
+	if (ret == 2) {
+		struct cm_revnat_key rk = {
+			.cookie = bpf_get_socket_cookie(ctx),
+			.ip = ctx->user_ip4,
+			.port = (__u16)ctx->user_port,
+		};
+		struct cm_revnat_value rv = { .vip = vip, .port = vport };
+		bpf_map_update_elem(&cm_revnat, &rk, &rv, BPF_ANY);
+	}
+	return 1;
+}
+
+SEC("cgroup/recvmsg4")
+int cm_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	struct cm_revnat_key rk = {
+		.cookie = bpf_get_socket_cookie(ctx),
+		.ip = ctx->user_ip4,
+		.port = (__u16)ctx->user_port,
+	};
+	struct cm_revnat_value *rv = bpf_map_lookup_elem(&cm_revnat, &rk);
+	if (rv) {
+		ctx->user_ip4 = rv->vip;
+		ctx->user_port = rv->port;
+	}
+	return 1;
+}
+
+/* ===== policy ===== */
+
+struct cm_flow {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 syn_only; /* TCP SYN without ACK: a new connection */
+};
+
+static __always_inline int cm_parse(struct __sk_buff *skb, struct cm_flow *f)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return -1;
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end || ip->ihl < 5)
+		return -1;
+	f->saddr = ip->saddr;
+	f->daddr = ip->daddr;
+	f->proto = ip->protocol;
+	f->sport = 0;
+	f->dport = 0;
+	f->syn_only = 0;
+	void *l4 = (void *)ip + ip->ihl * 4;
+	if (ip->frag_off & bpf_htons(0x1fff))
+		return 0; /* later fragments carry no ports */
+	if (ip->protocol == IPPROTO_TCP) {
+		struct tcphdr *tcp = l4;
+		if ((void *)(tcp + 1) > end)
+			return -1;
+		f->sport = tcp->source;
+		f->dport = tcp->dest;
+		f->syn_only = tcp->syn && !tcp->ack;
+	} else if (ip->protocol == IPPROTO_UDP) {
+		struct udphdr *udp = l4;
+		if ((void *)(udp + 1) > end)
+			return -1;
+		f->sport = udp->source;
+		f->dport = udp->dest;
+	}
+	return 0;
+}
+
+static __always_inline __u8 cm_lookup_verdict(__u32 ep, __u32 identity, __u16 port, __u8 proto,
+					      __u8 dir, __u32 *rule_id)
+{
+	/* Exact, any port, any identity, any identity and port. Deny wins over allow, allow
+	 * over audit. */
+	struct cm_policy_key keys[4] = {
+		{ .endpoint_id = ep, .identity = identity, .port = port, .proto = proto, .direction = dir },
+		{ .endpoint_id = ep, .identity = identity, .port = 0, .proto = 0, .direction = dir },
+		{ .endpoint_id = ep, .identity = 0, .port = port, .proto = proto, .direction = dir },
+		{ .endpoint_id = ep, .identity = 0, .port = 0, .proto = 0, .direction = dir },
+	};
+	__u8 best = 0;
+	__u32 best_rule = 0;
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		struct cm_policy_value *v = bpf_map_lookup_elem(&cm_policy, &keys[i]);
+		if (!v)
+			continue;
+		__u8 rank = v->verdict == CM_VERDICT_DENY ? 3 : v->verdict == CM_VERDICT_ALLOW ? 2 : 1;
+		__u8 best_rank = best == CM_VERDICT_DENY ? 3 : best == CM_VERDICT_ALLOW ? 2 : best ? 1 : 0;
+		if (rank > best_rank) {
+			best = v->verdict;
+			best_rule = v->rule_id;
+		}
+	}
+	*rule_id = best_rule;
+	return best;
+}
+
+static __always_inline void cm_report(const struct cm_flow *f, __u32 src_id, __u32 dst_id,
+				      __u16 src_cluster, __u16 dst_cluster, __u8 dir,
+				      __u8 verdict, __u32 ep, __u32 rule)
+{
+	struct cm_event *e = bpf_ringbuf_reserve(&cm_events, sizeof(*e), 0);
+	if (!e)
+		return;
+	e->time_ns = bpf_ktime_get_ns();
+	e->src_ip = f->saddr;
+	e->dst_ip = f->daddr;
+	e->src_identity = src_id;
+	e->dst_identity = dst_id;
+	e->src_cluster = src_cluster;
+	e->dst_cluster = dst_cluster;
+	e->dport = f->dport;
+	e->proto = f->proto;
+	e->direction = dir;
+	e->verdict = verdict;
+	e->pad[0] = e->pad[1] = e->pad[2] = 0;
+	e->endpoint_id = ep;
+	e->rule_id = rule;
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* dir: the local endpoint's direction. CM_DIR_EGRESS: the packet leaves the endpoint
+ * (its source is local); CM_DIR_INGRESS: the packet goes to it. */
+static __always_inline int cm_enforce(struct __sk_buff *skb, __u8 dir)
+{
+	struct cm_flow f;
+	if (cm_parse(skb, &f) < 0)
+		return TC_ACT_OK;
+	__u32 local_ip = dir == CM_DIR_EGRESS ? f.saddr : f.daddr;
+	__u32 peer_ip = dir == CM_DIR_EGRESS ? f.daddr : f.saddr;
+	struct cm_endpoint *ep = bpf_map_lookup_elem(&cm_endpoints, &local_ip);
+	if (!ep)
+		return TC_ACT_OK;
+	__u32 enforce = dir == CM_DIR_EGRESS ? CM_ENFORCE_EGRESS : CM_ENFORCE_INGRESS;
+	__u32 audit = dir == CM_DIR_EGRESS ? CM_AUDIT_EGRESS : CM_AUDIT_INGRESS;
+	if (!(ep->flags & (enforce | audit)))
+		return TC_ACT_OK;
+
+	/* Replies of flows this endpoint's policy allowed pass. */
+	struct cm_ct_key reply = {
+		.saddr = f.daddr, .daddr = f.saddr, .sport = f.dport, .dport = f.sport, .proto = f.proto,
+	};
+	struct cm_ct_value *ct = bpf_map_lookup_elem(&cm_ct, &reply);
+	if (ct) {
+		ct->last_seen_ns = bpf_ktime_get_ns();
+		return TC_ACT_OK;
+	}
+	struct cm_ct_key fwd = {
+		.saddr = f.saddr, .daddr = f.daddr, .sport = f.sport, .dport = f.dport, .proto = f.proto,
+	};
+	int known_flow = bpf_map_lookup_elem(&cm_ct, &fwd) != 0;
+
+	struct cm_ipcache_key ik = { .prefixlen = 32, .ip = peer_ip };
+	struct cm_ipcache_value *peer = bpf_map_lookup_elem(&cm_ipcache, &ik);
+	__u32 peer_id = peer ? peer->identity : 2 /* world */;
+	__u16 peer_cluster = peer ? peer->cluster_id : 0;
+
+	__u32 rule = 0;
+	__u8 v = cm_lookup_verdict(ep->endpoint_id, peer_id, f.dport, f.proto, dir, &rule);
+	__u8 outcome;
+	if (v == CM_VERDICT_ALLOW)
+		outcome = CM_EVENT_ALLOWED;
+	else if (v == CM_VERDICT_AUDIT)
+		outcome = CM_EVENT_AUDITED;
+	else /* deny, or nothing matched: default deny */
+		outcome = (ep->flags & audit) ? CM_EVENT_AUDITED : CM_EVENT_DENIED;
+	if (!(ep->flags & enforce) && outcome == CM_EVENT_DENIED)
+		outcome = CM_EVENT_AUDITED;
+
+	__u32 src_id = dir == CM_DIR_EGRESS ? ep->identity : peer_id;
+	__u32 dst_id = dir == CM_DIR_EGRESS ? peer_id : ep->identity;
+	__u16 src_cl = dir == CM_DIR_EGRESS ? ep->cluster_id : peer_cluster;
+	__u16 dst_cl = dir == CM_DIR_EGRESS ? peer_cluster : ep->cluster_id;
+
+	if (outcome == CM_EVENT_DENIED) {
+		cm_report(&f, src_id, dst_id, src_cl, dst_cl, dir, outcome, ep->endpoint_id, rule);
+		return TC_ACT_SHOT;
+	}
+	if (!known_flow) {
+		struct cm_ct_value nv = { .last_seen_ns = bpf_ktime_get_ns() };
+		bpf_map_update_elem(&cm_ct, &fwd, &nv, BPF_ANY);
+		cm_report(&f, src_id, dst_id, src_cl, dst_cl, dir, outcome, ep->endpoint_id, rule);
+	}
+	return TC_ACT_OK;
+}
+
+/* On the host side of an endpoint's veth, TC ingress sees what the endpoint sends. */
+SEC("classifier")
+int cm_from_endpoint(struct __sk_buff *skb)
+{
+	return cm_enforce(skb, CM_DIR_EGRESS);
+}
+
+/* TC egress of the host-side veth sees what is delivered to the endpoint. */
+SEC("classifier")
+int cm_to_endpoint(struct __sk_buff *skb)
+{
+	return cm_enforce(skb, CM_DIR_INGRESS);
+}

@@ -1,0 +1,151 @@
+//! `cm-netprobe`: a small network probe for datapath tests and for operators checking a
+//! service by hand.
+//!
+//! - `cm-netprobe serve --name NAME --port PORT`: answers every TCP connection and every UDP
+//!   datagram on PORT with NAME. Prints `listening` once ready.
+//! - `cm-netprobe tcp ADDR:PORT [--count N] [--timeout-ms T]`: N connections, one line each:
+//!   `ok NAME` or `err KIND ERRNO`.
+//! - `cm-netprobe udp ADDR:PORT [--count N] [--timeout-ms T]`: N unconnected datagrams, one
+//!   line each: `ok NAME from ADDR:PORT` or `err KIND ERRNO`.
+//! - `cm-netprobe tcp-loop ADDR:PORT --duration-ms D`: connects back to back for D ms, then
+//!   prints `attempts N ok N failed N`.
+//! - `cm-netprobe tcp-latency ADDR:PORT --count N`: N connects, prints `p50_us X p99_us Y`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: cm-netprobe serve --name NAME --port PORT | tcp|udp ADDR:PORT [--count N] [--timeout-ms T] | tcp-loop ADDR:PORT --duration-ms D | tcp-latency ADDR:PORT --count N"
+    );
+    std::process::exit(2)
+}
+
+fn flag(args: &[String], name: &str, default: u64) -> u64 {
+    args.windows(2)
+        .find(|w| w[0] == name)
+        .map(|w| w[1].parse().unwrap_or_else(|_| usage()))
+        .unwrap_or(default)
+}
+
+fn text_flag<'a>(args: &'a [String], name: &str) -> &'a str {
+    args.windows(2)
+        .find(|w| w[0] == name)
+        .map(|w| w[1].as_str())
+        .unwrap_or_else(|| usage())
+}
+
+fn describe(e: &std::io::Error) -> String {
+    format!("err {:?} {}", e.kind(), e.raw_os_error().unwrap_or(0))
+}
+
+fn serve(name: &str, port: u16) -> std::io::Result<()> {
+    let tcp = TcpListener::bind(("0.0.0.0", port))?;
+    let udp = UdpSocket::bind(("0.0.0.0", port))?;
+    let reply = name.as_bytes().to_vec();
+    let udp_reply = reply.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((_, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(&udp_reply, from);
+        }
+    });
+    println!("listening");
+    std::io::stdout().flush()?;
+    for mut s in tcp.incoming().flatten() {
+        let _ = s.write_all(&reply);
+    }
+    Ok(())
+}
+
+fn tcp_once(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    Ok(buf)
+}
+
+fn udp_once(addr: SocketAddr, timeout: Duration) -> std::io::Result<(String, SocketAddr)> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.set_read_timeout(Some(timeout))?;
+    s.send_to(b"ping", addr)?;
+    let mut buf = [0u8; 1500];
+    let (n, from) = s.recv_from(&mut buf)?;
+    Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else { usage() };
+    if cmd == "serve" {
+        let port = u16::try_from(flag(&args, "--port", 0)).unwrap_or_else(|_| usage());
+        if let Err(e) = serve(text_flag(&args, "--name"), port) {
+            eprintln!("serve failed: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let addr: SocketAddr = args
+        .get(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| usage());
+    let count = flag(&args, "--count", 1);
+    let timeout = Duration::from_millis(flag(&args, "--timeout-ms", 1000));
+    match cmd.as_str() {
+        "tcp" => {
+            for _ in 0..count {
+                match tcp_once(addr, timeout) {
+                    Ok(name) => println!("ok {name}"),
+                    Err(e) => println!("{}", describe(&e)),
+                }
+            }
+        }
+        "udp" => {
+            for _ in 0..count {
+                match udp_once(addr, timeout) {
+                    Ok((name, from)) => println!("ok {name} from {from}"),
+                    Err(e) => println!("{}", describe(&e)),
+                }
+            }
+        }
+        "tcp-loop" => {
+            let until = Instant::now() + Duration::from_millis(flag(&args, "--duration-ms", 1000));
+            let (mut ok, mut failed) = (0u64, 0u64);
+            while Instant::now() < until {
+                match tcp_once(addr, timeout) {
+                    Ok(_) => ok += 1,
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("{}", describe(&e));
+                    }
+                }
+            }
+            println!("attempts {} ok {ok} failed {failed}", ok + failed);
+        }
+        "tcp-latency" => {
+            let mut samples = Vec::new();
+            for _ in 0..count {
+                let t = Instant::now();
+                match TcpStream::connect_timeout(&addr, timeout) {
+                    Ok(_) => samples.push(t.elapsed()),
+                    Err(e) => println!("{}", describe(&e)),
+                }
+            }
+            samples.sort();
+            if samples.is_empty() {
+                println!("no samples");
+                return;
+            }
+            let pct = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize].as_micros();
+            println!(
+                "p50_us {} p99_us {} n {}",
+                pct(0.5),
+                pct(0.99),
+                samples.len()
+            );
+        }
+        _ => usage(),
+    }
+}

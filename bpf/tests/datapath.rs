@@ -1,0 +1,549 @@
+//! The kernel datapath on real packets: socket load balancing, identity-based policy with
+//! verdict events, adoption of pinned state across a reload, and parity with the userspace
+//! backend. Runs as root inside network namespaces built by the test (no link to the host's
+//! namespace); every address below exists only inside them.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers: a panic is the failure report"
+)]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "the synchronous tests wait with thread::sleep; no runtime is blocked"
+)]
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use clustermesh_bpf::testing::Topology;
+use clustermesh_bpf::{
+    Backend, BackendState, Datapath, Direction, Endpoint, EndpointFlags, EventStream, EventVerdict,
+    IpCacheValue, KernelConfig, KernelDatapath, PolicyKey, PolicyValue, Prefix, Proto, ServiceKey,
+    UserspaceDatapath, Verdict, VerdictEvent,
+};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_cm-netprobe");
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+fn ip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, 0, last)
+}
+
+fn load(topo: &Topology) -> KernelDatapath {
+    KernelDatapath::load(&KernelConfig {
+        bpf_root: topo.bpf_root().to_owned(),
+        cluster: "c1".into(),
+        node: "n1".into(),
+    })
+    .expect("loading the datapath")
+}
+
+fn backend(last: u8, port: u16, proto: Proto) -> Backend {
+    Backend {
+        ip: ip(last),
+        port,
+        proto,
+        state: BackendState::Active,
+        cluster_id: 1,
+    }
+}
+
+fn names(lines: &[String]) -> Vec<&str> {
+    lines
+        .iter()
+        .map(|l| {
+            l.strip_prefix("ok ")
+                .unwrap_or_else(|| panic!("failed: {l}"))
+        })
+        .collect()
+}
+
+#[test]
+fn socket_lb_translates_vips_spreads_and_refuses_empty_services() {
+    let topo = Topology::new(
+        PROBE.as_ref(),
+        &[
+            ("client", ip(2)),
+            ("be1", ip(11)),
+            ("be2", ip(12)),
+            ("be3", ip(13)),
+        ],
+    );
+    for be in ["be1", "be2", "be3"] {
+        topo.serve(be, 8080);
+    }
+    let dp = load(&topo);
+    dp.attach_cgroup(topo.cgroup()).unwrap();
+    let tcp = ServiceKey {
+        vip: VIP,
+        port: 80,
+        proto: Proto::Tcp,
+    };
+    let udp = ServiceKey {
+        vip: VIP,
+        port: 53,
+        proto: Proto::Udp,
+    };
+    dp.upsert_backends(&[
+        (1, backend(11, 8080, Proto::Tcp)),
+        (2, backend(12, 8080, Proto::Tcp)),
+        (3, backend(13, 8080, Proto::Tcp)),
+        (11, backend(11, 8080, Proto::Udp)),
+        (12, backend(12, 8080, Proto::Udp)),
+    ])
+    .unwrap();
+    dp.upsert_service(tcp, &[1, 2, 3]).unwrap();
+    dp.upsert_service(udp, &[11, 12]).unwrap();
+
+    // TCP: every connection reaches a backend, and all three get some.
+    let lines = topo.probe("client", true, &["tcp", "10.96.0.10:80", "--count", "60"]);
+    let got = names(&lines);
+    assert_eq!(got.len(), 60);
+    for be in ["be1", "be2", "be3"] {
+        assert!(
+            got.contains(&be),
+            "{be} got no connection out of 60: {got:?}"
+        );
+    }
+    assert!(got.iter().all(|n| ["be1", "be2", "be3"].contains(n)));
+
+    // Unconnected UDP: replies appear to come from the VIP.
+    let lines = topo.probe("client", true, &["udp", "10.96.0.10:53", "--count", "20"]);
+    assert_eq!(lines.len(), 20);
+    for l in &lines {
+        assert!(
+            l == "ok be1 from 10.96.0.10:53" || l == "ok be2 from 10.96.0.10:53",
+            "unexpected UDP reply {l:?}"
+        );
+    }
+
+    // A removed backend gets no new connection.
+    dp.upsert_service(tcp, &[1, 3]).unwrap();
+    let got = topo.probe("client", true, &["tcp", "10.96.0.10:80", "--count", "30"]);
+    assert!(
+        names(&got).iter().all(|n| *n == "be1" || *n == "be3"),
+        "{got:?}"
+    );
+
+    // A service without backends is refused at connect time, not passed through.
+    dp.upsert_service(tcp, &[]).unwrap();
+    let started = std::time::Instant::now();
+    let got = topo.probe(
+        "client",
+        true,
+        &["tcp", "10.96.0.10:80", "--timeout-ms", "3000"],
+    );
+    assert_eq!(got, ["err PermissionDenied 1"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refusal took {:?}",
+        started.elapsed()
+    );
+
+    // Outside the cgroup nothing is translated.
+    let got = topo.probe(
+        "client",
+        false,
+        &["tcp", "10.96.0.10:80", "--timeout-ms", "300"],
+    );
+    assert!(got[0].starts_with("err"), "{got:?}");
+
+    let snap = dp.snapshot().unwrap();
+    assert_eq!(snap.services.get(&tcp), Some(&vec![]));
+    assert_eq!(snap.services.get(&udp), Some(&vec![11, 12]));
+    dp.unpin_all().unwrap();
+}
+
+/// The next event matching `pred`, within 5 s.
+async fn expect_event(
+    events: &mut EventStream,
+    pred: impl Fn(&VerdictEvent) -> bool,
+) -> VerdictEvent {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let e = events.next().await.expect("event stream ended");
+            if pred(&e) {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("no matching verdict event within 5 s")
+}
+
+const ID_CLIENT: u32 = 65_600;
+const ID_OTHER: u32 = 131_200;
+const ID_SERVER: u32 = 65_700;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_allows_denies_audits_and_reports_every_verdict() {
+    let topo = Topology::new(
+        PROBE.as_ref(),
+        &[("client", ip(2)), ("other", ip(3)), ("server", ip(20))],
+    );
+    topo.serve("server", 8080);
+    topo.serve("server", 9090);
+    let dp = load(&topo);
+    dp.upsert_ipcache(&[
+        (
+            Prefix::host(ip(2)),
+            IpCacheValue {
+                identity: ID_CLIENT,
+                node_ip: None,
+                cluster_id: 1,
+            },
+        ),
+        (
+            Prefix::host(ip(3)),
+            IpCacheValue {
+                identity: ID_OTHER,
+                node_ip: None,
+                cluster_id: 2,
+            },
+        ),
+        (
+            Prefix::host(ip(20)),
+            IpCacheValue {
+                identity: ID_SERVER,
+                node_ip: None,
+                cluster_id: 1,
+            },
+        ),
+    ])
+    .unwrap();
+    let enforce = EndpointFlags {
+        enforce_ingress: true,
+        ..EndpointFlags::default()
+    };
+    let server = Endpoint {
+        endpoint_id: 1,
+        identity: ID_SERVER,
+        flags: enforce,
+        cluster_id: 1,
+    };
+    dp.upsert_endpoints(&[(ip(20), server)]).unwrap();
+    let allow_8080 = PolicyKey {
+        endpoint_id: 1,
+        identity: ID_CLIENT,
+        port: Some((8080, Proto::Tcp)),
+        direction: Direction::Ingress,
+    };
+    dp.upsert_policy(&[(
+        allow_8080,
+        PolicyValue {
+            verdict: Verdict::Allow,
+            rule_id: 7,
+        },
+    )])
+    .unwrap();
+    let srv = topo.pod("server").host_if.clone();
+    dp.attach_endpoint(Some(&topo.node_netns()), &srv).unwrap();
+    let mut events = dp.events().unwrap();
+
+    let tcp = |pod: &str, port: u16| {
+        topo.probe(
+            pod,
+            false,
+            &["tcp", &format!("10.244.0.20:{port}"), "--timeout-ms", "500"],
+        )
+    };
+
+    // The allowed identity on the allowed port connects, reported with both identities.
+    assert_eq!(tcp("client", 8080), ["ok server"]);
+    let e = expect_event(&mut events, |e| e.verdict == EventVerdict::Allowed).await;
+    assert_eq!(
+        (
+            e.src_ip,
+            e.dst_ip,
+            e.src_identity,
+            e.dst_identity,
+            e.src_cluster,
+            e.dst_cluster
+        ),
+        (ip(2), ip(20), ID_CLIENT, ID_SERVER, 1, 1)
+    );
+    assert_eq!(
+        (e.direction, e.dport, e.proto, e.endpoint_id, e.rule_id),
+        (Direction::Ingress, 8080, 6, 1, 7)
+    );
+
+    // Another identity, and another port, are dropped.
+    assert_eq!(tcp("other", 8080), ["err TimedOut 0"]);
+    let e = expect_event(&mut events, |e| e.verdict == EventVerdict::Denied).await;
+    assert_eq!(
+        (e.src_identity, e.src_cluster, e.dst_identity, e.rule_id),
+        (ID_OTHER, 2, ID_SERVER, 0)
+    );
+    assert_eq!(tcp("client", 9090), ["err TimedOut 0"]);
+    let e = expect_event(&mut events, |e| {
+        e.verdict == EventVerdict::Denied && e.dport == 9090
+    })
+    .await;
+    assert_eq!(e.src_identity, ID_CLIENT);
+
+    // Deny beats allow, even a wildcard deny over an exact allow.
+    let deny_all_from_client = PolicyKey {
+        endpoint_id: 1,
+        identity: ID_CLIENT,
+        port: None,
+        direction: Direction::Ingress,
+    };
+    dp.upsert_policy(&[(
+        deny_all_from_client,
+        PolicyValue {
+            verdict: Verdict::Deny,
+            rule_id: 9,
+        },
+    )])
+    .unwrap();
+    assert_eq!(tcp("client", 8080), ["err TimedOut 0"]);
+    let e = expect_event(&mut events, |e| {
+        e.verdict == EventVerdict::Denied && e.src_identity == ID_CLIENT && e.dport == 8080
+    })
+    .await;
+    assert_eq!(e.rule_id, 9);
+    dp.delete_policy(&[deny_all_from_client]).unwrap();
+    assert_eq!(tcp("client", 8080), ["ok server"]);
+
+    // Audit mode: what would be dropped passes, and is reported as audited.
+    let audit = EndpointFlags {
+        enforce_ingress: true,
+        audit_ingress: true,
+        ..EndpointFlags::default()
+    };
+    dp.upsert_endpoints(&[(
+        ip(20),
+        Endpoint {
+            flags: audit,
+            ..server
+        },
+    )])
+    .unwrap();
+    assert_eq!(tcp("other", 9090), ["ok server"]);
+    let e = expect_event(&mut events, |e| e.verdict == EventVerdict::Audited).await;
+    assert_eq!((e.src_identity, e.dport), (ID_OTHER, 9090));
+
+    // An endpoint without policy in a direction passes.
+    dp.upsert_endpoints(&[(
+        ip(20),
+        Endpoint {
+            flags: EndpointFlags::default(),
+            ..server
+        },
+    )])
+    .unwrap();
+    assert_eq!(tcp("other", 9090), ["ok server"]);
+
+    // Reloading replaces the program on the pinned TC links in place; policy still holds.
+    dp.upsert_endpoints(&[(ip(20), server)]).unwrap();
+    drop(events);
+    drop(dp);
+    let dp = load(&topo);
+    dp.attach_endpoint(Some(&topo.node_netns()), &srv).unwrap();
+    assert_eq!(tcp("other", 8080), ["err TimedOut 0"]);
+    assert_eq!(tcp("client", 8080), ["ok server"]);
+    dp.detach_endpoint(&srv).unwrap();
+    assert_eq!(tcp("other", 8080), ["ok server"]);
+    dp.unpin_all().unwrap();
+}
+
+#[test]
+fn reload_adopts_pinned_maps_and_links_without_interrupting_clients() {
+    let topo = Topology::new(
+        PROBE.as_ref(),
+        &[("client", ip(2)), ("be1", ip(11)), ("be2", ip(12))],
+    );
+    topo.serve("be1", 8080);
+    topo.serve("be2", 8080);
+    let dp = load(&topo);
+    dp.attach_cgroup(topo.cgroup()).unwrap();
+    let tcp = ServiceKey {
+        vip: VIP,
+        port: 80,
+        proto: Proto::Tcp,
+    };
+    dp.upsert_backends(&[
+        (1, backend(11, 8080, Proto::Tcp)),
+        (2, backend(12, 8080, Proto::Tcp)),
+    ])
+    .unwrap();
+    dp.upsert_service(tcp, &[1, 2]).unwrap();
+    let before = dp.snapshot().unwrap();
+
+    let looping = topo.spawn_probe(
+        "client",
+        true,
+        &["tcp-loop", "10.96.0.10:80", "--duration-ms", "3000"],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..3 {
+        drop(dp_take(&topo));
+    }
+    drop(dp);
+    let dp = load(&topo);
+    dp.attach_cgroup(topo.cgroup()).unwrap();
+    assert_eq!(
+        dp.snapshot().unwrap(),
+        before,
+        "the reload adopted the pinned maps as they were"
+    );
+    let out = looping.wait_with_output().unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let fields: Vec<&str> = summary.split_whitespace().collect();
+    assert_eq!(fields.len(), 6, "{summary}");
+    let attempts: u64 = fields[1].parse().unwrap();
+    assert!(
+        attempts > 10,
+        "the client made only {attempts} attempts: {summary}"
+    );
+    assert_eq!(
+        fields[5], "0",
+        "connections failed across the reloads: {summary}"
+    );
+    dp.unpin_all().unwrap();
+}
+
+/// A second loader on the same pins, attached again: it adopts and is dropped.
+fn dp_take(topo: &Topology) -> KernelDatapath {
+    let dp = load(topo);
+    dp.attach_cgroup(topo.cgroup()).unwrap();
+    dp
+}
+
+/// One sequence of calls for both backends.
+fn program(dp: &dyn Datapath) {
+    let tcp = ServiceKey {
+        vip: VIP,
+        port: 80,
+        proto: Proto::Tcp,
+    };
+    let udp = ServiceKey {
+        vip: Ipv4Addr::new(10, 96, 0, 11),
+        port: 53,
+        proto: Proto::Udp,
+    };
+    let backends: Vec<_> = (1..=40u8)
+        .map(|i| (u32::from(i), backend(i, 8080, Proto::Tcp)))
+        .collect();
+    dp.upsert_backends(&backends).unwrap();
+    dp.upsert_backends(&[(
+        100,
+        Backend {
+            state: BackendState::Terminating,
+            ..backend(50, 53, Proto::Udp)
+        },
+    )])
+    .unwrap();
+    dp.upsert_service(tcp, &(1..=40).collect::<Vec<_>>())
+        .unwrap();
+    dp.upsert_service(tcp, &[3, 1, 2]).unwrap();
+    dp.upsert_service(udp, &[100]).unwrap();
+    dp.delete_backends(&(4..=40).collect::<Vec<_>>()).unwrap();
+    dp.upsert_ipcache(&[
+        (
+            Prefix {
+                addr: Ipv4Addr::new(10, 245, 0, 77),
+                len: 24,
+            },
+            IpCacheValue {
+                identity: 2,
+                node_ip: None,
+                cluster_id: 0,
+            },
+        ),
+        (
+            Prefix::host(ip(9)),
+            IpCacheValue {
+                identity: 70_000,
+                node_ip: Some(Ipv4Addr::new(10, 1, 0, 1)),
+                cluster_id: 1,
+            },
+        ),
+        (
+            Prefix::host(ip(10)),
+            IpCacheValue {
+                identity: 70_001,
+                node_ip: None,
+                cluster_id: 1,
+            },
+        ),
+    ])
+    .unwrap();
+    dp.upsert_ipcache(&[(
+        Prefix::host(ip(11)),
+        IpCacheValue {
+            identity: 70_002,
+            node_ip: None,
+            cluster_id: 3,
+        },
+    )])
+    .unwrap();
+    dp.delete_ipcache(&[Prefix::host(ip(10))]).unwrap();
+    let flags = EndpointFlags {
+        enforce_ingress: true,
+        audit_egress: true,
+        ..EndpointFlags::default()
+    };
+    dp.upsert_endpoints(&[(
+        ip(9),
+        Endpoint {
+            endpoint_id: 4,
+            identity: 70_000,
+            flags,
+            cluster_id: 1,
+        },
+    )])
+    .unwrap();
+    let k = |identity, port| PolicyKey {
+        endpoint_id: 4,
+        identity,
+        port,
+        direction: Direction::Ingress,
+    };
+    dp.upsert_policy(&[
+        (
+            k(70_002, Some((80, Proto::Tcp))),
+            PolicyValue {
+                verdict: Verdict::Allow,
+                rule_id: 1,
+            },
+        ),
+        (
+            k(0, None),
+            PolicyValue {
+                verdict: Verdict::Deny,
+                rule_id: 2,
+            },
+        ),
+        (
+            k(70_003, Some((53, Proto::Udp))),
+            PolicyValue {
+                verdict: Verdict::Audit,
+                rule_id: 3,
+            },
+        ),
+    ])
+    .unwrap();
+    dp.delete_policy(&[k(0, None)]).unwrap();
+    dp.delete_service(udp).unwrap();
+}
+
+#[test]
+fn userspace_and_kernel_backends_hold_the_same_entries() {
+    let topo = Topology::new(PROBE.as_ref(), &[]);
+    let kernel = load(&topo);
+    let user = UserspaceDatapath::new();
+    program(&kernel);
+    program(&user);
+    let (k, u) = (kernel.snapshot().unwrap(), user.snapshot().unwrap());
+    assert_eq!(k, u);
+    assert_eq!(k.services.values().next(), Some(&vec![3, 1, 2]));
+    assert_eq!(k.backends.len(), 4);
+    assert_eq!(k.ipcache.len(), 3);
+    assert!(k.ipcache.contains_key(&Prefix {
+        addr: Ipv4Addr::new(10, 245, 0, 0),
+        len: 24
+    }));
+    assert_eq!(k.policy.len(), 2);
+    kernel.unpin_all().unwrap();
+}

@@ -117,6 +117,17 @@ fn socket_lb_translates_vips_spreads_and_refuses_empty_services() {
         );
     }
 
+    // Connected UDP is translated at connect time.
+    let lines = topo.probe(
+        "client",
+        true,
+        &["udp-connected", "10.96.0.10:53", "--count", "10"],
+    );
+    assert!(
+        names(&lines).iter().all(|n| *n == "be1" || *n == "be2"),
+        "{lines:?}"
+    );
+
     // A removed backend gets no new connection.
     dp.upsert_service(tcp, &[1, 3]).unwrap();
     let got = topo.probe("client", true, &["tcp", "10.96.0.10:80", "--count", "30"]);

@@ -7,6 +7,8 @@
 //!   `ok NAME` or `err KIND ERRNO`.
 //! - `cm-netprobe udp ADDR:PORT [--count N] [--timeout-ms T]`: N unconnected datagrams, one
 //!   line each: `ok NAME from ADDR:PORT` or `err KIND ERRNO`.
+//! - `cm-netprobe udp-connected ADDR:PORT [--count N] [--timeout-ms T]`: the same over a
+//!   connected UDP socket: `ok NAME`.
 //! - `cm-netprobe tcp-loop ADDR:PORT --duration-ms D`: connects back to back for D ms, then
 //!   prints `attempts N ok N failed N`.
 //! - `cm-netprobe tcp-latency ADDR:PORT --count N`: N connects, prints `p50_us X p99_us Y`.
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cm-netprobe serve --name NAME --port PORT | tcp|udp ADDR:PORT [--count N] [--timeout-ms T] | tcp-loop ADDR:PORT --duration-ms D | tcp-latency ADDR:PORT --count N"
+        "usage: cm-netprobe serve --name NAME --port PORT | tcp|udp|udp-connected ADDR:PORT [--count N] [--timeout-ms T] | tcp-loop ADDR:PORT --duration-ms D | tcp-latency ADDR:PORT --count N"
     );
     std::process::exit(2)
 }
@@ -76,6 +78,16 @@ fn udp_once(addr: SocketAddr, timeout: Duration) -> std::io::Result<(String, Soc
     Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
 }
 
+fn udp_connected_once(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.set_read_timeout(Some(timeout))?;
+    s.connect(addr)?;
+    s.send(b"ping")?;
+    let mut buf = [0u8; 1500];
+    let n = s.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else { usage() };
@@ -106,6 +118,14 @@ fn main() {
             for _ in 0..count {
                 match udp_once(addr, timeout) {
                     Ok((name, from)) => println!("ok {name} from {from}"),
+                    Err(e) => println!("{}", describe(&e)),
+                }
+            }
+        }
+        "udp-connected" => {
+            for _ in 0..count {
+                match udp_connected_once(addr, timeout) {
+                    Ok(name) => println!("ok {name}"),
                     Err(e) => println!("{}", describe(&e)),
                 }
             }

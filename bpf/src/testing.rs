@@ -57,6 +57,11 @@ pub fn sh(program: &str, args: &[&str]) -> Output {
     out
 }
 
+/// Sets a sysctl inside a network namespace.
+fn sysctl(netns: &str, setting: &str) {
+    sh("ip", &["netns", "exec", netns, "sysctl", "-qw", setting]);
+}
+
 /// Fails the test loudly unless it runs as root.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -125,22 +130,12 @@ impl Topology {
         };
         sh("ip", &["netns", "add", &node]);
         sh("ip", &["-n", &node, "link", "set", "lo", "up"]);
-        for (key, value) in [
-            ("net.ipv4.ip_forward", "1"),
-            ("net.ipv4.conf.all.rp_filter", "0"),
-            ("net.ipv4.conf.default.rp_filter", "0"),
+        for setting in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
         ] {
-            sh(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &node,
-                    "sysctl",
-                    "-qw",
-                    &format!("{key}={value}"),
-                ],
-            );
+            sysctl(&node, setting);
         }
         for (i, (name, ip)) in pods.iter().enumerate() {
             let netns = format!("cmt{id}-{name}");
@@ -195,28 +190,8 @@ impl Topology {
             );
             // Proxy ARP answers for every other pod; without proxy_delay=0 the kernel delays
             // each answer by up to 0.8 s, which a first connection feels.
-            sh(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &node,
-                    "sysctl",
-                    "-qw",
-                    &format!("net.ipv4.conf.{host_if}.proxy_arp=1"),
-                ],
-            );
-            sh(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &node,
-                    "sysctl",
-                    "-qw",
-                    &format!("net.ipv4.neigh.{host_if}.proxy_delay=0"),
-                ],
-            );
+            sysctl(&node, &format!("net.ipv4.conf.{host_if}.proxy_arp=1"));
+            sysctl(&node, &format!("net.ipv4.neigh.{host_if}.proxy_delay=0"));
         }
         std::fs::create_dir_all(&topo.cgroup).expect("creating the test cgroup");
         std::fs::create_dir_all(&topo.bpf_root).expect("creating the test bpffs directory");

@@ -71,6 +71,9 @@ pub enum Error {
     /// Bytes in the embedded store that do not decode: the files were damaged.
     #[error("embedded store data is corrupt: {0}")]
     Corrupt(String),
+    /// The store answered in a way the contract rules out.
+    #[error("unexpected store response: {0}")]
+    UnexpectedResponse(String),
     /// A watch could not be kept going (the store went away for longer than the retries).
     #[error("watch on {prefix:?} lost: {reason}")]
     WatchLost {

@@ -191,13 +191,13 @@ impl EtcdStore {
         }
     }
 
-    async fn txn_outcome(&self, key: &str, txn: Txn) -> Result<CasOutcome> {
+    async fn txn_outcome(&self, key: &str, txn: Txn, lease: Option<LeaseId>) -> Result<CasOutcome> {
         let resp = self
             .client
             .clone()
             .txn(txn)
             .await
-            .map_err(|e| classify(e, 0, None))?;
+            .map_err(|e| classify(e, 0, lease))?;
         if resp.succeeded() {
             return Ok(CasOutcome::Done {
                 revision: header_revision(resp.header()),
@@ -214,10 +214,9 @@ fn current_from(ops: &[TxnOpResponse], key: &str) -> Result<Option<KeyValue>> {
             return get.kvs().first().map(to_kv).transpose();
         }
     }
-    Err(Error::WatchLost {
-        prefix: key.to_owned(),
-        reason: "etcd txn answered without the read".into(),
-    })
+    Err(Error::UnexpectedResponse(format!(
+        "etcd txn on {key:?} answered without its read"
+    )))
 }
 
 fn put_options(lease: Option<LeaseId>) -> Option<PutOptions> {
@@ -314,10 +313,9 @@ impl KvStore for EtcdStore {
             Some(current) => Ok(CreateOutcome::Exists { current }),
             // Deleted between the compare and the read inside one txn cannot happen; etcd
             // txns are serialisable.
-            None => Err(Error::WatchLost {
-                prefix: key.to_owned(),
-                reason: "create conflict without a key".into(),
-            }),
+            None => Err(Error::UnexpectedResponse(format!(
+                "etcd refused to create {key:?} but read no key"
+            ))),
         }
     }
 
@@ -337,20 +335,7 @@ impl KvStore for EtcdStore {
             .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
             .and_then([TxnOp::put(key, value, put_options(lease))])
             .or_else([TxnOp::get(key, None)]);
-        let resp = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .map_err(|e| classify(e, 0, lease))?;
-        if resp.succeeded() {
-            return Ok(CasOutcome::Done {
-                revision: header_revision(resp.header()),
-            });
-        }
-        Ok(CasOutcome::Conflict {
-            current: current_from(&resp.op_responses(), key)?,
-        })
+        self.txn_outcome(key, txn, lease).await
     }
 
     async fn compare_and_delete(&self, key: &str, expected: Revision) -> Result<CasOutcome> {
@@ -361,7 +346,7 @@ impl KvStore for EtcdStore {
             ])
             .and_then([TxnOp::delete(key, None)])
             .or_else([TxnOp::get(key, None)]);
-        self.txn_outcome(key, txn).await
+        self.txn_outcome(key, txn, None).await
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {

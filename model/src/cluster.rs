@@ -244,5 +244,19 @@ impl ClusterConfig {
     }
 }
 
+/// How this cluster sees a remote cluster, published to the local agents (the staleness
+/// contract: a withdrawn cluster's service backends leave global services).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The remote cluster.
+    pub cluster: ClusterName,
+    /// A connection to it is up.
+    pub connected: bool,
+    /// Its initial sync completed.
+    pub ready: bool,
+    /// Its backends are withdrawn from global services.
+    pub withdrawn: bool,
+}
+
 #[cfg(test)]
 mod tests;

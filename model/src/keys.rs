@@ -9,7 +9,8 @@
 //! | `cilium/state/services/v1/<cluster>/<ns>/<name>` | [`ClusterService`](crate::service::ClusterService) JSON |
 //! | `cilium/synced/<cluster>/cilium/state/<kind>/v1` | timestamp of the initial sync |
 //! | `cilium/cache/<kind>/v1/<remote>/...` | the same values, imported from a remote |
-//! | `clustermesh/local/...` | local-only state (policies), never exported |
+//! | `cilium/state/identities/v1/value/<labels>` | the identity allocated to that label set |
+//! | `clustermesh/local/...` | local-only state (policies, remote cluster status), never exported |
 //!
 //! [`Key`] builds every key (`Display`) and parses it back, validating each part.
 
@@ -31,6 +32,10 @@ pub const CACHE_PREFIX: &str = "cilium/cache/";
 /// Prefix of local-only state, never exported.
 pub const LOCAL_PREFIX: &str = "clustermesh/local/";
 const POLICIES: &str = "clustermesh/local/policies/";
+/// Prefix of the remote clusters' status, as this cluster's sync workers see them.
+pub const CLUSTER_STATUS_PREFIX: &str = "clustermesh/local/cluster-status/";
+/// Prefix of the reverse index label set -> identity, used to allocate each label set once.
+pub const IDENTITY_VALUE_PREFIX: &str = "cilium/state/identities/v1/value/";
 const CLUSTERWIDE_POLICIES: &str = "clustermesh/local/clusterwide-policies/";
 
 /// Why a key was refused.
@@ -62,6 +67,14 @@ pub enum KeyError {
         key: String,
         /// What is wrong with the address.
         source: AddressError,
+    },
+    /// The label set in an identity value key is invalid.
+    #[error("in key {key:?}: {source}")]
+    Labels {
+        /// The key.
+        key: String,
+        /// What is wrong with the labels.
+        source: crate::labels::LabelError,
     },
     /// An object name in the key is invalid.
     #[error("in key {key:?}: {source}")]
@@ -211,6 +224,16 @@ pub enum Key {
         /// The object.
         object: CachedObject,
     },
+    /// `cilium/state/identities/v1/value/<label string>`: the identity of a label set.
+    IdentityValue {
+        /// The label set.
+        labels: crate::labels::LabelSet,
+    },
+    /// `clustermesh/local/cluster-status/<cluster>`.
+    ClusterStatus {
+        /// The remote cluster.
+        cluster: ClusterName,
+    },
     /// `clustermesh/local/policies/<ns>/<name>` or
     /// `clustermesh/local/clusterwide-policies/<name>`.
     Policy {
@@ -293,6 +316,18 @@ impl Key {
                 cluster: cluster(c)?,
                 kind,
             });
+        }
+        if let Some(rest) = key.strip_prefix(CLUSTER_STATUS_PREFIX) {
+            return Ok(Self::ClusterStatus {
+                cluster: cluster(rest)?,
+            });
+        }
+        if let Some(rest) = key.strip_prefix(IDENTITY_VALUE_PREFIX) {
+            let labels = rest.parse().map_err(|source| KeyError::Labels {
+                key: key.to_owned(),
+                source,
+            })?;
+            return Ok(Self::IdentityValue { labels });
         }
         if let Some(rest) = key.strip_prefix(POLICIES) {
             let (ns, name) = rest.split_once('/').ok_or_else(unknown)?;
@@ -398,6 +433,8 @@ impl fmt::Display for Key {
                     )
                 }
             },
+            Self::IdentityValue { labels } => write!(f, "{IDENTITY_VALUE_PREFIX}{labels}"),
+            Self::ClusterStatus { cluster } => write!(f, "{CLUSTER_STATUS_PREFIX}{cluster}"),
             Self::Policy {
                 namespace: Some(ns),
                 name,

@@ -265,7 +265,7 @@ impl CertificateAuthority {
     /// address or DNS name clients use (IPs become IP SANs).
     pub fn server_cert(&self, cluster: &ClusterName, sans: &[String]) -> Result<IssuedCert> {
         let mut names = sans.to_vec();
-        names.push(format!("apiserver.{cluster}.clustermesh"));
+        names.push(server_name(cluster));
         self.leaf(
             "server certificate",
             &format!("apiserver.{cluster}"),
@@ -283,6 +283,12 @@ impl CertificateAuthority {
             ExtendedKeyUsagePurpose::ClientAuth,
         )
     }
+}
+
+/// The DNS name every apiserver certificate carries, which clients verify:
+/// `apiserver.<cluster>.clustermesh`.
+pub fn server_name(cluster: &ClusterName) -> String {
+    format!("apiserver.{cluster}.clustermesh")
 }
 
 // === PEM files ===

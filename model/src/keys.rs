@@ -34,6 +34,10 @@ pub const LOCAL_PREFIX: &str = "clustermesh/local/";
 const POLICIES: &str = "clustermesh/local/policies/";
 /// Prefix of the remote clusters' status, as this cluster's sync workers see them.
 pub const CLUSTER_STATUS_PREFIX: &str = "clustermesh/local/cluster-status/";
+/// Prefix of this cluster's identities (not split per cluster: the value names it).
+pub const IDENTITY_ID_PREFIX: &str = "cilium/state/identities/v1/id/";
+/// Prefix of this cluster's ipcache entries.
+pub const IPCACHE_PREFIX: &str = "cilium/state/ip/v1/default/";
 /// Prefix of the reverse index label set -> identity, used to allocate each label set once.
 pub const IDENTITY_VALUE_PREFIX: &str = "cilium/state/identities/v1/value/";
 const CLUSTERWIDE_POLICIES: &str = "clustermesh/local/clusterwide-policies/";
@@ -123,8 +127,8 @@ impl ExportKind {
     /// not split per cluster (their values name the cluster), as in Cilium.
     pub fn state_prefix(self, cluster: &ClusterName) -> String {
         match self {
-            Self::Identities => "cilium/state/identities/v1/id/".to_owned(),
-            Self::IpCache => "cilium/state/ip/v1/default/".to_owned(),
+            Self::Identities => IDENTITY_ID_PREFIX.to_owned(),
+            Self::IpCache => IPCACHE_PREFIX.to_owned(),
             Self::Nodes | Self::Services => {
                 format!("cilium/state/{}/v1/{cluster}/", self.segment())
             }

@@ -90,6 +90,7 @@ impl fmt::Display for SelectorOperator {
 
 /// One `matchExpressions` entry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SelectorRequirement {
     /// `[source:]key`.
     pub key: String,
@@ -103,6 +104,7 @@ pub struct SelectorRequirement {
 /// A label selector over security labels. Keys are `key` (any source) or `source:key`. An
 /// empty selector selects everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointSelector {
     /// Labels that must be present with these values.
@@ -210,6 +212,7 @@ pub enum PolicyProtocol {
 
 /// One `toPorts[].ports[]` entry. `port` is a number or a named port, as in Cilium.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PortProtocol {
     /// The port: a number, or the name of a container port.
     pub port: String,
@@ -244,6 +247,7 @@ impl PortProtocol {
 
 /// One `toPorts` entry.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PortRule {
     /// The ports; all must be valid.
     #[serde(default)]
@@ -254,6 +258,7 @@ pub struct PortRule {
 
 /// An `ingress` or `ingressDeny` rule: from these peers, to these ports.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase")]
 pub struct IngressRule {
     /// Peers; empty means every peer.
@@ -266,6 +271,7 @@ pub struct IngressRule {
 
 /// An `egress` or `egressDeny` rule: to these peers, on these ports.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase")]
 pub struct EgressRule {
     /// Peers; empty means every peer.
@@ -278,6 +284,7 @@ pub struct EgressRule {
 
 /// One policy spec: which endpoints it selects and what it allows or denies.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyRule {
     /// The endpoints the rule applies to.
@@ -294,6 +301,9 @@ pub struct PolicyRule {
     /// Denied egress (wins over allows).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress_deny: Vec<EgressRule>,
+    /// Free text, as CiliumNetworkPolicy allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 impl PolicyRule {

@@ -319,6 +319,7 @@ impl From<&Object> for v1::Upsert {
                         egress: egress_to_wire(&r.egress),
                         ingress_deny: ingress_to_wire(&r.ingress_deny),
                         egress_deny: egress_to_wire(&r.egress_deny),
+                        description: r.description.clone().unwrap_or_default(),
                     })
                     .collect(),
             }),
@@ -588,6 +589,7 @@ impl TryFrom<&v1::Upsert> for Object {
                             egress: egress_from_wire(&r.egress)?,
                             ingress_deny: ingress_from_wire(&r.ingress_deny)?,
                             egress_deny: egress_from_wire(&r.egress_deny)?,
+                            description: (!r.description.is_empty()).then(|| r.description.clone()),
                         })
                     })
                     .collect::<Result<_, ConvertError>>()?;

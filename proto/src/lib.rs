@@ -11,6 +11,7 @@ pub mod v1 {
     tonic::include_proto!("clustermesh.export.v1");
 }
 
+pub mod client;
 pub mod convert;
 
 pub use convert::{ConvertError, Object, ObjectRef};

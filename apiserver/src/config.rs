@@ -1,0 +1,251 @@
+//! The apiserver's configuration file (YAML). Relative paths are relative to the file's
+//! directory. See `docs/CONFIG.md` for every field.
+
+use std::path::{Path, PathBuf};
+
+use clustermesh_model::cluster::{ClusterError, ClusterId, ClusterName, MaxConnectedClusters};
+use serde::Deserialize;
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path} failed")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The YAML does not match the schema.
+    #[error("{path} is not a valid apiserver configuration: {reason}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The cluster ID does not fit the mesh size.
+    #[error("{path}: {source}")]
+    Cluster {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        source: ClusterError,
+    },
+}
+
+/// This cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Its name.
+    pub name: ClusterName,
+    /// Its ID.
+    pub id: u32,
+    /// 255 or 511; equal across the mesh.
+    #[serde(default)]
+    pub max_connected_clusters: MaxConnectedClusters,
+}
+
+/// Client TLS files for etcd.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EtcdTlsFiles {
+    /// CA of the etcd servers.
+    pub ca: PathBuf,
+    /// Client certificate.
+    pub cert: PathBuf,
+    /// Client key.
+    pub key: PathBuf,
+}
+
+/// Where the cluster's state is kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "backend", rename_all = "camelCase", deny_unknown_fields)]
+pub enum StoreConfig {
+    /// The embedded store.
+    Sled {
+        /// Its directory.
+        path: PathBuf,
+    },
+    /// An etcd cluster.
+    Etcd {
+        /// Client URLs.
+        endpoints: Vec<String>,
+        /// mTLS to etcd.
+        #[serde(default)]
+        tls: Option<EtcdTlsFiles>,
+    },
+}
+
+/// Where the cluster's objects come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SourceConfig {
+    /// A directory of Kubernetes manifests, watched for changes.
+    pub manifest_dir: PathBuf,
+}
+
+/// Listen addresses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListenConfig {
+    /// The Export gRPC server (mTLS), e.g. `0.0.0.0:2379`.
+    pub export: String,
+    /// Plain HTTP `/healthz`, `/readyz`, `/metrics`, e.g. `0.0.0.0:9880`.
+    pub health: String,
+}
+
+/// The apiserver's own TLS files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsConfig {
+    /// This cluster's CA: client certificates must be signed by it.
+    pub ca: PathBuf,
+    /// The server certificate.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+}
+
+fn default_grace() -> u64 {
+    30
+}
+
+fn default_heartbeat() -> u64 {
+    1000
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// This cluster.
+    pub cluster: ClusterSection,
+    /// The kvstore.
+    pub store: StoreConfig,
+    /// The source of objects.
+    pub source: SourceConfig,
+    /// Listen addresses.
+    pub listen: ListenConfig,
+    /// TLS files.
+    pub tls: TlsConfig,
+    /// Seconds an identity stays allocated after its last pod is gone.
+    #[serde(default = "default_grace")]
+    pub identity_grace_seconds: u64,
+    /// Milliseconds between heartbeats on an idle Export stream.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_millis: u64,
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        Self::parse(&text, base).map_err(|e| match e {
+            ConfigError::Parse { reason, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                reason,
+            },
+            ConfigError::Cluster { source, .. } => ConfigError::Cluster {
+                path: path.display().to_string(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses YAML text, resolving relative paths against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        let mut c: Self = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
+            path: String::new(),
+            reason: e.to_string(),
+        })?;
+        c.cluster_id().map_err(|source| ConfigError::Cluster {
+            path: String::new(),
+            source,
+        })?;
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        abs(&mut c.source.manifest_dir);
+        abs(&mut c.tls.ca);
+        abs(&mut c.tls.cert);
+        abs(&mut c.tls.key);
+        match &mut c.store {
+            StoreConfig::Sled { path } => abs(path),
+            StoreConfig::Etcd { tls: Some(t), .. } => {
+                abs(&mut t.ca);
+                abs(&mut t.cert);
+                abs(&mut t.key);
+            }
+            StoreConfig::Etcd { tls: None, .. } => {}
+        }
+        Ok(c)
+    }
+
+    /// The cluster ID, checked against the mesh size.
+    pub fn cluster_id(&self) -> Result<ClusterId, ClusterError> {
+        ClusterId::new(self.cluster.id, self.cluster.max_connected_clusters)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+cluster: {name: c1, id: 7}
+store: {backend: sled, path: data/store}
+source: {manifestDir: manifests}
+listen: {export: "127.0.0.1:0", health: "127.0.0.1:0"}
+tls: {ca: certs/ca.pem, cert: certs/server.pem, key: /abs/server-key.pem}
+"#;
+
+    #[test]
+    fn parses_and_resolves_relative_paths() {
+        let c = Config::parse(GOOD, Path::new("/etc/cm")).unwrap();
+        assert_eq!(c.cluster.name.as_str(), "c1");
+        assert_eq!(c.cluster_id().unwrap().get(), 7);
+        assert_eq!(c.cluster.max_connected_clusters, MaxConnectedClusters::C255);
+        assert!(
+            matches!(&c.store, StoreConfig::Sled { path } if path == Path::new("/etc/cm/data/store"))
+        );
+        assert_eq!(c.source.manifest_dir, Path::new("/etc/cm/manifests"));
+        assert_eq!(c.tls.key, Path::new("/abs/server-key.pem"));
+        assert_eq!((c.identity_grace_seconds, c.heartbeat_millis), (30, 1000));
+    }
+
+    #[test]
+    fn refuses_bad_files_with_a_reason() {
+        let cases = [
+            (GOOD.replace("id: 7", "id: 300"), "out of range"),
+            (GOOD.replace("name: c1", "name: default"), "reserved"),
+            (
+                GOOD.replace("backend: sled", "backend: mysql"),
+                "unknown variant",
+            ),
+            (
+                GOOD.replace("manifestDir", "manifestDirectory"),
+                "unknown field",
+            ),
+            (GOOD.replace("tls:", "tlz:"), "unknown field"),
+        ];
+        for (text, want) in cases {
+            let err = Config::parse(&text, Path::new("/"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{want:?} not in {err:?}");
+        }
+        let e = Config::load(Path::new("/nonexistent/apiserver.yaml")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/apiserver.yaml"));
+    }
+}

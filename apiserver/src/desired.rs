@@ -1,0 +1,296 @@
+//! What the kvstore should hold, as a pure function of the source objects: the security label
+//! set of each pod, the services (frontends from the Service, backends and conditions from its
+//! EndpointSlices), the nodes and the policies. Identities are allocated afterwards
+//! ([`crate::identity`]) and turned into ipcache entries by [`DesiredState::ipcache`].
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use clustermesh_model::cluster::{ClusterId, ClusterName};
+use clustermesh_model::endpoint::IpCacheEntry;
+use clustermesh_model::identity::Identity;
+use clustermesh_model::ip::{IpPrefix, L4Addr};
+use clustermesh_model::labels::LabelSet;
+use clustermesh_model::node::{Node, NodeAddress};
+use clustermesh_model::policy::NetworkPolicy;
+use clustermesh_model::service::{ClusterService, GlobalServiceConfig};
+
+use crate::source::{NsName, PodInfo, SourceObjects, SourceProblem};
+
+/// Pod labels that never take part in a security identity: they change with every rollout
+/// and would give each replica set its own identity (Cilium excludes them by default too).
+pub const EXCLUDED_LABELS: [&str; 4] = [
+    "pod-template-hash",
+    "controller-revision-hash",
+    "pod-template-generation",
+    "statefulset.kubernetes.io/pod-name",
+];
+
+/// The desired state, before identities are known.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    /// The label set of every pod that has an IP of its own.
+    pub pod_labels: BTreeMap<NsName, LabelSet>,
+    /// Services with at least one ClusterIP.
+    pub services: Vec<ClusterService>,
+    /// Nodes.
+    pub nodes: Vec<Node>,
+    /// Policies.
+    pub policies: Vec<NetworkPolicy>,
+    /// What could not be used (invalid labels, annotations, addresses).
+    pub problems: Vec<SourceProblem>,
+}
+
+fn problem(origin: String, reason: impl ToString) -> SourceProblem {
+    SourceProblem {
+        origin,
+        reason: reason.to_string(),
+    }
+}
+
+/// A pod's security labels: its labels (source `k8s`, minus [`EXCLUDED_LABELS`]) plus the
+/// namespace and cluster labels.
+pub fn pod_label_set(cluster: &ClusterName, pod: &PodInfo) -> Result<LabelSet, String> {
+    let labels = pod
+        .labels
+        .iter()
+        .filter(|(k, _)| !EXCLUDED_LABELS.contains(&k.as_str()))
+        .map(|(k, v)| (k.as_str(), v.as_str()));
+    LabelSet::workload(cluster, &pod.namespace, labels).map_err(|e| e.to_string())
+}
+
+impl DesiredState {
+    /// Computes the desired state of `cluster` from its objects.
+    pub fn compute(cluster: &ClusterName, id: ClusterId, objects: &SourceObjects) -> Self {
+        let mut out = Self {
+            policies: objects.policies.values().cloned().collect(),
+            ..Self::default()
+        };
+
+        for (key, pod) in &objects.pods {
+            if pod.host_network || pod.ips.is_empty() {
+                continue;
+            }
+            match pod_label_set(cluster, pod) {
+                Ok(labels) => {
+                    out.pod_labels.insert(key.clone(), labels);
+                }
+                Err(e) => out
+                    .problems
+                    .push(problem(format!("pod {}/{}", key.0, key.1), e)),
+            }
+        }
+
+        let mut slices_of: BTreeMap<NsName, Vec<&crate::source::SliceInfo>> = BTreeMap::new();
+        for slice in objects.endpoint_slices.values() {
+            slices_of
+                .entry((slice.namespace.clone(), slice.service.clone()))
+                .or_default()
+                .push(slice);
+        }
+        for (key, svc) in &objects.services {
+            if svc.cluster_ips.is_empty() {
+                continue;
+            }
+            let origin = format!("service {}/{}", key.0, key.1);
+            let (settings, errors) = GlobalServiceConfig::from_annotations(&svc.annotations);
+            out.problems
+                .extend(errors.into_iter().map(|e| problem(origin.clone(), e)));
+            let ports: BTreeMap<String, L4Addr> = svc
+                .ports
+                .iter()
+                .filter_map(|p| {
+                    L4Addr::new(p.protocol, p.port)
+                        .ok()
+                        .map(|a| (p.name.clone(), a))
+                })
+                .collect();
+            let frontends = svc
+                .cluster_ips
+                .iter()
+                .map(|ip| (*ip, ports.clone()))
+                .collect();
+            let mut backends = BTreeMap::new();
+            let mut backend_conditions = BTreeMap::new();
+            for slice in slices_of.get(key).into_iter().flatten() {
+                let slice_ports: BTreeMap<String, L4Addr> = slice
+                    .ports
+                    .iter()
+                    .filter_map(|p| {
+                        L4Addr::new(p.protocol, p.port)
+                            .ok()
+                            .map(|a| (p.name.clone(), a))
+                    })
+                    .collect();
+                for ep in &slice.endpoints {
+                    for ip in &ep.addresses {
+                        backends.insert(*ip, slice_ports.clone());
+                        if ep.conditions != clustermesh_model::service::BackendConditions::READY {
+                            backend_conditions.insert(*ip, ep.conditions);
+                        }
+                    }
+                }
+            }
+            out.services.push(ClusterService {
+                cluster: cluster.clone(),
+                namespace: key.0.clone(),
+                name: key.1.clone(),
+                frontends,
+                backends,
+                backend_conditions,
+                labels: svc.labels.clone(),
+                selector: svc.selector.clone(),
+                include_external: settings.global,
+                shared: settings.shared,
+                cluster_id: id,
+                affinity: settings.affinity,
+            });
+        }
+
+        for node in objects.nodes.values() {
+            let cidr = match node
+                .pod_cidr
+                .as_deref()
+                .map(str::parse::<IpPrefix>)
+                .transpose()
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    out.problems.push(problem(format!("node {}", node.name), e));
+                    None
+                }
+            };
+            out.nodes.push(Node {
+                name: node.name.clone(),
+                cluster: cluster.clone(),
+                cluster_id: id,
+                addresses: node
+                    .addresses
+                    .iter()
+                    .map(|(kind, ip)| NodeAddress {
+                        kind: kind.clone(),
+                        ip: *ip,
+                    })
+                    .collect(),
+                ipv4_alloc_cidr: cidr,
+                labels: node.labels.clone(),
+            });
+        }
+        out
+    }
+
+    /// Every distinct label set in use.
+    pub fn label_sets(&self) -> BTreeSet<&LabelSet> {
+        self.pod_labels.values().collect()
+    }
+
+    /// The ipcache entries, given the identity of each label set. Pods whose label set has no
+    /// identity yet are left out.
+    pub fn ipcache(
+        &self,
+        objects: &SourceObjects,
+        identities: &BTreeMap<LabelSet, Identity>,
+    ) -> Vec<IpCacheEntry> {
+        let mut out = Vec::new();
+        for (key, labels) in &self.pod_labels {
+            let (Some(pod), Some(identity)) = (objects.pods.get(key), identities.get(labels))
+            else {
+                continue;
+            };
+            for ip in &pod.ips {
+                out.push(IpCacheEntry {
+                    ip: *ip,
+                    identity: *identity,
+                    host_ip: pod.host_ip,
+                    namespace: pod.namespace.clone(),
+                    pod_name: pod.name.clone(),
+                    named_ports: pod.named_ports.clone(),
+                });
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::manifest::{Loaded, parse_text};
+
+    #[test]
+    fn services_pods_and_nodes_become_model_objects() {
+        let text = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: prod, annotations: {service.cilium.io/global: "true", service.cilium.io/affinity: "sideways"}}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless, namespace: prod}
+spec: {clusterIP: None}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: prod, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.1.0.5]}, {addresses: [10.1.0.6], conditions: {ready: false}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: prod, labels: {app: web, pod-template-hash: abc}}
+status: {podIP: 10.1.0.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: prod, labels: {app: web, pod-template-hash: def}}
+status: {podIP: 10.1.0.6}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending, namespace: prod}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+spec: {podCIDR: 10.1.0.0/24}
+status: {addresses: [{type: InternalIP, address: 192.0.2.1}]}
+"#;
+        let mut loaded = Loaded::default();
+        parse_text("t.yaml", text, &mut loaded);
+        assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
+        let c1 = ClusterName::new("c1").unwrap();
+        let id = ClusterId::new(1, clustermesh_model::MaxConnectedClusters::C255).unwrap();
+        let d = DesiredState::compute(&c1, id, &loaded.objects);
+
+        // One identity for both replicas: the rollout label does not count.
+        assert_eq!(d.pod_labels.len(), 2);
+        assert_eq!(d.label_sets().len(), 1);
+        assert_eq!(
+            d.label_sets().into_iter().next().unwrap().to_string(),
+            "k8s:app=web;k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.kubernetes.pod.namespace=prod;"
+        );
+        assert_eq!(d.services.len(), 1, "headless services have no frontend");
+        let web = &d.services[0];
+        assert!(web.include_external && web.shared);
+        assert_eq!(web.affinity, clustermesh_model::service::Affinity::None);
+        assert_eq!(d.problems.len(), 1, "the bad affinity is reported");
+        assert!(d.problems[0].reason.contains("sideways"));
+        assert_eq!(web.backends.len(), 2);
+        assert!(!web.conditions_of(&"10.1.0.6".parse().unwrap()).is_healthy());
+        assert_eq!(
+            d.nodes[0].ipv4_alloc_cidr.map(|c| c.to_string()).as_deref(),
+            Some("10.1.0.0/24")
+        );
+
+        let identity = Identity::new(65_537).unwrap();
+        let ids = d
+            .label_sets()
+            .into_iter()
+            .map(|l| (l.clone(), identity))
+            .collect();
+        let ipcache = d.ipcache(&loaded.objects, &ids);
+        assert_eq!(ipcache.len(), 2);
+        assert!(ipcache.iter().all(|e| e.identity == identity));
+    }
+}

@@ -1,0 +1,557 @@
+//! The Export gRPC server (DESIGN section 5): a snapshot of the requested kinds, `Synced`,
+//! then changes in revision order; resume from a revision while the store has the history,
+//! `Reset` and a new snapshot otherwise; heartbeats when idle. Who may watch what comes from
+//! the client certificate: `remote-<peer>` sees this cluster's identities, ipcache, nodes and
+//! global shared services; `local-<this cluster>` sees everything, remote caches and policies
+//! included.
+//!
+//! Each watcher has its own store watch and a bounded buffer: a slow watcher cannot slow the
+//! others. One that does not take an event within `lag_timeout` is reset (and counted): it
+//! gets `Reset` and a fresh snapshot once it reads again.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clustermesh_certs::ClientIdentity;
+use clustermesh_kvstore::{EventKind, KvStore, Revision};
+use clustermesh_model::cluster::{ClusterConfig, ClusterName, ClusterStatus};
+use clustermesh_model::endpoint::IpCacheEntry;
+use clustermesh_model::keys::{
+    CACHE_PREFIX, CLUSTER_STATUS_PREFIX, CachedObject, ExportKind, IDENTITY_ID_PREFIX,
+    IPCACHE_PREFIX, Key, LOCAL_PREFIX,
+};
+use clustermesh_model::labels::LabelSet;
+use clustermesh_model::node::Node;
+use clustermesh_model::policy::NetworkPolicy;
+use clustermesh_model::service::ClusterService;
+use clustermesh_proto::Object;
+use clustermesh_proto::v1::{self, Kind, watch_event::Event as Ev};
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+use crate::metrics::Metrics;
+
+/// Tunables of the Export server.
+#[derive(Debug, Clone, Copy)]
+pub struct ExportSettings {
+    /// How often an idle stream carries a heartbeat.
+    pub heartbeat: Duration,
+    /// Events buffered per watcher.
+    pub buffer: usize,
+    /// How long a watcher may leave a full buffer unread before it is reset.
+    pub lag_timeout: Duration,
+}
+
+impl Default for ExportSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(1),
+            buffer: 1024,
+            lag_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The Export service of one cluster.
+#[derive(Clone)]
+pub struct ExportService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn KvStore>,
+    cluster: ClusterName,
+    config: ClusterConfig,
+    settings: ExportSettings,
+    metrics: Arc<Metrics>,
+}
+
+impl ExportService {
+    /// The service for `cluster`, serving from `store`.
+    pub fn new(
+        store: Arc<dyn KvStore>,
+        cluster: ClusterName,
+        config: ClusterConfig,
+        settings: ExportSettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                cluster,
+                config,
+                settings,
+                metrics,
+            }),
+        }
+    }
+
+    /// The tonic server wrapper.
+    pub fn into_server(self) -> v1::export_server::ExportServer<Self> {
+        v1::export_server::ExportServer::new(self).max_encoding_message_size(16 * 1024 * 1024)
+    }
+}
+
+const REMOTE_KINDS: [Kind; 4] = [Kind::Identities, Kind::Ipcache, Kind::Nodes, Kind::Services];
+
+fn who<T>(req: &Request<T>, cluster: &ClusterName) -> Result<ClientIdentity, Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let first = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let id = ClientIdentity::from_der(first.as_ref())
+        .map_err(|e| Status::permission_denied(e.to_string()))?;
+    match &id {
+        ClientIdentity::Local(c) if c != cluster => Err(Status::permission_denied(format!(
+            "a local certificate of cluster {c} is not valid for cluster {cluster}"
+        ))),
+        _ => Ok(id),
+    }
+}
+
+fn prefixes(cluster: &ClusterName, kind: Kind) -> Vec<String> {
+    match kind {
+        Kind::Identities => vec![IDENTITY_ID_PREFIX.to_owned()],
+        Kind::Ipcache => vec![IPCACHE_PREFIX.to_owned()],
+        Kind::Nodes => vec![ExportKind::Nodes.state_prefix(cluster)],
+        Kind::Services => vec![ExportKind::Services.state_prefix(cluster)],
+        Kind::RemoteCache => vec![CACHE_PREFIX.to_owned()],
+        Kind::Policies => vec![
+            format!("{LOCAL_PREFIX}policies/"),
+            format!("{LOCAL_PREFIX}clusterwide-policies/"),
+        ],
+        Kind::ClusterStatus => vec![CLUSTER_STATUS_PREFIX.to_owned()],
+        Kind::Unspecified => Vec::new(),
+    }
+}
+
+fn common_prefix(prefixes: &[String]) -> String {
+    let Some(first) = prefixes.first() else {
+        return String::new();
+    };
+    let mut len = first.len();
+    for p in &prefixes[1..] {
+        len = first
+            .bytes()
+            .zip(p.bytes())
+            .take(len)
+            .take_while(|(a, b)| a == b)
+            .count();
+    }
+    first[..len].to_owned()
+}
+
+/// What a watch sends for one key.
+enum Translated {
+    Upsert(v1::Upsert),
+    Delete(v1::Delete),
+    Skip,
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(value: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(value).map_err(|e| e.to_string())
+}
+
+fn decode(local: &ClusterName, key: &Key, value: &[u8]) -> Result<Option<Object>, String> {
+    let labels = |v: &[u8]| -> Result<LabelSet, String> {
+        std::str::from_utf8(v)
+            .map_err(|e| e.to_string())?
+            .parse()
+            .map_err(|e: clustermesh_model::labels::LabelError| e.to_string())
+    };
+    Ok(Some(match key {
+        Key::Identity { id } => Object::Identity {
+            cluster: local.clone(),
+            id: *id,
+            labels: labels(value)?,
+        },
+        Key::IpCache { .. } => Object::IpCache {
+            cluster: local.clone(),
+            entry: parse_json::<IpCacheEntry>(value)?,
+        },
+        Key::Node { .. } => Object::Node(parse_json::<Node>(value)?),
+        Key::Service { .. } => Object::Service(parse_json::<ClusterService>(value)?),
+        Key::Policy { .. } => Object::Policy {
+            cluster: local.clone(),
+            policy: parse_json::<NetworkPolicy>(value)?,
+        },
+        Key::ClusterStatus { .. } => Object::ClusterStatus(parse_json::<ClusterStatus>(value)?),
+        Key::Cached { remote, object } => match object {
+            CachedObject::Identity(id) => Object::Identity {
+                cluster: remote.clone(),
+                id: *id,
+                labels: labels(value)?,
+            },
+            CachedObject::IpCache(_) => Object::IpCache {
+                cluster: remote.clone(),
+                entry: parse_json::<IpCacheEntry>(value)?,
+            },
+            CachedObject::Node(_) => Object::Node(parse_json::<Node>(value)?),
+            CachedObject::Service { .. } => Object::Service(parse_json::<ClusterService>(value)?),
+        },
+        _ => return Ok(None),
+    }))
+}
+
+fn delete_of(local: &ClusterName, key: &Key) -> Option<v1::Delete> {
+    let (kind, cluster, name) = match key {
+        Key::Identity { id } => (Kind::Identities, local.clone(), id.to_string()),
+        Key::IpCache { ip } => (Kind::Ipcache, local.clone(), ip.to_string()),
+        Key::Node { cluster, name } => (Kind::Nodes, cluster.clone(), name.clone()),
+        Key::Service {
+            cluster,
+            namespace,
+            name,
+        } => (
+            Kind::Services,
+            cluster.clone(),
+            format!("{namespace}/{name}"),
+        ),
+        Key::Policy { namespace, name } => (
+            Kind::Policies,
+            local.clone(),
+            namespace
+                .as_ref()
+                .map_or_else(|| name.clone(), |ns| format!("{ns}/{name}")),
+        ),
+        Key::ClusterStatus { cluster } => {
+            (Kind::ClusterStatus, cluster.clone(), cluster.to_string())
+        }
+        Key::Cached { remote, object } => {
+            let (kind, name) = match object {
+                CachedObject::Identity(id) => (Kind::Identities, id.to_string()),
+                CachedObject::IpCache(ip) => (Kind::Ipcache, ip.to_string()),
+                CachedObject::Node(n) => (Kind::Nodes, n.clone()),
+                CachedObject::Service { namespace, name } => {
+                    (Kind::Services, format!("{namespace}/{name}"))
+                }
+            };
+            (kind, remote.clone(), name)
+        }
+        _ => return None,
+    };
+    Some(v1::Delete {
+        kind: kind as i32,
+        cluster: cluster.to_string(),
+        name,
+    })
+}
+
+impl Inner {
+    /// What to send for a put of `key` (or a delete when the object is not for this client).
+    fn translate_put(&self, remote: bool, key_text: &str, value: &[u8]) -> Translated {
+        let Ok(key) = Key::parse(key_text) else {
+            return Translated::Skip;
+        };
+        match decode(&self.cluster, &key, value) {
+            Ok(Some(Object::Service(s))) if remote && !(s.include_external && s.shared) => {
+                // Not exported: a peer that had it (it was global and shared before) drops it.
+                delete_of(&self.cluster, &key).map_or(Translated::Skip, Translated::Delete)
+            }
+            Ok(Some(object)) => Translated::Upsert(v1::Upsert::from(&object)),
+            Ok(None) => Translated::Skip,
+            Err(reason) => {
+                tracing::warn!(key = key_text, %reason, "skipping a value that does not decode");
+                self.metrics.export_undecodable.inc();
+                Translated::Skip
+            }
+        }
+    }
+
+    fn translate_delete(&self, key_text: &str) -> Translated {
+        Key::parse(key_text)
+            .ok()
+            .and_then(|k| delete_of(&self.cluster, &k))
+            .map_or(Translated::Skip, Translated::Delete)
+    }
+}
+
+/// Why forwarding stopped.
+enum Stop {
+    /// The client went away.
+    Gone,
+    /// The client lagged, or the history is gone: send a new snapshot.
+    Resnapshot,
+}
+
+type EventTx = mpsc::Sender<Result<v1::WatchEvent, Status>>;
+
+async fn send(inner: &Inner, tx: &EventTx, revision: Revision, event: Ev) -> Result<(), Stop> {
+    let msg = v1::WatchEvent {
+        revision,
+        event: Some(event),
+    };
+    match tx.send_timeout(Ok(msg), inner.settings.lag_timeout).await {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(Stop::Gone),
+        Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+            inner.metrics.export_resets.inc();
+            let reset = Ev::Reset(v1::Reset {
+                reason: "the client fell behind; a new snapshot follows".into(),
+            });
+            tx.send(Ok(v1::WatchEvent {
+                revision,
+                event: Some(reset),
+            }))
+            .await
+            .map_err(|_| Stop::Gone)?;
+            Err(Stop::Resnapshot)
+        }
+    }
+}
+
+async fn send_translated(
+    inner: &Inner,
+    tx: &EventTx,
+    revision: Revision,
+    t: Translated,
+) -> Result<(), Stop> {
+    match t {
+        Translated::Upsert(u) => send(inner, tx, revision, Ev::Upsert(u)).await,
+        Translated::Delete(d) => send(inner, tx, revision, Ev::Delete(d)).await,
+        Translated::Skip => Ok(()),
+    }
+}
+
+async fn run_watch(
+    inner: Arc<Inner>,
+    remote: bool,
+    kinds: BTreeSet<i32>,
+    since: Revision,
+    tx: EventTx,
+) {
+    let wanted: Vec<String> = kinds
+        .iter()
+        .filter_map(|k| Kind::try_from(*k).ok())
+        .flat_map(|k| prefixes(&inner.cluster, k))
+        .collect();
+    let common = common_prefix(&wanted);
+    let matches = |key: &str| wanted.iter().any(|p| key.starts_with(p.as_str()));
+    let mut resume = (since > 0).then_some(since);
+    loop {
+        let from = match resume.take() {
+            Some(since) => match inner.store.current_revision().await {
+                Ok(current) if since <= current => since,
+                Ok(_) => {
+                    let reset = Ev::Reset(v1::Reset {
+                        reason: format!("revision {since} is newer than this store's history"),
+                    });
+                    if send(&inner, &tx, since, reset).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
+                    return;
+                }
+            },
+            None => match snapshot(&inner, remote, &wanted, &tx).await {
+                Ok(rev) => rev,
+                Err(Stop::Gone) => return,
+                Err(Stop::Resnapshot) => continue,
+            },
+        };
+        match follow(&inner, remote, &common, &matches, from, &tx).await {
+            Stop::Gone => return,
+            Stop::Resnapshot => continue,
+        }
+    }
+}
+
+/// Sends every object under the wanted prefixes at one revision, then `Synced`.
+async fn snapshot(
+    inner: &Inner,
+    remote: bool,
+    wanted: &[String],
+    tx: &EventTx,
+) -> Result<Revision, Stop> {
+    let fail = |e: clustermesh_kvstore::Error| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
+            Stop::Gone
+        }
+    };
+    let rev = match inner.store.current_revision().await {
+        Ok(r) => r,
+        Err(e) => return Err(fail(e).await),
+    };
+    for prefix in wanted {
+        let listing = match inner.store.list_at(prefix, rev).await {
+            Ok(l) => l,
+            Err(e) => return Err(fail(e).await),
+        };
+        for kv in listing.kvs {
+            match inner.translate_put(remote, &kv.key, &kv.value) {
+                // A snapshot only carries what the client may hold.
+                Translated::Delete(_) | Translated::Skip => {}
+                t => send_translated(inner, tx, kv.mod_revision, t).await?,
+            }
+        }
+    }
+    send(inner, tx, rev, Ev::Synced(v1::Synced {})).await?;
+    Ok(rev)
+}
+
+/// Streams changes after `from` until the client leaves or a new snapshot is needed.
+async fn follow(
+    inner: &Inner,
+    remote: bool,
+    common: &str,
+    matches: &impl Fn(&str) -> bool,
+    from: Revision,
+    tx: &EventTx,
+) -> Stop {
+    let mut watch = match inner.store.watch(common, from).await {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
+            return Stop::Gone;
+        }
+    };
+    let mut last = from;
+    loop {
+        let next = tokio::select! {
+            () = tx.closed() => return Stop::Gone,
+            next = tokio::time::timeout(inner.settings.heartbeat, watch.next()) => next,
+        };
+        let result = match next {
+            Err(_) => send(inner, tx, last, Ev::Heartbeat(v1::Heartbeat {})).await,
+            Ok(Some(Ok(event))) => {
+                last = event.revision;
+                if !matches(&event.key) {
+                    continue;
+                }
+                let t = match event.kind {
+                    EventKind::Put => inner.translate_put(remote, &event.key, &event.value),
+                    EventKind::Delete => inner.translate_delete(&event.key),
+                };
+                send_translated(inner, tx, event.revision, t).await
+            }
+            Ok(Some(Err(clustermesh_kvstore::Error::Compacted { requested, .. }))) => {
+                let reset = Ev::Reset(v1::Reset {
+                    reason: format!("revision {requested} is compacted; a new snapshot follows"),
+                });
+                match send(inner, tx, last, reset).await {
+                    Ok(()) => return Stop::Resnapshot,
+                    Err(stop) => return stop,
+                }
+            }
+            Ok(Some(Err(e))) => {
+                let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
+                return Stop::Gone;
+            }
+            Ok(None) => {
+                let _ = tx
+                    .send(Err(Status::unavailable("the store ended the watch")))
+                    .await;
+                return Stop::Gone;
+            }
+        };
+        if let Err(stop) = result {
+            return stop;
+        }
+    }
+}
+
+type WatchResponseStream = Pin<Box<dyn Stream<Item = Result<v1::WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl v1::export_server::Export for ExportService {
+    async fn get_cluster_config(
+        &self,
+        req: Request<v1::GetClusterConfigRequest>,
+    ) -> Result<Response<v1::ClusterConfig>, Status> {
+        who(&req, &self.inner.cluster)?;
+        let c = &self.inner.config;
+        Ok(Response::new(v1::ClusterConfig {
+            name: self.inner.cluster.to_string(),
+            id: u32::from(c.id),
+            synced_canaries: c.capabilities.synced_canaries,
+            cached: c.capabilities.cached,
+            max_connected_clusters: u32::from(c.capabilities.max_connected_clusters),
+        }))
+    }
+
+    type WatchStream = WatchResponseStream;
+
+    async fn watch(
+        &self,
+        req: Request<v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let client = who(&req, &self.inner.cluster)?;
+        let body = req.into_inner();
+        let kinds: BTreeSet<i32> = body.kinds.iter().copied().collect();
+        if kinds.is_empty()
+            || kinds
+                .iter()
+                .any(|k| matches!(Kind::try_from(*k), Err(_) | Ok(Kind::Unspecified)))
+        {
+            return Err(Status::invalid_argument(
+                "kinds must name at least one known kind",
+            ));
+        }
+        let remote = matches!(client, ClientIdentity::Remote(_));
+        let forbidden = kinds
+            .iter()
+            .find(|k| !REMOTE_KINDS.iter().any(|r| *r as i32 == **k));
+        if let (true, Some(k)) = (remote, forbidden) {
+            let name = Kind::try_from(*k)
+                .map(|k| k.as_str_name())
+                .unwrap_or("unknown");
+            return Err(Status::permission_denied(format!(
+                "{client} may not watch {name}"
+            )));
+        }
+        if body.since_revision < 0 {
+            return Err(Status::invalid_argument(
+                "since_revision must not be negative",
+            ));
+        }
+        let (tx, rx) = mpsc::channel(self.inner.settings.buffer);
+        let inner = Arc::clone(&self.inner);
+        inner.metrics.export_watchers.inc();
+        tokio::spawn(async move {
+            let metrics = Arc::clone(&inner.metrics);
+            run_watch(inner, remote, kinds, body.since_revision, tx).await;
+            metrics.export_watchers.dec();
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn common_prefix_of_kinds() {
+        let c1 = ClusterName::new("c1").unwrap();
+        let all: Vec<String> = REMOTE_KINDS
+            .iter()
+            .flat_map(|k| prefixes(&c1, *k))
+            .collect();
+        assert_eq!(common_prefix(&all), "cilium/state/");
+        let mixed: Vec<String> = [Kind::Nodes, Kind::Policies]
+            .iter()
+            .flat_map(|k| prefixes(&c1, *k))
+            .collect();
+        assert_eq!(
+            common_prefix(&mixed),
+            "c",
+            "a byte-wise prefix; the watch filters the rest"
+        );
+        assert_eq!(
+            common_prefix(&prefixes(&c1, Kind::Policies)),
+            "clustermesh/local/"
+        );
+    }
+}

@@ -1,0 +1,339 @@
+//! Wiring: opens the store, binds the listeners, runs the source loop (manifest directory ->
+//! desired state -> identities -> writes), the Export server and the health server, until
+//! asked to stop.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clustermesh_kvstore::KvStore;
+use clustermesh_kvstore::embedded::{SledConfig, SledStore};
+use clustermesh_kvstore::etcd::{EtcdConfig, EtcdStore, EtcdTls};
+use clustermesh_model::cluster::{Capabilities, ClusterConfig, ClusterId, ClusterName};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::config::{Config, StoreConfig};
+use crate::desired::DesiredState;
+use crate::export::{ExportService, ExportSettings};
+use crate::identity::IdentityAllocator;
+use crate::metrics::{self, Metrics};
+use crate::source::manifest;
+use crate::writer::{self, StateWriter};
+
+/// How often the manifest directory is checked for changes.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Why the apiserver could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Opening the store failed.
+    #[error("opening the kvstore failed")]
+    Store(#[from] clustermesh_kvstore::Error),
+    /// A listener could not be bound.
+    #[error("binding {addr} failed")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A TLS file could not be read.
+    #[error("reading TLS file {path} failed")]
+    Tls {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("the Export server failed")]
+    Grpc(#[from] tonic::transport::Error),
+    /// The health server failed.
+    #[error("the health server failed")]
+    Health(#[source] std::io::Error),
+    /// The cluster ID does not fit the mesh size.
+    #[error("invalid cluster ID")]
+    Cluster(#[from] clustermesh_model::cluster::ClusterError),
+    /// Writing the cluster config failed.
+    #[error("writing the cluster config failed")]
+    Write(#[from] writer::WriteError),
+}
+
+/// A running apiserver.
+pub struct Running {
+    /// Where the Export server listens.
+    pub export_addr: SocketAddr,
+    /// Where the health server listens.
+    pub health_addr: SocketAddr,
+    /// Its metrics (and readiness).
+    pub metrics: Arc<Metrics>,
+    /// The store it writes.
+    pub store: Arc<dyn KvStore>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<Result<(), ServeError>>>,
+}
+
+impl Running {
+    /// Stops every task and waits for them.
+    pub async fn stop(self) -> Result<(), ServeError> {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            match t.await {
+                Ok(r) => r?,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Opens the configured store.
+pub async fn open_store(config: &StoreConfig) -> Result<Arc<dyn KvStore>, ServeError> {
+    Ok(match config {
+        StoreConfig::Sled { path } => Arc::new(SledStore::open(&SledConfig::new(path))?),
+        StoreConfig::Etcd { endpoints, tls } => {
+            let mut c = EtcdConfig::new(endpoints.clone());
+            c.tls = tls.as_ref().map(|t| EtcdTls {
+                ca: t.ca.clone(),
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+            });
+            Arc::new(EtcdStore::connect(&c).await?)
+        }
+    })
+}
+
+fn read(path: &std::path::Path) -> Result<String, ServeError> {
+    std::fs::read_to_string(path).map_err(|source| ServeError::Tls {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+async fn bind(addr: &str) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: addr.to_owned(),
+            source,
+        })
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Starts the apiserver: binds both listeners, then runs until [`Running::stop`].
+pub async fn start(config: Config) -> Result<Running, ServeError> {
+    let cluster = config.cluster.name.clone();
+    let id = config.cluster_id()?;
+    let mode = config.cluster.max_connected_clusters;
+    let store = open_store(&config.store).await?;
+    let metrics = Arc::new(Metrics::new());
+    let cluster_config = ClusterConfig {
+        id,
+        capabilities: Capabilities {
+            synced_canaries: true,
+            cached: true,
+            max_connected_clusters: mode,
+        },
+    };
+    let writer = StateWriter::new(Arc::clone(&store), &cluster);
+    writer
+        .write_cluster_config(&cluster, &cluster_config)
+        .await?;
+
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            read(&config.tls.cert)?,
+            read(&config.tls.key)?,
+        ))
+        .client_ca_root(Certificate::from_pem(read(&config.tls.ca)?));
+    let export_listener = bind(&config.listen.export).await?;
+    let health_listener = bind(&config.listen.health).await?;
+    let export_addr = export_listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen.export.clone(),
+            source,
+        })?;
+    let health_addr = health_listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen.health.clone(),
+            source,
+        })?;
+    let (stop, stop_rx) = watch::channel(false);
+
+    let settings = ExportSettings {
+        heartbeat: Duration::from_millis(config.heartbeat_millis.max(10)),
+        ..ExportSettings::default()
+    };
+    let service = ExportService::new(
+        Arc::clone(&store),
+        cluster.clone(),
+        cluster_config,
+        settings,
+        Arc::clone(&metrics),
+    );
+    let grpc = Server::builder()
+        .tls_config(tls)?
+        .add_service(service.into_server());
+    let grpc_stop = stopped(stop_rx.clone());
+    let grpc_task = tokio::spawn(async move {
+        grpc.serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(export_listener),
+            grpc_stop,
+        )
+        .await
+        .map_err(ServeError::Grpc)
+    });
+    let health_metrics = Arc::clone(&metrics);
+    let health_stop = stopped(stop_rx.clone());
+    let health_task = tokio::spawn(async move {
+        metrics::serve(health_listener, health_metrics, health_stop)
+            .await
+            .map_err(ServeError::Health)
+    });
+
+    let mut allocator = IdentityAllocator::new(
+        Arc::clone(&store),
+        id,
+        mode,
+        Duration::from_secs(config.identity_grace_seconds),
+    );
+    allocator.load().await.map_err(|e| match e {
+        crate::identity::IdentityError::Store(s) => ServeError::Store(s),
+        other => ServeError::Store(clustermesh_kvstore::Error::UnexpectedResponse(
+            other.to_string(),
+        )),
+    })?;
+    let source = SourceLoop {
+        cluster,
+        id,
+        dir: config.source.manifest_dir.clone(),
+        writer,
+        allocator,
+        metrics: Arc::clone(&metrics),
+    };
+    let source_task = tokio::spawn(source.run(stop_rx));
+
+    tracing::info!(%export_addr, %health_addr, "apiserver started");
+    Ok(Running {
+        export_addr,
+        health_addr,
+        metrics,
+        store,
+        stop,
+        tasks: vec![source_task, grpc_task, health_task],
+    })
+}
+
+struct SourceLoop {
+    cluster: ClusterName,
+    id: ClusterId,
+    dir: std::path::PathBuf,
+    writer: StateWriter,
+    allocator: IdentityAllocator,
+    metrics: Arc<Metrics>,
+}
+
+impl SourceLoop {
+    async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), ServeError> {
+        let mut last = None;
+        let mut synced = false;
+        let mut in_use: BTreeSet<clustermesh_model::labels::LabelSet> = BTreeSet::new();
+        loop {
+            match manifest::fingerprint(&self.dir) {
+                Ok(fp) if last.as_ref() != Some(&fp) => match self.reconcile().await {
+                    Ok(labels) => {
+                        in_use = labels;
+                        last = Some(fp);
+                        if !synced {
+                            self.writer.write_canaries(&self.cluster).await?;
+                            self.metrics.set_ready();
+                            synced = true;
+                            tracing::info!("initial sync of the manifest directory is complete");
+                        }
+                    }
+                    // Retried on the next tick.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "writing the desired state failed; retrying")
+                    }
+                },
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(dir = %self.dir.display(), error = %e, "the manifest directory cannot be read; keeping the current state")
+                }
+            }
+            let refs: BTreeSet<_> = in_use.iter().collect();
+            match self.allocator.release_unused(&refs, Instant::now()).await {
+                Ok(released) if !released.is_empty() => {
+                    tracing::info!(?released, "released unused identities")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "releasing identities failed"),
+            }
+            self.metrics
+                .identities
+                .set(i64::try_from(self.allocator.identities().len()).unwrap_or(i64::MAX));
+            tokio::select! {
+                () = tokio::time::sleep(POLL_INTERVAL) => {}
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            }
+        }
+    }
+
+    async fn reconcile(
+        &mut self,
+    ) -> Result<
+        BTreeSet<clustermesh_model::labels::LabelSet>,
+        Box<dyn std::error::Error + Send + Sync>,
+    > {
+        let loaded = manifest::load_dir(&self.dir);
+        let desired = DesiredState::compute(&self.cluster, self.id, &loaded.objects);
+        let problems: Vec<_> = loaded.problems.iter().chain(&desired.problems).collect();
+        for p in &problems {
+            tracing::warn!(origin = %p.origin, reason = %p.reason, "source object not used");
+        }
+        self.metrics
+            .source_problems
+            .set(i64::try_from(problems.len()).unwrap_or(i64::MAX));
+        for labels in desired.label_sets() {
+            self.allocator.allocate(labels).await?;
+        }
+        let ipcache = desired.ipcache(&loaded.objects, self.allocator.identities());
+        let kv = writer::encode(&self.cluster, &desired, &ipcache)?;
+        let stats = self.writer.apply(&kv).await?;
+        self.metrics
+            .store_writes
+            .inc_by(u64::try_from(stats.put + stats.deleted).unwrap_or(u64::MAX));
+        self.metrics
+            .services
+            .set(i64::try_from(desired.services.len()).unwrap_or(i64::MAX));
+        self.metrics.global_services.set(
+            i64::try_from(
+                desired
+                    .services
+                    .iter()
+                    .filter(|s| s.include_external)
+                    .count(),
+            )
+            .unwrap_or(i64::MAX),
+        );
+        tracing::info!(
+            put = stats.put,
+            deleted = stats.deleted,
+            problems = problems.len(),
+            "applied the manifest directory"
+        );
+        Ok(desired.label_sets().into_iter().cloned().collect())
+    }
+}

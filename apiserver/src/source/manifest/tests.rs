@@ -1,0 +1,193 @@
+use super::*;
+
+const GOOD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: prod
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: prod
+  annotations:
+    service.cilium.io/global: "true"
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, protocol: TCP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: prod
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+endpoints:
+- addresses: [10.1.0.5]
+  conditions: {ready: true}
+- addresses: [10.1.0.6]
+  conditions: {ready: false, serving: true, terminating: true}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-0
+  namespace: prod
+  labels: {app: web}
+spec:
+  containers:
+  - name: web
+    image: web
+    ports: [{name: http, containerPort: 8080}]
+status:
+  podIP: 10.1.0.5
+  hostIP: 192.0.2.1
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-1, labels: {zone: a}}
+spec: {podCIDR: 10.1.0.0/24}
+status:
+  addresses: [{type: InternalIP, address: 192.0.2.1}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: allow-web, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: web}}]
+    toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+"#;
+
+#[test]
+fn every_supported_kind_loads() {
+    let mut loaded = Loaded::default();
+    parse_text("good.yaml", GOOD, &mut loaded);
+    assert_eq!(loaded.problems, vec![]);
+    let o = &loaded.objects;
+    assert_eq!(o.namespaces.keys().collect::<Vec<_>>(), ["prod"]);
+    let svc = &o.services[&("prod".to_owned(), "web".to_owned())];
+    assert_eq!(
+        svc.cluster_ips,
+        vec!["10.96.0.10".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert_eq!(svc.annotations["service.cilium.io/global"], "true");
+    let slice = &o.endpoint_slices[&("prod".to_owned(), "web-abc".to_owned())];
+    assert_eq!(slice.service, "web");
+    assert_eq!(slice.endpoints.len(), 2);
+    assert!(!slice.endpoints[1].conditions.ready && slice.endpoints[1].conditions.terminating);
+    let pod = &o.pods[&("prod".to_owned(), "web-0".to_owned())];
+    assert_eq!(
+        pod.ips,
+        vec!["10.1.0.5".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert_eq!(pod.named_ports[0].port, 8080);
+    assert_eq!(o.nodes["node-1"].pod_cidr.as_deref(), Some("10.1.0.0/24"));
+    let policy = &o.policies[&(Some("prod".to_owned()), "allow-web".to_owned())];
+    assert_eq!(policy.rules.len(), 1);
+}
+
+#[test]
+fn bad_documents_are_reported_and_the_rest_loads() {
+    let text = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: x}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: Bad_Name, namespace: prod}
+spec: {clusterIP: 10.96.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ok-pod, namespace: prod}
+status: {podIP: 10.1.0.9}
+---
+kind: Pod
+metadata: {name: x}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: bad-ip, namespace: prod}
+status: {podIP: 10.1.0.999}
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: l7, namespace: prod}
+spec:
+  endpointSelector: {}
+  ingress: [{toPorts: [{ports: [{port: "80"}], rules: {http: [{method: GET}]}}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ok-pod, namespace: prod}
+"#;
+    let mut loaded = Loaded::default();
+    parse_text("mixed.yaml", text, &mut loaded);
+    assert_eq!(loaded.objects.pods.len(), 1, "{:?}", loaded.problems);
+    let origins: Vec<&str> = loaded.problems.iter().map(|p| p.origin.as_str()).collect();
+    assert_eq!(
+        origins,
+        [
+            "mixed.yaml (document 1)",
+            "mixed.yaml (document 2)",
+            "mixed.yaml (document 4)",
+            "mixed.yaml (document 5)",
+            "mixed.yaml (document 6)",
+            "mixed.yaml (document 7)",
+        ]
+    );
+    let reasons: Vec<&str> = loaded.problems.iter().map(|p| p.reason.as_str()).collect();
+    assert!(
+        reasons[0].contains("ConfigMap is not a supported kind"),
+        "{}",
+        reasons[0]
+    );
+    assert!(reasons[1].contains("Bad_Name"), "{}", reasons[1]);
+    assert!(reasons[2].contains("no apiVersion"), "{}", reasons[2]);
+    assert!(reasons[3].contains("10.1.0.999"), "{}", reasons[3]);
+    assert!(
+        reasons[4].contains("unknown field `rules`"),
+        "{}",
+        reasons[4]
+    );
+    assert!(reasons[5].contains("defined twice"), "{}", reasons[5]);
+}
+
+#[test]
+fn broken_yaml_stops_that_file_only() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        "apiVersion: v1\nkind: [unclosed\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::fs::write(
+        dir.path().join("sub/c.yml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: c}\n",
+    )
+    .unwrap();
+    let loaded = load_dir(dir.path());
+    assert_eq!(
+        loaded.objects.namespaces.keys().collect::<Vec<_>>(),
+        ["a", "c"]
+    );
+    assert_eq!(loaded.problems.len(), 1);
+    assert!(loaded.problems[0].origin.ends_with("b.yaml (document 1)"));
+    assert_eq!(fingerprint(dir.path()).unwrap().len(), 3);
+}

@@ -1,0 +1,171 @@
+//! Writes the desired state into the kvstore under the key layout, touching only what
+//! changed: for every prefix this apiserver owns it lists what is there, puts what differs and
+//! deletes what is no longer desired.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clustermesh_kvstore::KvStore;
+use clustermesh_model::cluster::{ClusterConfig, ClusterName};
+use clustermesh_model::endpoint::IpCacheEntry;
+use clustermesh_model::keys::{ExportKind, IPCACHE_PREFIX, Key, LOCAL_PREFIX};
+
+use crate::desired::DesiredState;
+
+/// Why a write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The store failed.
+    #[error("kvstore write failed")]
+    Store(#[from] clustermesh_kvstore::Error),
+    /// A value did not encode (cannot happen for model types; kept to avoid a panic path).
+    #[error("encoding {key} failed")]
+    Encode {
+        /// The key.
+        key: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// What one pass wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Keys put (new or changed).
+    pub put: usize,
+    /// Keys deleted.
+    pub deleted: usize,
+}
+
+/// The prefixes the writer owns: everything under them that is not desired is deleted.
+/// Identities are managed by the allocator, not here.
+pub fn owned_prefixes(cluster: &ClusterName) -> Vec<String> {
+    vec![
+        IPCACHE_PREFIX.to_owned(),
+        ExportKind::Nodes.state_prefix(cluster),
+        ExportKind::Services.state_prefix(cluster),
+        format!("{LOCAL_PREFIX}policies/"),
+        format!("{LOCAL_PREFIX}clusterwide-policies/"),
+    ]
+}
+
+fn json<T: serde::Serialize>(key: &str, value: &T) -> Result<Vec<u8>, WriteError> {
+    serde_json::to_vec(value).map_err(|source| WriteError::Encode {
+        key: key.to_owned(),
+        source,
+    })
+}
+
+/// The key/value pairs of the desired state.
+pub fn encode(
+    cluster: &ClusterName,
+    desired: &DesiredState,
+    ipcache: &[IpCacheEntry],
+) -> Result<BTreeMap<String, Vec<u8>>, WriteError> {
+    let mut out = BTreeMap::new();
+    for e in ipcache {
+        let key = Key::IpCache { ip: e.ip }.to_string();
+        out.insert(key.clone(), json(&key, e)?);
+    }
+    for n in &desired.nodes {
+        let key = Key::Node {
+            cluster: cluster.clone(),
+            name: n.name.clone(),
+        }
+        .to_string();
+        out.insert(key.clone(), json(&key, n)?);
+    }
+    for s in &desired.services {
+        let key = Key::Service {
+            cluster: cluster.clone(),
+            namespace: s.namespace.clone(),
+            name: s.name.clone(),
+        }
+        .to_string();
+        out.insert(key.clone(), json(&key, s)?);
+    }
+    for p in &desired.policies {
+        let key = Key::Policy {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+        }
+        .to_string();
+        out.insert(key.clone(), json(&key, p)?);
+    }
+    Ok(out)
+}
+
+/// Writes a cluster's state.
+pub struct StateWriter {
+    store: Arc<dyn KvStore>,
+    prefixes: Vec<String>,
+}
+
+impl StateWriter {
+    /// A writer for `cluster`.
+    pub fn new(store: Arc<dyn KvStore>, cluster: &ClusterName) -> Self {
+        Self {
+            store,
+            prefixes: owned_prefixes(cluster),
+        }
+    }
+
+    /// Makes the owned prefixes hold exactly `desired`.
+    pub async fn apply(
+        &self,
+        desired: &BTreeMap<String, Vec<u8>>,
+    ) -> Result<WriteStats, WriteError> {
+        let mut stats = WriteStats::default();
+        let mut current = BTreeMap::new();
+        for prefix in &self.prefixes {
+            for kv in self.store.list(prefix).await?.kvs {
+                current.insert(kv.key, kv.value);
+            }
+        }
+        for (key, value) in desired {
+            if current.get(key) != Some(value) {
+                self.store.put(key, value, None).await?;
+                stats.put += 1;
+            }
+        }
+        for key in current.keys().filter(|k| !desired.contains_key(*k)) {
+            if self.store.delete(key).await?.is_some() {
+                stats.deleted += 1;
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Writes the cluster config if it differs.
+    pub async fn write_cluster_config(
+        &self,
+        cluster: &ClusterName,
+        config: &ClusterConfig,
+    ) -> Result<(), WriteError> {
+        let key = Key::ClusterConfig {
+            cluster: cluster.clone(),
+        }
+        .to_string();
+        let value = json(&key, config)?;
+        if self.store.get(&key).await?.map(|kv| kv.value) != Some(value.clone()) {
+            self.store.put(&key, &value, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the sync canaries: every kind's initial sync is complete.
+    pub async fn write_canaries(&self, cluster: &ClusterName) -> Result<(), WriteError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        for kind in ExportKind::ALL {
+            self.store
+                .put(&kind.synced_key(cluster), now.to_string().as_bytes(), None)
+                .await?;
+        }
+        Ok(())
+    }
+}

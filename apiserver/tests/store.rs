@@ -1,0 +1,315 @@
+//! The manifest directory ends up in the kvstore, with sled and with a real etcd: exactly the
+//! documented keys with the documented JSON, identities in the cluster's range, and every
+//! change and deletion reflected.
+
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use clustermesh_apiserver::config::StoreConfig;
+use clustermesh_kvstore::KvStore;
+use clustermesh_kvstore::testing::EtcdServer;
+use clustermesh_model::ClusterName;
+use clustermesh_model::endpoint::IpCacheEntry;
+use clustermesh_model::identity::Identity;
+use clustermesh_model::service::{BackendConditions, ClusterService};
+use support::TestCluster;
+
+const NAMESPACE_AND_SERVICE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: prod}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: prod, annotations: {service.cilium.io/global: "true"}}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}], selector: {app: web}}
+"#;
+
+fn slice(web1_ready: bool) -> String {
+    format!(
+        r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: prod, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+- addresses: [10.1.0.5]
+- addresses: [10.1.0.6]
+  conditions: {{ready: {web1_ready}}}
+"#
+    )
+}
+
+fn pods(with_db: bool) -> String {
+    let mut text = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: prod, labels: {app: web, pod-template-hash: a}}
+status: {podIP: 10.1.0.5, hostIP: 192.0.2.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: prod, labels: {app: web, pod-template-hash: b}}
+status: {podIP: 10.1.0.6, hostIP: 192.0.2.1}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+status: {addresses: [{type: InternalIP, address: 192.0.2.1}]}
+"#
+    .to_owned();
+    if with_db {
+        text.push_str("---\napiVersion: v1\nkind: Pod\nmetadata: {name: db-0, namespace: prod, labels: {app: db}}\nstatus: {podIP: 10.1.0.7, hostIP: 192.0.2.1}\n");
+    }
+    text
+}
+
+/// Everything the apiserver wrote, minus the canaries' timestamps.
+async fn contents(store: &dyn KvStore) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for prefix in ["cilium/", "clustermesh/"] {
+        for kv in store.list(prefix).await.unwrap().kvs {
+            let value = if kv.key.starts_with("cilium/synced/") {
+                Vec::new()
+            } else {
+                kv.value
+            };
+            out.insert(kv.key, value);
+        }
+    }
+    out
+}
+
+async fn eventually(
+    store: &dyn KvStore,
+    check: impl Fn(&BTreeMap<String, Vec<u8>>) -> Result<(), String>,
+) -> BTreeMap<String, Vec<u8>> {
+    let mut last = String::new();
+    for _ in 0..100 {
+        let c = contents(store).await;
+        match check(&c) {
+            Ok(()) => return c,
+            Err(why) => last = why,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the store never reached the expected state: {last}");
+}
+
+fn keys_of(c: &BTreeMap<String, Vec<u8>>) -> Vec<&str> {
+    c.keys()
+        .map(String::as_str)
+        .filter(|k| !k.starts_with("cilium/state/identities/"))
+        .collect()
+}
+
+fn identity_of(c: &BTreeMap<String, Vec<u8>>, ip: &str) -> Identity {
+    let e: IpCacheEntry =
+        serde_json::from_slice(&c[&format!("cilium/state/ip/v1/default/{ip}")]).unwrap();
+    e.identity
+}
+
+async fn scenario(cluster: TestCluster) {
+    cluster.write_manifest("ns-svc.yaml", NAMESPACE_AND_SERVICE);
+    cluster.write_manifest("slice.yaml", &slice(false));
+    cluster.write_manifest("pods.yaml", &pods(true));
+    let running = cluster.start().await;
+    let store = running.store.as_ref();
+
+    // Step 1: everything defined is there, under the documented keys.
+    let base = [
+        "cilium/cluster-config/c1",
+        "cilium/state/ip/v1/default/10.1.0.5",
+        "cilium/state/ip/v1/default/10.1.0.6",
+        "cilium/state/ip/v1/default/10.1.0.7",
+        "cilium/state/nodes/v1/c1/n1",
+        "cilium/state/services/v1/c1/prod/web",
+        "cilium/synced/c1/cilium/state/identities/v1",
+        "cilium/synced/c1/cilium/state/ip/v1",
+        "cilium/synced/c1/cilium/state/nodes/v1",
+        "cilium/synced/c1/cilium/state/services/v1",
+    ];
+    let c = eventually(store, |c| {
+        if keys_of(c) == base {
+            Ok(())
+        } else {
+            Err(format!("{:?}", keys_of(c)))
+        }
+    })
+    .await;
+    let web = identity_of(&c, "10.1.0.5");
+    let db = identity_of(&c, "10.1.0.7");
+    assert_eq!(
+        identity_of(&c, "10.1.0.6"),
+        web,
+        "both web replicas share one identity"
+    );
+    assert_ne!(web, db);
+    for id in [web, db] {
+        assert!(
+            (65_537..=131_071).contains(&id.get()),
+            "{id} is outside cluster 1's range"
+        );
+    }
+    assert_eq!(
+        String::from_utf8(c[&format!("cilium/state/identities/v1/id/{web}")].clone()).unwrap(),
+        "k8s:app=web;k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.kubernetes.pod.namespace=prod;"
+    );
+    assert_eq!(
+        String::from_utf8(c["cilium/state/identities/v1/value/k8s:app=db;k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.kubernetes.pod.namespace=prod;"].clone()).unwrap(),
+        db.to_string()
+    );
+    let svc: ClusterService =
+        serde_json::from_slice(&c["cilium/state/services/v1/c1/prod/web"]).unwrap();
+    assert_eq!(svc.cluster, ClusterName::new("c1").unwrap());
+    assert!(svc.include_external && svc.shared);
+    assert_eq!(
+        svc.frontends
+            .keys()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["10.96.0.10"]
+    );
+    assert_eq!(svc.frontends.values().next().unwrap()["http"].port(), 80);
+    assert_eq!(svc.backends.len(), 2);
+    assert_eq!(
+        svc.backends[&"10.1.0.5".parse().unwrap()]["http"].port(),
+        8080
+    );
+    assert_eq!(
+        svc.backend_conditions[&"10.1.0.6".parse().unwrap()],
+        BackendConditions {
+            ready: false,
+            serving: false,
+            terminating: false
+        }
+    );
+    let entry: IpCacheEntry =
+        serde_json::from_slice(&c["cilium/state/ip/v1/default/10.1.0.5"]).unwrap();
+    assert_eq!(
+        (entry.namespace.as_str(), entry.pod_name.as_str()),
+        ("prod", "web-0")
+    );
+    assert_eq!(entry.host_ip, Some("192.0.2.1".parse().unwrap()));
+
+    // Step 2: a backend becomes ready and a pod goes away; its identity is released after
+    // the grace period.
+    cluster.write_manifest("slice.yaml", &slice(true));
+    cluster.write_manifest("pods.yaml", &pods(false));
+    let db_key = format!("cilium/state/identities/v1/id/{db}");
+    let c = eventually(store, |c| {
+        let svc: ClusterService =
+            serde_json::from_slice(&c["cilium/state/services/v1/c1/prod/web"])
+                .map_err(|e| e.to_string())?;
+        if c.contains_key("cilium/state/ip/v1/default/10.1.0.7")
+            || c.contains_key(&db_key)
+            || !svc.backend_conditions.is_empty()
+        {
+            return Err(format!("{:?}", c.keys().collect::<Vec<_>>()));
+        }
+        Ok(())
+    })
+    .await;
+    assert!(c.contains_key(&format!("cilium/state/identities/v1/id/{web}")));
+    assert_eq!(
+        c.keys()
+            .filter(|k| k.starts_with("cilium/state/identities/"))
+            .count(),
+        2,
+        "web's id and value keys remain"
+    );
+
+    // Step 3: the service's file is deleted.
+    cluster.remove_manifest("ns-svc.yaml");
+    eventually(store, |c| {
+        if c.contains_key("cilium/state/services/v1/c1/prod/web") {
+            Err("service still there".into())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_are_written_to_sled_exactly() {
+    scenario(TestCluster::new("c1", 1, None)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_are_written_to_etcd_exactly() {
+    let etcd = EtcdServer::start().await;
+    scenario(TestCluster::new(
+        "c1",
+        1,
+        Some(StoreConfig::Etcd {
+            endpoints: vec![etcd.endpoint()],
+            tls: None,
+        }),
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_one_etcd_never_share_or_split_an_identity() {
+    use clustermesh_apiserver::identity::IdentityAllocator;
+    use clustermesh_model::MaxConnectedClusters;
+    use clustermesh_model::cluster::ClusterId;
+    use clustermesh_model::labels::LabelSet;
+    let etcd = EtcdServer::start().await;
+    let c1 = ClusterName::new("c1").unwrap();
+    let id = ClusterId::new(1, MaxConnectedClusters::C255).unwrap();
+    let sets: Vec<LabelSet> = (0..40)
+        .map(|i| LabelSet::workload(&c1, "ns", [("app", format!("a{i}").as_str())]).unwrap())
+        .collect();
+    let mut tasks = Vec::new();
+    for replica in 0..2 {
+        let store: std::sync::Arc<dyn KvStore> = std::sync::Arc::new(etcd.store().await);
+        let sets = sets.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut a = IdentityAllocator::new(
+                store,
+                id,
+                MaxConnectedClusters::C255,
+                Duration::from_secs(60),
+            );
+            let mut got = BTreeMap::new();
+            // The replicas walk the label sets in opposite orders to collide as much as possible.
+            let order: Vec<&LabelSet> = if replica == 0 {
+                sets.iter().collect()
+            } else {
+                sets.iter().rev().collect()
+            };
+            for labels in order {
+                got.insert(labels.clone(), a.allocate(labels).await.unwrap());
+            }
+            got
+        }));
+    }
+    let a = tasks.remove(0).await.unwrap();
+    let b = tasks.remove(0).await.unwrap();
+    assert_eq!(a, b, "both replicas agree on every label set's identity");
+    let distinct: std::collections::BTreeSet<_> = a.values().collect();
+    assert_eq!(
+        distinct.len(),
+        sets.len(),
+        "no identity serves two label sets"
+    );
+    let store = etcd.store().await;
+    assert_eq!(
+        store
+            .list("cilium/state/identities/v1/id/")
+            .await
+            .unwrap()
+            .kvs
+            .len(),
+        sets.len(),
+        "no number is left claimed twice"
+    );
+}

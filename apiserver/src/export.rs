@@ -62,6 +62,8 @@ pub struct ExportService {
 }
 
 struct Inner {
+    /// Becomes true when the server stops: open streams end, so that shutdown completes.
+    shutdown: tokio::sync::watch::Receiver<bool>,
     store: Arc<dyn KvStore>,
     cluster: ClusterName,
     config: ClusterConfig,
@@ -70,16 +72,19 @@ struct Inner {
 }
 
 impl ExportService {
-    /// The service for `cluster`, serving from `store`.
+    /// The service for `cluster`, serving from `store`; its streams end when `shutdown`
+    /// becomes true, so that a graceful stop does not wait for clients.
     pub fn new(
         store: Arc<dyn KvStore>,
         cluster: ClusterName,
         config: ClusterConfig,
         settings: ExportSettings,
         metrics: Arc<Metrics>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                shutdown,
                 store,
                 cluster,
                 config,
@@ -416,9 +421,14 @@ async fn follow(
         }
     };
     let mut last = from;
+    let mut shutdown = inner.shutdown.clone();
     loop {
         let next = tokio::select! {
             () = tx.closed() => return Stop::Gone,
+            () = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+                let _ = tx.send(Err(Status::unavailable("the apiserver is shutting down"))).await;
+                return Stop::Gone;
+            }
             next = tokio::time::timeout(inner.settings.heartbeat, watch.next()) => next,
         };
         let result = match next {

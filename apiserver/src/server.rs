@@ -182,6 +182,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         cluster_config,
         settings,
         Arc::clone(&metrics),
+        stop_rx.clone(),
     );
     let grpc = Server::builder()
         .tls_config(tls)?

@@ -1,0 +1,314 @@
+//! The Export protocol over real mTLS on loopback: snapshot, Synced, ordered changes, resume,
+//! Reset after compaction, heartbeats, and who may see what.
+
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+mod support;
+
+use std::time::Duration;
+
+use clustermesh_certs::{CertificateAuthority, ClientIdentity};
+use clustermesh_model::ClusterName;
+use clustermesh_proto::Object;
+use clustermesh_proto::v1::{self, Kind, WatchEvent, watch_event::Event as Ev};
+use support::{TestCluster, tls_with};
+use tonic::Streaming;
+
+const SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: prod, annotations: {service.cilium.io/global: "true"}}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: private, namespace: prod}
+spec: {clusterIP: 10.96.0.11, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: prod, labels: {app: web}}
+status: {podIP: 10.1.0.5}
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p1, namespace: prod}
+spec: {endpointSelector: {}, ingress: [{}]}
+"#;
+
+fn c(n: &str) -> ClusterName {
+    ClusterName::new(n).unwrap()
+}
+
+async fn next(s: &mut Streaming<WatchEvent>) -> WatchEvent {
+    tokio::time::timeout(Duration::from_secs(10), s.message())
+        .await
+        .expect("no event within 10 s")
+        .unwrap()
+        .expect("stream ended")
+}
+
+/// The next event that is not a heartbeat.
+async fn next_change(s: &mut Streaming<WatchEvent>) -> WatchEvent {
+    loop {
+        let e = next(s).await;
+        if !matches!(e.event, Some(Ev::Heartbeat(_))) {
+            return e;
+        }
+    }
+}
+
+/// Events up to and including Synced.
+async fn snapshot(s: &mut Streaming<WatchEvent>) -> (Vec<Object>, i64) {
+    let mut objects = Vec::new();
+    loop {
+        let e = next_change(s).await;
+        match e.event {
+            Some(Ev::Upsert(u)) => objects.push(Object::try_from(&u).unwrap()),
+            Some(Ev::Synced(_)) => return (objects, e.revision),
+            other => panic!("unexpected {other:?} in a snapshot"),
+        }
+    }
+}
+
+fn names(objects: &[Object]) -> Vec<String> {
+    let mut n: Vec<String> = objects
+        .iter()
+        .map(|o| format!("{:?}/{}", o.reference().kind, o.reference().name))
+        .collect();
+    n.sort();
+    n
+}
+
+fn watch(kinds: &[Kind], since: i64) -> v1::WatchRequest {
+    v1::WatchRequest {
+        kinds: kinds.iter().map(|k| *k as i32).collect(),
+        since_revision: since,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_synced_changes_resume_reset_and_heartbeats() {
+    let cluster = TestCluster::new("c1", 1, None);
+    cluster.write_manifest("all.yaml", SERVICES);
+    let running = cluster.start().await;
+    let mut client = cluster
+        .client(&running, &ClientIdentity::Local(c("c1")))
+        .await;
+
+    let config = client
+        .get_cluster_config(v1::GetClusterConfigRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            config.name.as_str(),
+            config.id,
+            config.max_connected_clusters
+        ),
+        ("c1", 1, 255)
+    );
+
+    // From scratch: the snapshot, then Synced.
+    let mut s = client
+        .watch(watch(&[Kind::Services, Kind::Ipcache, Kind::Policies], 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let (objects, synced_at) = snapshot(&mut s).await;
+    assert_eq!(
+        names(&objects),
+        [
+            "Ipcache/10.1.0.5",
+            "Policies/prod/p1",
+            "Services/prod/private",
+            "Services/prod/web"
+        ]
+    );
+
+    // Changes, in revision order.
+    let store = running.store.clone();
+    cluster.remove_manifest("all.yaml");
+    let mut deleted = Vec::new();
+    let mut last = synced_at;
+    while deleted.len() < 4 {
+        let e = next_change(&mut s).await;
+        assert!(
+            e.revision > last,
+            "revisions must increase: {} after {last}",
+            e.revision
+        );
+        last = e.revision;
+        match e.event {
+            Some(Ev::Delete(d)) => deleted.push(d.name),
+            other => panic!("expected deletes, got {other:?}"),
+        }
+    }
+    deleted.sort();
+    assert_eq!(deleted, ["10.1.0.5", "prod/p1", "prod/private", "prod/web"]);
+
+    // An idle stream carries heartbeats (every 200 ms in this config) with the last revision.
+    let e = next(&mut s).await;
+    assert!(matches!(e.event, Some(Ev::Heartbeat(_))), "{e:?}");
+    drop(s);
+
+    // Resuming from a recent revision replays only what was missed: no snapshot.
+    cluster.write_manifest("all.yaml", SERVICES);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut s = client
+        .watch(watch(&[Kind::Services], last))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut upserts = Vec::new();
+    while upserts.len() < 2 {
+        let e = next_change(&mut s).await;
+        assert!(e.revision > last);
+        match e.event {
+            Some(Ev::Upsert(u)) => upserts.push(Object::try_from(&u).unwrap()),
+            other => panic!("expected only the missed upserts, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        names(&upserts),
+        ["Services/prod/private", "Services/prod/web"]
+    );
+    drop(s);
+
+    // After a compaction past that revision: Reset, then a fresh snapshot and Synced.
+    let head = store.current_revision().await.unwrap();
+    store.compact(head).await.unwrap();
+    let mut s = client
+        .watch(watch(&[Kind::Services], last))
+        .await
+        .unwrap()
+        .into_inner();
+    let e = next_change(&mut s).await;
+    assert!(matches!(e.event, Some(Ev::Reset(_))), "{e:?}");
+    let (objects, _) = snapshot(&mut s).await;
+    assert_eq!(
+        names(&objects),
+        ["Services/prod/private", "Services/prod/web"]
+    );
+    running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_clusters_see_only_exportable_state() {
+    let cluster = TestCluster::new("c1", 1, None);
+    cluster.write_manifest("all.yaml", SERVICES);
+    let running = cluster.start().await;
+    let mut remote = cluster
+        .client(&running, &ClientIdentity::Remote(c("c2")))
+        .await;
+
+    // Only global, shared services are exported.
+    let mut s = remote
+        .watch(watch(
+            &[Kind::Services, Kind::Identities, Kind::Ipcache, Kind::Nodes],
+            0,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let (objects, _) = snapshot(&mut s).await;
+    let n = names(&objects);
+    assert!(n.contains(&"Services/prod/web".to_owned()), "{n:?}");
+    assert!(!n.contains(&"Services/prod/private".to_owned()), "{n:?}");
+    assert_eq!(n.iter().filter(|x| x.starts_with("Identities/")).count(), 1);
+
+    // Policies and remote caches are not for remote clusters.
+    for kind in [Kind::Policies, Kind::RemoteCache, Kind::ClusterStatus] {
+        let err = remote
+            .watch(watch(&[Kind::Services, kind], 0))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{kind:?}: {err}");
+    }
+    // A local certificate of another cluster, signed by this CA, is refused too.
+    let mut foreign_local = cluster
+        .client(&running, &ClientIdentity::Local(c("c9")))
+        .await;
+    let err = foreign_local
+        .watch(watch(&[Kind::Services], 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    // Empty or unknown kinds are refused.
+    let err = remote
+        .watch(v1::WatchRequest {
+            kinds: vec![],
+            since_revision: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = remote
+        .watch(v1::WatchRequest {
+            kinds: vec![99],
+            since_revision: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_and_plaintext_clients_are_refused() {
+    let cluster = TestCluster::new("c1", 1, None);
+    let running = cluster.start().await;
+    let addr = running.export_addr.to_string();
+
+    // A client certificate from another CA fails the handshake.
+    let other = CertificateAuthority::generate(&c("c2")).unwrap();
+    let cert = other.client_cert(&ClientIdentity::Local(c("c1"))).unwrap();
+    let tls = tls_with(&cluster.ca, &cert, &c("c1"));
+    let refused = match clustermesh_proto::client::connect(&addr, &tls).await {
+        Err(_) => true,
+        Ok(mut client) => client
+            .get_cluster_config(v1::GetClusterConfigRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a certificate from another CA was accepted");
+
+    // A server presenting a certificate of another cluster's CA is not trusted by our client.
+    let wrong_ca = tls_with(
+        &other,
+        &cluster
+            .ca
+            .client_cert(&ClientIdentity::Local(c("c1")))
+            .unwrap(),
+        &c("c1"),
+    );
+    assert!(
+        clustermesh_proto::client::connect(&addr, &wrong_ca)
+            .await
+            .is_err()
+            || {
+                let mut cl = clustermesh_proto::client::connect(&addr, &wrong_ca)
+                    .await
+                    .unwrap();
+                cl.get_cluster_config(v1::GetClusterConfigRequest {})
+                    .await
+                    .is_err()
+            }
+    );
+
+    // Plaintext gRPC is refused.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await;
+    let plaintext_refused = match channel {
+        Err(_) => true,
+        Ok(ch) => v1::export_client::ExportClient::new(ch)
+            .get_cluster_config(v1::GetClusterConfigRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(plaintext_refused);
+    running.stop().await.unwrap();
+}

@@ -1,0 +1,119 @@
+//! `clustermesh apiserver --config FILE` as a process: it starts, serves `/readyz` once the
+//! manifest directory is synced, and exits cleanly on SIGTERM. Bad configs fail with a clear
+//! message and a non-zero exit.
+
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clustermesh_certs::CertificateAuthority;
+use clustermesh_model::ClusterName;
+
+const BIN: &str = env!("CARGO_BIN_EXE_clustermesh");
+
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+fn write_cluster(dir: &std::path::Path) -> std::path::PathBuf {
+    let name = ClusterName::new("c1").unwrap();
+    let ca = CertificateAuthority::generate(&name).unwrap();
+    ca.cert().write(dir, "ca").unwrap();
+    ca.server_cert(&name, &["127.0.0.1".into()])
+        .unwrap()
+        .write(dir, "server")
+        .unwrap();
+    std::fs::create_dir_all(dir.join("manifests")).unwrap();
+    std::fs::write(
+        dir.join("manifests/ns.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: prod}\n",
+    )
+    .unwrap();
+    let config = dir.join("apiserver.yaml");
+    std::fs::write(
+        &config,
+        "cluster: {name: c1, id: 1}\nstore: {backend: sled, path: store}\nsource: {manifestDir: manifests}\n\
+         listen: {export: \"127.0.0.1:0\", health: \"127.0.0.1:0\"}\ntls: {ca: ca.pem, cert: server.pem, key: server-key.pem}\n",
+    )
+    .unwrap();
+    config
+}
+
+#[test]
+fn apiserver_serves_readyz_and_exits_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_cluster(dir.path());
+    let mut child = Command::new(BIN)
+        .args(["apiserver", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    // "export listening on 127.0.0.1:P, health on 127.0.0.1:Q"
+    let health = line.trim().rsplit(' ').next().unwrap().to_owned();
+    assert!(line.starts_with("export listening on 127.0.0.1:"), "{line}");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = http_get(&health, "/readyz").unwrap_or_default();
+        if resp.starts_with("HTTP/1.0 200") || resp.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never became ready: {resp}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(http_get(&health, "/healthz").unwrap().contains("ok"));
+    let metrics = http_get(&health, "/metrics").unwrap();
+    assert!(metrics.contains("clustermesh_export_watchers"), "{metrics}");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the apiserver did not exit within 10 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(exit.code(), Some(0));
+}
+
+#[test]
+fn a_bad_config_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.yaml");
+    std::fs::write(&config, "cluster: {name: default, id: 1}\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["apiserver", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.yaml") && err.contains("default"), "{err}");
+    let out = Command::new(BIN).args(["apiserver"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap usage errors exit 2");
+}

@@ -3,6 +3,10 @@
 //! message and a non-zero exit.
 
 #![allow(clippy::unwrap_used, reason = "tests")]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a synchronous test polling a child process; no runtime to block"
+)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

@@ -138,6 +138,20 @@ pub struct Config {
     /// Milliseconds between heartbeats on an idle Export stream.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_millis: u64,
+    /// Events buffered per Export watcher.
+    #[serde(default = "default_buffer")]
+    pub export_buffer_events: usize,
+    /// Milliseconds a watcher may leave its full buffer unread before it is reset.
+    #[serde(default = "default_lag")]
+    pub export_lag_timeout_millis: u64,
+}
+
+fn default_buffer() -> usize {
+    1024
+}
+
+fn default_lag() -> u64 {
+    5000
 }
 
 impl Config {

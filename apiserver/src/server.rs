@@ -174,7 +174,8 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
 
     let settings = ExportSettings {
         heartbeat: Duration::from_millis(config.heartbeat_millis.max(10)),
-        ..ExportSettings::default()
+        buffer: config.export_buffer_events.max(1),
+        lag_timeout: Duration::from_millis(config.export_lag_timeout_millis.max(1)),
     };
     let service = ExportService::new(
         Arc::clone(&store),

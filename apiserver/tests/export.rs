@@ -312,3 +312,93 @@ async fn untrusted_and_plaintext_clients_are_refused() {
     assert!(plaintext_refused);
     running.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_watcher_is_reset_without_slowing_the_others() {
+    use clustermesh_model::endpoint::IpCacheEntry;
+    use clustermesh_model::identity::Identity;
+    // Enough data (about 20 MB of messages) to overflow every buffer between the server's
+    // watcher and the client: HTTP/2 windows and send buffers, tonic's encoder, the channel.
+    const N: usize = 60_000;
+    let cluster = TestCluster::with_settings(
+        "c1",
+        1,
+        None,
+        "exportBufferEvents: 8\nexportLagTimeoutMillis: 300\n",
+    );
+    let running = cluster.start().await;
+    let mut fast = cluster
+        .client(&running, &ClientIdentity::Local(c("c1")))
+        .await;
+    let mut slow = cluster
+        .client(&running, &ClientIdentity::Local(c("c1")))
+        .await;
+    let mut slow_stream = slow
+        .watch(watch(&[Kind::Ipcache], 0))
+        .await
+        .unwrap()
+        .into_inner();
+    snapshot(&mut slow_stream).await;
+    let mut fast_stream = fast
+        .watch(watch(&[Kind::Ipcache], 0))
+        .await
+        .unwrap()
+        .into_inner();
+    snapshot(&mut fast_stream).await;
+
+    let store = running.store.clone();
+    let writer = tokio::spawn(async move {
+        for i in 0..N {
+            let ip = std::net::Ipv4Addr::from(0x0a_02_00_00u32 + u32::try_from(i).unwrap());
+            let entry = IpCacheEntry {
+                ip: ip.into(),
+                identity: Identity::new(65_600).unwrap(),
+                host_ip: None,
+                namespace: "ns".into(),
+                pod_name: format!("p{i}"),
+                named_ports: vec![],
+            };
+            store
+                .put(
+                    &format!("cilium/state/ip/v1/default/{ip}"),
+                    &serde_json::to_vec(&entry).unwrap(),
+                    None,
+                )
+                .await
+                .unwrap();
+        }
+    });
+    // The fast watcher gets every change while the slow one reads nothing.
+    let mut seen = 0;
+    while seen < N {
+        if let Some(Ev::Upsert(_)) = next(&mut fast_stream).await.event {
+            seen += 1;
+        }
+    }
+    writer.await.unwrap();
+    // The slow one was reset: somewhere in what it buffered there is a Reset, then a full
+    // snapshot of all N entries and Synced.
+    let mut before = 0;
+    loop {
+        match next(&mut slow_stream).await.event {
+            Some(Ev::Reset(_)) => break,
+            Some(Ev::Heartbeat(_)) => panic!("a heartbeat after {before} events and no reset"),
+            _ => before += 1,
+        }
+    }
+    assert!(
+        before < N,
+        "the slow watcher got every event: it was never behind"
+    );
+    let (objects, _) = snapshot(&mut slow_stream).await;
+    assert_eq!(objects.len(), N);
+    assert!(
+        running
+            .metrics
+            .render()
+            .contains("clustermesh_export_resets_total 1"),
+        "{}",
+        running.metrics.render()
+    );
+    running.stop().await.unwrap();
+}

@@ -33,6 +33,11 @@ pub struct TestCluster {
 impl TestCluster {
     /// A cluster whose store is the embedded one (or `store` when given).
     pub fn new(name: &str, id: u32, store: Option<StoreConfig>) -> Self {
+        Self::with_settings(name, id, store, "")
+    }
+
+    /// Like [`TestCluster::new`], with extra top-level configuration lines.
+    pub fn with_settings(name: &str, id: u32, store: Option<StoreConfig>, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cluster = ClusterName::new(name).unwrap();
         let ca = CertificateAuthority::generate(&cluster).unwrap();
@@ -56,7 +61,7 @@ impl TestCluster {
         let yaml = format!(
             "cluster: {{name: {name}, id: {id}}}\nstore: {store_yaml}\nsource: {{manifestDir: manifests}}\n\
              listen: {{export: \"127.0.0.1:0\", health: \"127.0.0.1:0\"}}\n\
-             tls: {{ca: certs/ca.pem, cert: certs/server.pem, key: certs/server-key.pem}}\nheartbeatMillis: 200\nidentityGraceSeconds: 1\n"
+             tls: {{ca: certs/ca.pem, cert: certs/server.pem, key: certs/server-key.pem}}\nheartbeatMillis: 200\nidentityGraceSeconds: 1\n{extra}"
         );
         let path = dir.path().join("apiserver.yaml");
         std::fs::write(&path, yaml).unwrap();

@@ -392,13 +392,13 @@ async fn a_slow_watcher_is_reset_without_slowing_the_others() {
     );
     let (objects, _) = snapshot(&mut slow_stream).await;
     assert_eq!(objects.len(), N);
-    assert!(
-        running
-            .metrics
-            .render()
-            .contains("clustermesh_export_resets_total 1"),
-        "{}",
-        running.metrics.render()
-    );
+    let resets: u64 = running
+        .metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix("clustermesh_export_resets_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(resets >= 1, "the reset was not counted");
     running.stop().await.unwrap();
 }

@@ -3,7 +3,10 @@
 //!
 //! `cargo bench -p clustermesh-apiserver --bench export`.
 
-#![allow(clippy::unwrap_used, reason = "a benchmark: a failed step ends the run")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "a benchmark: a failed step ends the run"
+)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,15 +25,25 @@ fn setup(dir: &std::path::Path, store: &str) -> (Config, ClientTls) {
     let name = ClusterName::new("c1").unwrap();
     let ca = CertificateAuthority::generate(&name).unwrap();
     ca.cert().write(dir, "ca").unwrap();
-    ca.server_cert(&name, &[]).unwrap().write(dir, "server").unwrap();
+    ca.server_cert(&name, &[])
+        .unwrap()
+        .write(dir, "server")
+        .unwrap();
     std::fs::create_dir_all(dir.join("manifests")).unwrap();
     let yaml = format!(
         "cluster: {{name: c1, id: 1}}\nstore: {store}\nsource: {{manifestDir: manifests}}\n\
          listen: {{export: \"127.0.0.1:0\", health: \"127.0.0.1:0\"}}\ntls: {{ca: ca.pem, cert: server.pem, key: server-key.pem}}\n"
     );
     std::fs::write(dir.join("apiserver.yaml"), yaml).unwrap();
-    let cert = ca.client_cert(&ClientIdentity::Local(name.clone())).unwrap();
-    let tls = ClientTls { ca_pem: ca.cert().cert_pem.clone(), cert_pem: cert.cert_pem, key_pem: cert.key_pem, server_name: server_name("c1") };
+    let cert = ca
+        .client_cert(&ClientIdentity::Local(name.clone()))
+        .unwrap();
+    let tls = ClientTls {
+        ca_pem: ca.cert().cert_pem.clone(),
+        cert_pem: cert.cert_pem,
+        key_pem: cert.key_pem,
+        server_name: server_name("c1"),
+    };
     (Config::load(&dir.join("apiserver.yaml")).unwrap(), tls)
 }
 
@@ -54,7 +67,10 @@ async fn measure(config: Config, tls: ClientTls, watchers: usize) -> (u128, u128
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         ready.push(ready_rx);
         tokio::spawn(async move {
-            let req = v1::WatchRequest { kinds: vec![v1::Kind::Ipcache as i32], since_revision: 0 };
+            let req = v1::WatchRequest {
+                kinds: vec![v1::Kind::Ipcache as i32],
+                since_revision: 0,
+            };
             let mut s = client.watch(req).await.unwrap().into_inner();
             let mut ready_tx = Some(ready_tx);
             while let Ok(Some(e)) = s.message().await {
@@ -64,7 +80,9 @@ async fn measure(config: Config, tls: ClientTls, watchers: usize) -> (u128, u128
                             let _ = r.send(());
                         }
                     }
-                    Some(Ev::Upsert(v1::Upsert { object: Some(v1::upsert::Object::Ipcache(entry)) })) => {
+                    Some(Ev::Upsert(v1::Upsert {
+                        object: Some(v1::upsert::Object::Ipcache(entry)),
+                    })) => {
                         let i: usize = entry.pod_name.trim_start_matches('p').parse().unwrap();
                         let _ = tx.send((i, Instant::now()));
                     }
@@ -80,9 +98,18 @@ async fn measure(config: Config, tls: ClientTls, watchers: usize) -> (u128, u128
     let mut latencies = Vec::with_capacity(SAMPLES * watchers);
     for i in 0..SAMPLES {
         let ip = format!("10.9.{}.{}", i / 250, i % 250 + 1);
-        let value = format!(r#"{{"IP":"{ip}","ID":65600,"HostIP":null,"K8sNamespace":"ns","K8sPodName":"p{i}","NamedPorts":[]}}"#);
+        let value = format!(
+            r#"{{"IP":"{ip}","ID":65600,"HostIP":null,"K8sNamespace":"ns","K8sPodName":"p{i}","NamedPorts":[]}}"#
+        );
         let start = Instant::now();
-        store.put(&format!("cilium/state/ip/v1/default/{ip}"), value.as_bytes(), None).await.unwrap();
+        store
+            .put(
+                &format!("cilium/state/ip/v1/default/{ip}"),
+                value.as_bytes(),
+                None,
+            )
+            .await
+            .unwrap();
         let mut got = 0;
         while got < watchers {
             let (j, at) = rx.recv().await.unwrap();
@@ -103,7 +130,10 @@ fn main() {
         return;
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         println!("| store | watchers | p50 (µs) | p99 (µs) |");
         println!("|---|---|---|---|");
@@ -116,7 +146,10 @@ fn main() {
         for watchers in [1, 1000] {
             let etcd = EtcdServer::start().await;
             let dir = tempfile::tempdir().unwrap();
-            let (config, tls) = setup(dir.path(), &format!("{{backend: etcd, endpoints: [{}]}}", etcd.endpoint()));
+            let (config, tls) = setup(
+                dir.path(),
+                &format!("{{backend: etcd, endpoints: [{}]}}", etcd.endpoint()),
+            );
             let (p50, p99) = measure(config, tls, watchers).await;
             println!("| etcd | {watchers} | {p50} | {p99} |");
         }

@@ -422,6 +422,9 @@ async fn follow(
     };
     let mut last = from;
     let mut shutdown = inner.shutdown.clone();
+    // A heartbeat goes out when nothing was *sent* for the interval, however busy the store
+    // is with keys this client does not watch.
+    let mut beat_at = tokio::time::Instant::now() + inner.settings.heartbeat;
     loop {
         let next = tokio::select! {
             () = tx.closed() => return Stop::Gone,
@@ -429,10 +432,13 @@ async fn follow(
                 let _ = tx.send(Err(Status::unavailable("the apiserver is shutting down"))).await;
                 return Stop::Gone;
             }
-            next = tokio::time::timeout(inner.settings.heartbeat, watch.next()) => next,
+            next = tokio::time::timeout_at(beat_at, watch.next()) => next,
         };
         let result = match next {
-            Err(_) => send(inner, tx, last, Ev::Heartbeat(v1::Heartbeat {})).await,
+            Err(_) => {
+                beat_at = tokio::time::Instant::now() + inner.settings.heartbeat;
+                send(inner, tx, last, Ev::Heartbeat(v1::Heartbeat {})).await
+            }
             Ok(Some(Ok(event))) => {
                 last = event.revision;
                 if !matches(&event.key) {
@@ -442,6 +448,9 @@ async fn follow(
                     EventKind::Put => inner.translate_put(remote, &event.key, &event.value),
                     EventKind::Delete => inner.translate_delete(&event.key),
                 };
+                if !matches!(t, Translated::Skip) {
+                    beat_at = tokio::time::Instant::now() + inner.settings.heartbeat;
+                }
                 send_translated(inner, tx, event.revision, t).await
             }
             Ok(Some(Err(clustermesh_kvstore::Error::Compacted { requested, .. }))) => {

@@ -5,7 +5,10 @@
 //!
 //! `cargo bench -p clustermesh --bench ingest`.
 
-#![allow(clippy::unwrap_used, reason = "a benchmark: a failed step ends the run")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "a benchmark: a failed step ends the run"
+)]
 #![allow(clippy::disallowed_methods, reason = "no async runtime here")]
 
 use std::fmt::Write as _;
@@ -22,7 +25,9 @@ const SERVICES: usize = 10_000;
 const PER_SERVICE: usize = 10;
 
 fn ready(addr: &str) -> bool {
-    let Ok(mut s) = TcpStream::connect(addr) else { return false };
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return false;
+    };
     let _ = write!(s, "GET /readyz HTTP/1.0\r\n\r\n");
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
@@ -37,7 +42,10 @@ fn main() {
     let name = ClusterName::new("c1").unwrap();
     let ca = CertificateAuthority::generate(&name).unwrap();
     ca.cert().write(dir.path(), "ca").unwrap();
-    ca.server_cert(&name, &[]).unwrap().write(dir.path(), "server").unwrap();
+    ca.server_cert(&name, &[])
+        .unwrap()
+        .write(dir.path(), "server")
+        .unwrap();
     let manifests = dir.path().join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
     for chunk in 0..10 {
@@ -48,7 +56,14 @@ fn main() {
             write!(text, "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: svc-{s}-1, namespace: bench, labels: {{kubernetes.io/service-name: svc-{s}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n").unwrap();
             for e in 0..PER_SERVICE {
                 let n = s * PER_SERVICE + e;
-                writeln!(text, "- addresses: [10.{}.{}.{}]", 100 + n / 65_536, (n / 256) % 256, n % 256).unwrap();
+                writeln!(
+                    text,
+                    "- addresses: [10.{}.{}.{}]",
+                    100 + n / 65_536,
+                    (n / 256) % 256,
+                    n % 256
+                )
+                .unwrap();
             }
             for e in 0..PER_SERVICE {
                 let n = s * PER_SERVICE + e;
@@ -66,20 +81,42 @@ fn main() {
     .unwrap();
 
     let start = Instant::now();
-    let mut child = Command::new(BIN).args(["apiserver", "--config"]).arg(&config).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["apiserver", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let health = line.trim().rsplit(' ').next().unwrap().to_owned();
     while !ready(&health) {
-        assert!(start.elapsed() < Duration::from_secs(900), "not ready after 15 minutes");
+        assert!(
+            start.elapsed() < Duration::from_secs(900),
+            "not ready after 15 minutes"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let secs = start.elapsed().as_secs_f64();
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-    let hwm = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap_or("VmHWM: ?").to_owned();
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .unwrap_or("VmHWM: ?")
+        .to_owned();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let _ = child.wait();
     println!("| input | ready after | peak memory |");
     println!("|---|---|---|");
-    println!("| {SERVICES} services, {} endpoints, {} pods | {secs:.1} s | {} |", SERVICES * PER_SERVICE, SERVICES * PER_SERVICE, hwm.trim_start_matches("VmHWM:").trim());
+    println!(
+        "| {SERVICES} services, {} endpoints, {} pods | {secs:.1} s | {} |",
+        SERVICES * PER_SERVICE,
+        SERVICES * PER_SERVICE,
+        hwm.trim_start_matches("VmHWM:").trim()
+    );
 }

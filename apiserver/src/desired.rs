@@ -12,9 +12,9 @@ use clustermesh_model::ip::{IpPrefix, L4Addr};
 use clustermesh_model::labels::LabelSet;
 use clustermesh_model::node::{Node, NodeAddress};
 use clustermesh_model::policy::NetworkPolicy;
-use clustermesh_model::service::{ClusterService, GlobalServiceConfig};
+use clustermesh_model::service::{ClusterService, GlobalServiceConfig, PortConfiguration};
 
-use crate::source::{NsName, PodInfo, SourceObjects, SourceProblem};
+use crate::source::{NsName, PodInfo, PortInfo, SourceObjects, SourceProblem};
 
 /// Pod labels that never take part in a security identity: they change with every rollout
 /// and would give each replica set its own identity (Cilium excludes them by default too).
@@ -58,6 +58,18 @@ pub fn pod_label_set(cluster: &ClusterName, pod: &PodInfo) -> Result<LabelSet, S
     LabelSet::workload(cluster, &pod.namespace, labels).map_err(|e| e.to_string())
 }
 
+/// Port name -> protocol and port. Sources only produce non-zero ports.
+fn port_config(ports: &[PortInfo]) -> PortConfiguration {
+    ports
+        .iter()
+        .filter_map(|p| {
+            L4Addr::new(p.protocol, p.port)
+                .ok()
+                .map(|a| (p.name.clone(), a))
+        })
+        .collect()
+}
+
 impl DesiredState {
     /// Computes the desired state of `cluster` from its objects.
     pub fn compute(cluster: &ClusterName, id: ClusterId, objects: &SourceObjects) -> Self {
@@ -95,15 +107,7 @@ impl DesiredState {
             let (settings, errors) = GlobalServiceConfig::from_annotations(&svc.annotations);
             out.problems
                 .extend(errors.into_iter().map(|e| problem(origin.clone(), e)));
-            let ports: BTreeMap<String, L4Addr> = svc
-                .ports
-                .iter()
-                .filter_map(|p| {
-                    L4Addr::new(p.protocol, p.port)
-                        .ok()
-                        .map(|a| (p.name.clone(), a))
-                })
-                .collect();
+            let ports = port_config(&svc.ports);
             let frontends = svc
                 .cluster_ips
                 .iter()
@@ -112,15 +116,7 @@ impl DesiredState {
             let mut backends = BTreeMap::new();
             let mut backend_conditions = BTreeMap::new();
             for slice in slices_of.get(key).into_iter().flatten() {
-                let slice_ports: BTreeMap<String, L4Addr> = slice
-                    .ports
-                    .iter()
-                    .filter_map(|p| {
-                        L4Addr::new(p.protocol, p.port)
-                            .ok()
-                            .map(|a| (p.name.clone(), a))
-                    })
-                    .collect();
+                let slice_ports = port_config(&slice.ports);
                 for ep in &slice.endpoints {
                     for ip in &ep.addresses {
                         backends.insert(*ip, slice_ports.clone());

@@ -110,6 +110,61 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
+/// A remote cluster to import.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RemoteSection {
+    /// Its name, as it must report it.
+    pub name: ClusterName,
+    /// Its ID, as it must report it.
+    pub id: u32,
+    /// Its Export address, `host:port`.
+    pub address: String,
+    /// Its CA.
+    pub ca: PathBuf,
+    /// Our `remote-<this cluster>` certificate, signed by its CA.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+}
+
+/// The bounded-staleness durations (milliseconds).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StalenessSection {
+    /// Silence after which a remote is unreachable.
+    #[serde(default = "default_unreachable")]
+    pub unreachable_after_millis: u64,
+    /// Unreachability after which its backends are withdrawn.
+    #[serde(default = "default_withdraw")]
+    pub withdraw_after_millis: u64,
+    /// Time back and synced before a withdrawn remote is restored.
+    #[serde(default = "default_restore")]
+    pub restore_after_millis: u64,
+}
+
+impl Default for StalenessSection {
+    fn default() -> Self {
+        Self {
+            unreachable_after_millis: default_unreachable(),
+            withdraw_after_millis: default_withdraw(),
+            restore_after_millis: default_restore(),
+        }
+    }
+}
+
+fn default_unreachable() -> u64 {
+    3000
+}
+
+fn default_withdraw() -> u64 {
+    5000
+}
+
+fn default_restore() -> u64 {
+    10_000
+}
+
 fn default_grace() -> u64 {
     30
 }
@@ -144,6 +199,12 @@ pub struct Config {
     /// Milliseconds a watcher may leave its full buffer unread before it is reset.
     #[serde(default = "default_lag")]
     pub export_lag_timeout_millis: u64,
+    /// Remote clusters to import.
+    #[serde(default)]
+    pub remotes: Vec<RemoteSection>,
+    /// The staleness contract.
+    #[serde(default)]
+    pub staleness: StalenessSection,
 }
 
 fn default_buffer() -> usize {
@@ -194,6 +255,11 @@ impl Config {
         abs(&mut c.tls.ca);
         abs(&mut c.tls.cert);
         abs(&mut c.tls.key);
+        for r in &mut c.remotes {
+            abs(&mut r.ca);
+            abs(&mut r.cert);
+            abs(&mut r.key);
+        }
         match &mut c.store {
             StoreConfig::Sled { path } => abs(path),
             StoreConfig::Etcd { tls: Some(t), .. } => {

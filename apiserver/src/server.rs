@@ -75,6 +75,8 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     /// The store it writes.
     pub store: Arc<dyn KvStore>,
+    /// The sync workers, one per remote.
+    pub remotes: Vec<clustermesh_sync::worker::RemoteWorker>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<Result<(), ServeError>>>,
 }
@@ -83,6 +85,9 @@ impl Running {
     /// Stops every task and waits for them.
     pub async fn stop(self) -> Result<(), ServeError> {
         let _ = self.stop.send(true);
+        for w in self.remotes {
+            w.stop().await;
+        }
         for t in self.tasks {
             match t.await {
                 Ok(r) => r?,
@@ -226,16 +231,57 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         metrics: Arc::clone(&metrics),
     };
     let source_task = tokio::spawn(source.run(stop_rx));
+    let remotes = start_remotes(&config, &store, id)?;
 
-    tracing::info!(%export_addr, %health_addr, "apiserver started");
+    tracing::info!(%export_addr, %health_addr, remotes = remotes.len(), "apiserver started");
     Ok(Running {
         export_addr,
         health_addr,
         metrics,
         store,
+        remotes,
         stop,
         tasks: vec![source_task, grpc_task, health_task],
     })
+}
+
+fn start_remotes(
+    config: &Config,
+    store: &Arc<dyn KvStore>,
+    id: ClusterId,
+) -> Result<Vec<clustermesh_sync::worker::RemoteWorker>, ServeError> {
+    use clustermesh_sync::staleness::StalenessConfig;
+    use clustermesh_sync::worker::{RemoteConfig, RemoteWorker, SyncContext};
+    let st = config.staleness;
+    let ctx = SyncContext {
+        local: config.cluster.name.clone(),
+        local_id: id,
+        mode: config.cluster.max_connected_clusters,
+        store: Arc::clone(store),
+        staleness: StalenessConfig {
+            unreachable_after: Duration::from_millis(st.unreachable_after_millis.max(1)),
+            withdraw_after: Duration::from_millis(st.withdraw_after_millis),
+            restore_after: Duration::from_millis(st.restore_after_millis),
+        },
+        connected_ids: Arc::default(),
+    };
+    let mut workers = Vec::new();
+    for r in &config.remotes {
+        let tls = clustermesh_proto::client::ClientTls {
+            ca_pem: read(&r.ca)?,
+            cert_pem: read(&r.cert)?,
+            key_pem: read(&r.key)?,
+            server_name: clustermesh_proto::client::server_name(r.name.as_str()),
+        };
+        let remote = RemoteConfig {
+            name: r.name.clone(),
+            id: r.id,
+            address: r.address.clone(),
+            tls,
+        };
+        workers.push(RemoteWorker::spawn(ctx.clone(), remote));
+    }
+    Ok(workers)
 }
 
 struct SourceLoop {

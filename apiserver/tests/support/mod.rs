@@ -38,6 +38,17 @@ impl TestCluster {
 
     /// Like [`TestCluster::new`], with extra top-level configuration lines.
     pub fn with_settings(name: &str, id: u32, store: Option<StoreConfig>, extra: &str) -> Self {
+        Self::full(name, id, store, extra, 0)
+    }
+
+    /// Everything: extra configuration lines and a fixed Export port (0: any).
+    pub fn full(
+        name: &str,
+        id: u32,
+        store: Option<StoreConfig>,
+        extra: &str,
+        export_port: u16,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cluster = ClusterName::new(name).unwrap();
         let ca = CertificateAuthority::generate(&cluster).unwrap();
@@ -60,7 +71,7 @@ impl TestCluster {
         };
         let yaml = format!(
             "cluster: {{name: {name}, id: {id}}}\nstore: {store_yaml}\nsource: {{manifestDir: manifests}}\n\
-             listen: {{export: \"127.0.0.1:0\", health: \"127.0.0.1:0\"}}\n\
+             listen: {{export: \"127.0.0.1:{export_port}\", health: \"127.0.0.1:0\"}}\n\
              tls: {{ca: certs/ca.pem, cert: certs/server.pem, key: certs/server-key.pem}}\nheartbeatMillis: 200\nidentityGraceSeconds: 1\n{extra}"
         );
         let path = dir.path().join("apiserver.yaml");
@@ -99,6 +110,33 @@ impl TestCluster {
             .unwrap();
         wait_for(|| running.metrics.is_ready(), "the apiserver to be ready").await;
         running
+    }
+
+    /// Rewrites the config with `extra` lines (e.g. remotes) and reloads it.
+    pub fn reconfigure(&mut self, extra: &str) {
+        let path = self.config_path();
+        let base = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("{base}{extra}")).unwrap();
+        self.config = Config::load(&path).unwrap();
+    }
+
+    /// Mints, with this cluster's CA, the `remote-<peer>` certificate `peer` uses to import
+    /// this cluster, and writes it with this CA into `peer`'s directory; returns the
+    /// `remotes:` entry for `peer`'s config.
+    pub fn remote_entry_for(&self, peer: &TestCluster, address: &str, id: u32) -> String {
+        let dir = peer.dir.path().join(format!("remote-{}", self.name));
+        std::fs::create_dir_all(&dir).unwrap();
+        self.ca.cert().write(&dir, "ca").unwrap();
+        self.ca
+            .client_cert(&ClientIdentity::Remote(peer.name.clone()))
+            .unwrap()
+            .write(&dir, "client")
+            .unwrap();
+        let d = dir.display();
+        format!(
+            "- {{name: {}, id: {id}, address: \"{address}\", ca: {d}/ca.pem, cert: {d}/client.pem, key: {d}/client-key.pem}}\n",
+            self.name
+        )
     }
 
     pub fn client_tls(&self, who: &ClientIdentity) -> ClientTls {

@@ -1,0 +1,233 @@
+//! Sync workers between real apiservers on loopback: A's exportable state appears in B's
+//! cache exactly and follows changes; a dead A is withdrawn and restored with hysteresis; a
+//! remote whose ID disagrees with the configuration is refused.
+
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use clustermesh_kvstore::KvStore;
+use clustermesh_kvstore::testing::free_port;
+use clustermesh_model::cluster::ClusterStatus;
+use clustermesh_model::keys::{CachedObject, Key};
+use support::TestCluster;
+
+const A_MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: prod, annotations: {service.cilium.io/global: "true"}}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: private, namespace: prod}
+spec: {clusterIP: 10.96.0.11, ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: prod, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.1.0.5]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: prod, labels: {app: web}}
+status: {podIP: 10.1.0.5, hostIP: 192.0.2.1}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: a-node}
+status: {addresses: [{type: InternalIP, address: 192.0.2.1}]}
+"#;
+
+/// A's exportable keys, mapped to where B caches them.
+async fn expected_cache(a: &dyn KvStore) -> BTreeSet<String> {
+    let c1 = clustermesh_model::ClusterName::new("c1").unwrap();
+    let mut out = BTreeSet::new();
+    for kv in a.list("cilium/state/").await.unwrap().kvs {
+        let object = match Key::parse(&kv.key) {
+            Ok(Key::Identity { id }) => CachedObject::Identity(id),
+            Ok(Key::IpCache { ip }) => CachedObject::IpCache(ip),
+            Ok(Key::Node { name, .. }) => CachedObject::Node(name),
+            Ok(Key::Service {
+                namespace, name, ..
+            }) => {
+                let s: clustermesh_model::service::ClusterService =
+                    serde_json::from_slice(&kv.value).unwrap();
+                if !(s.include_external && s.shared) {
+                    continue;
+                }
+                CachedObject::Service { namespace, name }
+            }
+            _ => continue,
+        };
+        out.insert(
+            Key::Cached {
+                remote: c1.clone(),
+                object,
+            }
+            .to_string(),
+        );
+    }
+    out
+}
+
+async fn cached(b: &dyn KvStore) -> BTreeSet<String> {
+    b.list("cilium/cache/")
+        .await
+        .unwrap()
+        .kvs
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect()
+}
+
+/// Waits until B's cache equals A's export and holds `key`.
+async fn converge(a: &dyn KvStore, b: &dyn KvStore, key: &str) -> BTreeSet<String> {
+    let mut last = (BTreeSet::new(), BTreeSet::new());
+    for _ in 0..100 {
+        let (want, got) = (expected_cache(a).await, cached(b).await);
+        if want == got && got.contains(key) {
+            return got;
+        }
+        last = (want, got);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "B's cache never equalled A's export:\nwant {:?}\ngot  {:?}",
+        last.0, last.1
+    );
+}
+
+async fn status_of(b: &dyn KvStore) -> Option<ClusterStatus> {
+    b.get("clustermesh/local/cluster-status/c1")
+        .await
+        .unwrap()
+        .map(|kv| serde_json::from_slice(&kv.value).unwrap())
+}
+
+async fn wait_status(b: &dyn KvStore, what: &str, pred: impl Fn(&ClusterStatus) -> bool) {
+    for _ in 0..200 {
+        if status_of(b).await.is_some_and(|s| pred(&s)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("B never saw A as {what}: {:?}", status_of(b).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_imports_a_follows_changes_withdraws_and_restores() {
+    let port = free_port();
+    let a = TestCluster::full("c1", 1, None, "", port);
+    a.write_manifest("a.yaml", A_MANIFESTS);
+    let running_a = a.start().await;
+    let mut b = TestCluster::new("c2", 2, None);
+    let entry = a.remote_entry_for(&b, &format!("127.0.0.1:{port}"), 1);
+    b.reconfigure(&format!("remotes:\n{entry}staleness: {{unreachableAfterMillis: 600, withdrawAfterMillis: 600, restoreAfterMillis: 1500}}\n"));
+    let running_b = b.start().await;
+
+    // A's objects appear in B's cache exactly: identities, ipcache, nodes, global services.
+    let got = converge(
+        running_a.store.as_ref(),
+        running_b.store.as_ref(),
+        "cilium/cache/nodes/v1/c1/a-node",
+    )
+    .await;
+    assert!(got.contains("cilium/cache/services/v1/c1/prod/web"));
+    assert!(
+        !got.contains("cilium/cache/services/v1/c1/prod/private"),
+        "non-global services stay home"
+    );
+    assert!(got.contains("cilium/cache/ip/v1/c1/10.1.0.5"));
+    assert!(got.contains("cilium/cache/nodes/v1/c1/a-node"));
+    wait_status(running_b.store.as_ref(), "ready", |s| {
+        s.connected && s.ready && !s.withdrawn
+    })
+    .await;
+
+    // Changes and deletions propagate; the cache equals the export after every step.
+    a.write_manifest(
+        "a.yaml",
+        &A_MANIFESTS
+            .replace(
+                "[{addresses: [10.1.0.5]}]",
+                "[{addresses: [10.1.0.5]}, {addresses: [10.1.0.7]}]",
+            )
+            .replace("name: a-node", "name: a-node-2"),
+    );
+    let got = converge(
+        running_a.store.as_ref(),
+        running_b.store.as_ref(),
+        "cilium/cache/nodes/v1/c1/a-node-2",
+    )
+    .await;
+    assert!(!got.contains("cilium/cache/nodes/v1/c1/a-node"));
+    let svc = running_b
+        .store
+        .get("cilium/cache/services/v1/c1/prod/web")
+        .await
+        .unwrap()
+        .unwrap();
+    let svc: clustermesh_model::service::ClusterService =
+        serde_json::from_slice(&svc.value).unwrap();
+    assert_eq!(svc.backends.len(), 2);
+
+    // A goes away: B marks it unreachable, then withdrawn; the cache (identities included) stays.
+    let before = cached(running_b.store.as_ref()).await;
+    running_a.stop().await.unwrap();
+    wait_status(running_b.store.as_ref(), "withdrawn", |s| {
+        s.withdrawn && !s.connected
+    })
+    .await;
+    assert_eq!(cached(running_b.store.as_ref()).await, before);
+    assert!(running_b.remotes[0].status.lock().failures >= 1);
+
+    // A comes back on the same address: B resumes, and restores A after restoreAfter.
+    let running_a = a.start().await;
+    wait_status(running_b.store.as_ref(), "restored", |s| {
+        s.connected && s.ready && !s.withdrawn
+    })
+    .await;
+    converge(
+        running_a.store.as_ref(),
+        running_b.store.as_ref(),
+        "cilium/cache/nodes/v1/c1/a-node-2",
+    )
+    .await;
+    let status = running_b.remotes[0].status.lock().clone();
+    assert!(status.rejected.is_empty(), "{:?}", status.rejected);
+    running_b.stop().await.unwrap();
+    running_a.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_with_another_id_is_refused_and_nothing_is_imported() {
+    let a = TestCluster::new("c1", 1, None);
+    a.write_manifest("a.yaml", A_MANIFESTS);
+    let running_a = a.start().await;
+    let mut b = TestCluster::new("c2", 2, None);
+    // B expects c1 to have ID 3.
+    let entry = a.remote_entry_for(&b, &running_a.export_addr.to_string(), 3);
+    b.reconfigure(&format!("remotes:\n{entry}"));
+    let running_b = b.start().await;
+    for _ in 0..100 {
+        if running_b.remotes[0].status.lock().refused.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = running_b.remotes[0].status.lock().clone();
+    let refused = status.refused.unwrap_or_default();
+    assert!(
+        refused.contains("reports ID 1, configured as 3"),
+        "{refused:?}"
+    );
+    assert!(cached(running_b.store.as_ref()).await.is_empty());
+    running_b.stop().await.unwrap();
+    running_a.stop().await.unwrap();
+}

@@ -1,0 +1,14 @@
+//! Sync workers (DESIGN section 6): one per remote cluster, inside the apiserver. Each
+//! connects to the remote's Export service with mTLS, checks its cluster config, imports its
+//! snapshot and changes into the local kvstore under `cilium/cache/<kind>/v1/<remote>/`,
+//! validating every object, resumes after failures, and keeps the bounded-staleness contract.
+//!
+//! - [`validate`]: what a remote may write, and where;
+//! - [`staleness`]: unreachable / withdrawn / restored as a pure state machine;
+//! - [`worker`]: the I/O loop of one remote.
+
+#![forbid(unsafe_code)]
+
+pub mod staleness;
+pub mod validate;
+pub mod worker;

@@ -136,8 +136,68 @@ impl Default for Metrics {
     }
 }
 
-/// The health and metrics routes.
+/// What `/status` reports for each remote cluster.
+pub type RemoteStatuses = Arc<Vec<Arc<parking_lot::Mutex<clustermesh_sync::worker::RemoteStatus>>>>;
+
+#[derive(Clone)]
+struct AppState {
+    metrics: Arc<Metrics>,
+    remotes: RemoteStatuses,
+}
+
+impl axum::extract::FromRef<AppState> for Arc<Metrics> {
+    fn from_ref(s: &AppState) -> Self {
+        Arc::clone(&s.metrics)
+    }
+}
+
+/// Per-remote metrics with Cilium's names, rendered from the workers' statuses.
+fn remote_metrics(remotes: &RemoteStatuses) -> String {
+    let mut out = String::new();
+    let statuses: Vec<_> = remotes.iter().map(|r| r.lock().clone()).collect();
+    out.push_str("# TYPE clustermesh_remote_clusters gauge\n");
+    out.push_str(&format!("clustermesh_remote_clusters {}\n", statuses.len()));
+    out.push_str("# TYPE clustermesh_remote_cluster_readiness_status gauge\n");
+    for s in &statuses {
+        out.push_str(&format!(
+            "clustermesh_remote_cluster_readiness_status{{target_cluster=\"{}\"}} {}\n",
+            s.name,
+            u8::from(s.ready && s.connected)
+        ));
+    }
+    out.push_str("# TYPE clustermesh_remote_cluster_failures counter\n");
+    for s in &statuses {
+        out.push_str(&format!(
+            "clustermesh_remote_cluster_failures_total{{target_cluster=\"{}\"}} {}\n",
+            s.name, s.failures
+        ));
+    }
+    out.push_str("# TYPE clustermesh_remote_cluster_last_message_seconds gauge\n");
+    for s in &statuses {
+        out.push_str(&format!(
+            "clustermesh_remote_cluster_last_message_seconds{{target_cluster=\"{}\"}} {:.3}\n",
+            s.name, s.seconds_since_last_message
+        ));
+    }
+    out.push_str("# TYPE clustermesh_sync_rejected counter\n");
+    for s in &statuses {
+        for (kind_reason, n) in &s.rejected {
+            let (kind, reason) = kind_reason
+                .split_once('/')
+                .unwrap_or((kind_reason.as_str(), ""));
+            out.push_str(&format!("clustermesh_sync_rejected_total{{target_cluster=\"{}\",kind=\"{kind}\",reason=\"{reason}\"}} {n}\n", s.name));
+        }
+    }
+    out
+}
+
+/// The health, status and metrics routes.
 pub fn router(metrics: Arc<Metrics>) -> Router {
+    router_with_remotes(metrics, Arc::default())
+}
+
+/// [`router`] with `/status` and per-remote metrics for the given sync workers.
+pub fn router_with_remotes(metrics: Arc<Metrics>, remotes: RemoteStatuses) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -155,26 +215,42 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
         )
         .route(
             "/metrics",
-            get(|State(m): State<Arc<Metrics>>| async move {
+            get(|State(s): State<AppState>| async move {
+                let mut text = s.metrics.render();
+                // The registry ends with "# EOF"; per-remote series go before it.
+                let eof = text.rfind("# EOF").unwrap_or(text.len());
+                text.insert_str(eof, &remote_metrics(&s.remotes));
                 (
                     [(
                         "content-type",
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     )],
-                    m.render(),
+                    text,
                 )
             }),
         )
-        .with_state(metrics)
+        .route(
+            "/status",
+            get(|State(s): State<AppState>| async move {
+                let statuses: Vec<_> = s.remotes.iter().map(|r| r.lock().clone()).collect();
+                (
+                    [("content-type", "application/json")],
+                    serde_json::json!({ "ready": s.metrics.is_ready(), "remotes": statuses })
+                        .to_string(),
+                )
+            }),
+        )
+        .with_state(AppState { metrics, remotes })
 }
 
-/// Serves [`router`] on `listener` until `shutdown` resolves.
+/// Serves [`router_with_remotes`] on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
+    remotes: RemoteStatuses,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(metrics))
+    axum::serve(listener, router_with_remotes(metrics, remotes))
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -202,10 +202,13 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         .await
         .map_err(ServeError::Grpc)
     });
+    let remotes = start_remotes(&config, &store, id)?;
+    let statuses: metrics::RemoteStatuses =
+        Arc::new(remotes.iter().map(|r| Arc::clone(&r.status)).collect());
     let health_metrics = Arc::clone(&metrics);
     let health_stop = stopped(stop_rx.clone());
     let health_task = tokio::spawn(async move {
-        metrics::serve(health_listener, health_metrics, health_stop)
+        metrics::serve(health_listener, health_metrics, statuses, health_stop)
             .await
             .map_err(ServeError::Health)
     });
@@ -231,8 +234,6 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         metrics: Arc::clone(&metrics),
     };
     let source_task = tokio::spawn(source.run(stop_rx));
-    let remotes = start_remotes(&config, &store, id)?;
-
     tracing::info!(%export_addr, %health_addr, remotes = remotes.len(), "apiserver started");
     Ok(Running {
         export_addr,

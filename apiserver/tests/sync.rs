@@ -186,6 +186,20 @@ async fn b_imports_a_follows_changes_withdraws_and_restores() {
     .await;
     assert_eq!(cached(running_b.store.as_ref()).await, before);
     assert!(running_b.remotes[0].status.lock().failures >= 1);
+    let status = support::http_get(running_b.health_addr, "/status").await;
+    assert!(
+        status.contains("\"withdrawn\":true") && status.contains("\"name\":\"c1\""),
+        "{status}"
+    );
+    let metrics = support::http_get(running_b.health_addr, "/metrics").await;
+    assert!(
+        metrics.contains("clustermesh_remote_clusters 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("clustermesh_remote_cluster_readiness_status{target_cluster=\"c1\"} 0"),
+        "{metrics}"
+    );
 
     // A comes back on the same address: B resumes, and restores A after restoreAfter.
     let running_a = a.start().await;
@@ -201,6 +215,20 @@ async fn b_imports_a_follows_changes_withdraws_and_restores() {
     .await;
     let status = running_b.remotes[0].status.lock().clone();
     assert!(status.rejected.is_empty(), "{:?}", status.rejected);
+    let counts: Vec<(&str, usize)> = status
+        .counts
+        .iter()
+        .map(|(k, v)| (k.as_str(), *v))
+        .collect();
+    assert_eq!(
+        counts,
+        [("identities", 1), ("ip", 1), ("nodes", 1), ("services", 1)]
+    );
+    let metrics = support::http_get(running_b.health_addr, "/metrics").await;
+    assert!(
+        metrics.contains("clustermesh_remote_cluster_readiness_status{target_cluster=\"c1\"} 1"),
+        "{metrics}"
+    );
     running_b.stop().await.unwrap();
     running_a.stop().await.unwrap();
 }

@@ -177,3 +177,15 @@ pub async fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
+
+/// A plain HTTP/1.0 GET against the health server; the whole response.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}

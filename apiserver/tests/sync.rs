@@ -215,6 +215,10 @@ async fn b_imports_a_follows_changes_withdraws_and_restores() {
     .await;
     let status = running_b.remotes[0].status.lock().clone();
     assert!(status.rejected.is_empty(), "{:?}", status.rejected);
+    assert_eq!(
+        status.full_syncs, 1,
+        "B resumed after A's restart instead of taking a new snapshot"
+    );
     let counts: Vec<(&str, usize)> = status
         .counts
         .iter()

@@ -78,6 +78,8 @@ pub struct RemoteStatus {
     pub withdrawn: bool,
     /// Objects rejected, by `kind/reason`.
     pub rejected: BTreeMap<String, u64>,
+    /// Full snapshots applied (1 after the first sync; resumes do not add to it).
+    pub full_syncs: u64,
     /// Why the remote is refused (name, ID or mesh size mismatch), if it is.
     pub refused: Option<String>,
 }
@@ -476,6 +478,7 @@ async fn session(
             Some(Ev::Synced(_)) => {
                 if let Some(stage) = staging.take() {
                     cache.replace(stage).await?;
+                    status.lock().full_syncs += 1;
                 }
                 status.lock().ready = true;
                 staleness.lock().set_synced(true, Instant::now());

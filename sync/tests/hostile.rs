@@ -1,0 +1,236 @@
+//! A hostile remote: a fake Export server with a valid certificate that mixes invalid objects
+//! (an identity outside its range, a service keyed under another cluster, an oversized object,
+//! a garbage IP, a policy) into a valid stream. Each bad object is rejected and counted; the
+//! valid objects of the same stream are imported.
+
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clustermesh_certs::{CertificateAuthority, ClientIdentity};
+use clustermesh_kvstore::KvStore;
+use clustermesh_kvstore::embedded::{SledConfig, SledStore};
+use clustermesh_model::ClusterName;
+use clustermesh_model::cluster::{ClusterId, MaxConnectedClusters};
+use clustermesh_proto::client::{ClientTls, server_name};
+use clustermesh_proto::v1::{self, watch_event::Event as Ev};
+use clustermesh_sync::staleness::StalenessConfig;
+use clustermesh_sync::worker::{RemoteConfig, RemoteWorker, SyncContext};
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+struct Hostile;
+
+fn upsert(object: v1::upsert::Object) -> v1::WatchEvent {
+    v1::WatchEvent {
+        revision: 10,
+        event: Some(Ev::Upsert(v1::Upsert {
+            object: Some(object),
+        })),
+    }
+}
+
+fn ipcache(ip: &str, identity: u32) -> v1::upsert::Object {
+    v1::upsert::Object::Ipcache(v1::IpCacheEntry {
+        cluster: "c2".into(),
+        ip: ip.into(),
+        identity,
+        host_ip: String::new(),
+        namespace: "prod".into(),
+        pod_name: "p".into(),
+        named_ports: vec![],
+    })
+}
+
+#[tonic::async_trait]
+impl v1::export_server::Export for Hostile {
+    async fn get_cluster_config(
+        &self,
+        _: Request<v1::GetClusterConfigRequest>,
+    ) -> Result<Response<v1::ClusterConfig>, Status> {
+        Ok(Response::new(v1::ClusterConfig {
+            name: "c2".into(),
+            id: 2,
+            synced_canaries: true,
+            cached: true,
+            max_connected_clusters: 255,
+        }))
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchEvent, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        _: Request<v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let label = |k: &str, v: &str| v1::Label {
+            source: "k8s".into(),
+            key: k.into(),
+            value: v.into(),
+        };
+        let labels = vec![
+            label("app", "web"),
+            label("io.cilium.k8s.policy.cluster", "c2"),
+            label("io.kubernetes.pod.namespace", "prod"),
+        ];
+        let events = vec![
+            // Valid.
+            upsert(v1::upsert::Object::Identity(v1::Identity {
+                cluster: "c2".into(),
+                id: 131_080,
+                labels: labels.clone(),
+            })),
+            upsert(ipcache("10.2.0.5", 131_080)),
+            // An identity of cluster 1's range.
+            upsert(v1::upsert::Object::Identity(v1::Identity {
+                cluster: "c2".into(),
+                id: 65_600,
+                labels,
+            })),
+            // A service claiming another cluster.
+            upsert(v1::upsert::Object::Service(v1::Service {
+                cluster: "c3".into(),
+                namespace: "prod".into(),
+                name: "web".into(),
+                cluster_id: 3,
+                global: true,
+                shared: true,
+                ..Default::default()
+            })),
+            // Oversized: a node with a megabyte of labels.
+            upsert(v1::upsert::Object::Node(v1::Node {
+                name: "n1".into(),
+                cluster: "c2".into(),
+                cluster_id: 2,
+                addresses: vec![v1::NodeAddress {
+                    r#type: "InternalIP".into(),
+                    ip: "192.0.2.2".into(),
+                }],
+                labels: (0..2000)
+                    .map(|i| (format!("k{i}"), "v".repeat(500)))
+                    .collect(),
+                ..Default::default()
+            })),
+            // A garbage IP.
+            upsert(ipcache("10.2.0.999", 131_080)),
+            // Policies are never imported.
+            upsert(v1::upsert::Object::Policy(v1::NetworkPolicy {
+                cluster: "c2".into(),
+                name: "p".into(),
+                ..Default::default()
+            })),
+            // Valid again, after all of that.
+            upsert(ipcache("10.2.0.6", 131_080)),
+            v1::WatchEvent {
+                revision: 10,
+                event: Some(Ev::Synced(v1::Synced {})),
+            },
+        ];
+        let heartbeats = futures::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Some((
+                Ok(v1::WatchEvent {
+                    revision: 10,
+                    event: Some(Ev::Heartbeat(v1::Heartbeat {})),
+                }),
+                (),
+            ))
+        });
+        Ok(Response::new(Box::pin(futures::StreamExt::chain(
+            futures::stream::iter(events.into_iter().map(Ok)),
+            heartbeats,
+        ))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_objects_are_rejected_and_counted_and_the_rest_is_imported() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let c2 = ClusterName::new("c2").unwrap();
+    let ca = CertificateAuthority::generate(&c2).unwrap();
+    let server = ca.server_cert(&c2, &[]).unwrap();
+    let client = ca
+        .client_cert(&ClientIdentity::Remote(ClusterName::new("c1").unwrap()))
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(
+            &server.cert_pem,
+            &server.key_pem,
+        ))
+        .client_ca_root(tonic::transport::Certificate::from_pem(&ca.cert().cert_pem));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(v1::export_server::ExportServer::new(Hostile))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn KvStore> =
+        Arc::new(SledStore::open(&SledConfig::new(dir.path().join("s"))).unwrap());
+    let ctx = SyncContext {
+        local: ClusterName::new("c1").unwrap(),
+        local_id: ClusterId::new(1, MaxConnectedClusters::C255).unwrap(),
+        mode: MaxConnectedClusters::C255,
+        store: Arc::clone(&store),
+        staleness: StalenessConfig::default(),
+        connected_ids: Arc::default(),
+    };
+    let remote = RemoteConfig {
+        name: c2.clone(),
+        id: 2,
+        address: addr.to_string(),
+        tls: ClientTls {
+            ca_pem: ca.cert().cert_pem.clone(),
+            cert_pem: client.cert_pem,
+            key_pem: client.key_pem,
+            server_name: server_name("c2"),
+        },
+    };
+    let worker = RemoteWorker::spawn(ctx, remote);
+    for _ in 0..200 {
+        if worker.status.lock().ready {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = worker.status.lock().clone();
+    assert!(status.ready, "{status:?}");
+    let rejected: Vec<(&str, u64)> = status
+        .rejected
+        .iter()
+        .map(|(k, v)| (k.as_str(), *v))
+        .collect();
+    assert_eq!(
+        rejected,
+        [
+            ("identities/identity-out-of-range", 1),
+            ("nodes/oversized", 1),
+            ("other/kind-not-importable", 1),
+            ("other/malformed", 1),
+            ("services/invalid", 1),
+        ]
+    );
+    let keys: Vec<String> = store
+        .list("cilium/cache/")
+        .await
+        .unwrap()
+        .kvs
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "cilium/cache/identities/v1/c2/id/131080",
+            "cilium/cache/ip/v1/c2/10.2.0.5",
+            "cilium/cache/ip/v1/c2/10.2.0.6"
+        ]
+    );
+    worker.stop().await;
+}

@@ -263,3 +263,79 @@ async fn a_remote_with_another_id_is_refused_and_nothing_is_imported() {
     running_b.stop().await.unwrap();
     running_a.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_clusters_one_on_etcd_import_each_other() {
+    use clustermesh_apiserver::config::StoreConfig;
+    let etcd = clustermesh_kvstore::testing::EtcdServer::start().await;
+    let ports = [free_port(), free_port(), free_port()];
+    let stores = [
+        None,
+        Some(StoreConfig::Etcd {
+            endpoints: vec![etcd.endpoint()],
+            tls: None,
+        }),
+        None,
+    ];
+    let mut clusters: Vec<TestCluster> = (0..3)
+        .map(|i| {
+            TestCluster::full(
+                &format!("c{}", i + 1),
+                u32::try_from(i + 1).unwrap(),
+                stores[i].clone(),
+                "",
+                ports[i],
+            )
+        })
+        .collect();
+    for (i, c) in clusters.iter().enumerate() {
+        c.write_manifest(
+            "a.yaml",
+            &A_MANIFESTS
+                .replace("a-node", &format!("node-{}", i + 1))
+                .replace("10.1.0.5", &format!("10.{}.0.5", i + 1)),
+        );
+    }
+    // Full mesh: every cluster imports the two others.
+    for i in 0..3 {
+        let mut entries = String::from("remotes:\n");
+        for j in (0..3).filter(|j| *j != i) {
+            entries.push_str(&clusters[j].remote_entry_for(
+                &clusters[i],
+                &format!("127.0.0.1:{}", ports[j]),
+                u32::try_from(j + 1).unwrap(),
+            ));
+        }
+        clusters[i].reconfigure(&entries);
+    }
+    let mut running = Vec::new();
+    for c in &clusters {
+        running.push(c.start().await);
+    }
+    for i in 0..3 {
+        for j in (0..3).filter(|j| *j != i) {
+            let key = format!("cilium/cache/nodes/v1/c{}/node-{}", j + 1, j + 1);
+            let mut found = false;
+            for _ in 0..100 {
+                if running[i].store.get(&key).await.unwrap().is_some() {
+                    found = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(found, "c{} never imported {key}", i + 1);
+            let ip = format!("cilium/cache/ip/v1/c{}/10.{}.0.5", j + 1, j + 1);
+            assert!(
+                running[i].store.get(&ip).await.unwrap().is_some(),
+                "c{} lacks {ip}",
+                i + 1
+            );
+        }
+        // Nothing of a cluster is cached in itself.
+        let own = format!("cilium/cache/nodes/v1/c{}/", i + 1);
+        assert!(running[i].store.list(&own).await.unwrap().kvs.is_empty());
+    }
+    for r in running {
+        r.stop().await.unwrap();
+    }
+}

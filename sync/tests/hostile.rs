@@ -234,3 +234,136 @@ async fn invalid_objects_are_rejected_and_counted_and_the_rest_is_imported() {
     );
     worker.stop().await;
 }
+
+/// A remote that sends a valid snapshot, then nothing at all (no heartbeats) while keeping the
+/// connection open: a partitioned or hung peer.
+struct Silent;
+
+#[tonic::async_trait]
+impl v1::export_server::Export for Silent {
+    async fn get_cluster_config(
+        &self,
+        r: Request<v1::GetClusterConfigRequest>,
+    ) -> Result<Response<v1::ClusterConfig>, Status> {
+        Hostile.get_cluster_config(r).await
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchEvent, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        _: Request<v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let events = vec![
+            upsert(ipcache("10.2.0.5", 131_080)),
+            v1::WatchEvent {
+                revision: 10,
+                event: Some(Ev::Synced(v1::Synced {})),
+            },
+        ];
+        Ok(Response::new(Box::pin(futures::StreamExt::chain(
+            futures::stream::iter(events.into_iter().map(Ok)),
+            futures::stream::pending(),
+        ))))
+    }
+}
+
+async fn serve<S: v1::export_server::Export>(
+    service: S,
+    ca: &CertificateAuthority,
+) -> std::net::SocketAddr {
+    let c2 = ClusterName::new("c2").unwrap();
+    let server = ca.server_cert(&c2, &[]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(
+            &server.cert_pem,
+            &server.key_pem,
+        ))
+        .client_ca_root(tonic::transport::Certificate::from_pem(&ca.cert().cert_pem));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(v1::export_server::ExportServer::new(service))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_remote_is_withdrawn_but_its_identities_stay() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let c2 = ClusterName::new("c2").unwrap();
+    let ca = CertificateAuthority::generate(&c2).unwrap();
+    let addr = serve(Silent, &ca).await;
+    let client = ca
+        .client_cert(&ClientIdentity::Remote(ClusterName::new("c1").unwrap()))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn KvStore> =
+        Arc::new(SledStore::open(&SledConfig::new(dir.path().join("s"))).unwrap());
+    let staleness = StalenessConfig {
+        unreachable_after: Duration::from_millis(300),
+        withdraw_after: Duration::from_millis(300),
+        restore_after: Duration::from_secs(60),
+    };
+    let ctx = SyncContext {
+        local: ClusterName::new("c1").unwrap(),
+        local_id: ClusterId::new(1, MaxConnectedClusters::C255).unwrap(),
+        mode: MaxConnectedClusters::C255,
+        store: Arc::clone(&store),
+        staleness,
+        connected_ids: Arc::default(),
+    };
+    let remote = RemoteConfig {
+        name: c2.clone(),
+        id: 2,
+        address: addr.to_string(),
+        tls: ClientTls {
+            ca_pem: ca.cert().cert_pem.clone(),
+            cert_pem: client.cert_pem,
+            key_pem: client.key_pem,
+            server_name: server_name("c2"),
+        },
+    };
+    let started = tokio::time::Instant::now();
+    let worker = RemoteWorker::spawn(ctx, remote);
+    let mut withdrawn_after = None;
+    for _ in 0..100 {
+        if worker.status.lock().withdrawn {
+            withdrawn_after = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        withdrawn_after.is_some(),
+        "a silent remote was never withdrawn: {:?}",
+        worker.status.lock()
+    );
+    let status: clustermesh_model::cluster::ClusterStatus = serde_json::from_slice(
+        &store
+            .get("clustermesh/local/cluster-status/c2")
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+    )
+    .unwrap();
+    assert!(status.withdrawn);
+    assert!(
+        store
+            .get("cilium/cache/ip/v1/c2/10.2.0.5")
+            .await
+            .unwrap()
+            .is_some(),
+        "withdrawing keeps the remote's state"
+    );
+    assert!(
+        worker.status.lock().failures >= 1,
+        "the silent session was ended"
+    );
+    worker.stop().await;
+}

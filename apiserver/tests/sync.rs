@@ -312,12 +312,12 @@ async fn three_clusters_one_on_etcd_import_each_other() {
     for c in &clusters {
         running.push(c.start().await);
     }
-    for i in 0..3 {
+    for (i, r) in running.iter().enumerate() {
         for j in (0..3).filter(|j| *j != i) {
             let key = format!("cilium/cache/nodes/v1/c{}/node-{}", j + 1, j + 1);
             let mut found = false;
             for _ in 0..100 {
-                if running[i].store.get(&key).await.unwrap().is_some() {
+                if r.store.get(&key).await.unwrap().is_some() {
                     found = true;
                     break;
                 }
@@ -326,14 +326,14 @@ async fn three_clusters_one_on_etcd_import_each_other() {
             assert!(found, "c{} never imported {key}", i + 1);
             let ip = format!("cilium/cache/ip/v1/c{}/10.{}.0.5", j + 1, j + 1);
             assert!(
-                running[i].store.get(&ip).await.unwrap().is_some(),
+                r.store.get(&ip).await.unwrap().is_some(),
                 "c{} lacks {ip}",
                 i + 1
             );
         }
         // Nothing of a cluster is cached in itself.
         let own = format!("cilium/cache/nodes/v1/c{}/", i + 1);
-        assert!(running[i].store.list(&own).await.unwrap().kvs.is_empty());
+        assert!(r.store.list(&own).await.unwrap().kvs.is_empty());
     }
     for r in running {
         r.stop().await.unwrap();

@@ -338,10 +338,10 @@ async fn a_silent_remote_is_withdrawn_but_its_identities_stay() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let status = worker.status.lock().clone();
     assert!(
         withdrawn_after.is_some(),
-        "a silent remote was never withdrawn: {:?}",
-        worker.status.lock()
+        "a silent remote was never withdrawn: {status:?}"
     );
     let status: clustermesh_model::cluster::ClusterStatus = serde_json::from_slice(
         &store
@@ -365,5 +365,131 @@ async fn a_silent_remote_is_withdrawn_but_its_identities_stay() {
         worker.status.lock().failures >= 1,
         "the silent session was ended"
     );
+    worker.stop().await;
+}
+
+/// A remote whose history is compacted while the worker is away: the first stream ends after
+/// its snapshot; the resumed stream answers `Reset` and a smaller snapshot.
+struct Compacted {
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+#[tonic::async_trait]
+impl v1::export_server::Export for Compacted {
+    async fn get_cluster_config(
+        &self,
+        r: Request<v1::GetClusterConfigRequest>,
+    ) -> Result<Response<v1::ClusterConfig>, Status> {
+        Hostile.get_cluster_config(r).await
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchEvent, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        req: Request<v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let synced = v1::WatchEvent {
+            revision: 20,
+            event: Some(Ev::Synced(v1::Synced {})),
+        };
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if call == 0 {
+            if req.get_ref().since_revision != 0 {
+                return Err(Status::invalid_argument(
+                    "the first watch must start from scratch",
+                ));
+            }
+            let events = vec![
+                Ok(upsert(ipcache("10.2.0.5", 131_080))),
+                Ok(upsert(ipcache("10.2.0.6", 131_080))),
+                Ok(synced),
+            ];
+            let end = futures::stream::once(async { Err(Status::unavailable("going away")) });
+            return Ok(Response::new(Box::pin(futures::StreamExt::chain(
+                futures::stream::iter(events),
+                end,
+            ))));
+        }
+        // The worker resumes from the snapshot's revision (what Synced carried).
+        if req.get_ref().since_revision != 20 {
+            return Err(Status::invalid_argument(format!(
+                "resumed from {}, not 20",
+                req.get_ref().since_revision
+            )));
+        }
+        let reset = v1::WatchEvent {
+            revision: 30,
+            event: Some(Ev::Reset(v1::Reset {
+                reason: "compacted".into(),
+            })),
+        };
+        let events = vec![
+            Ok(reset),
+            Ok(upsert(ipcache("10.2.0.5", 131_080))),
+            Ok(synced),
+        ];
+        Ok(Response::new(Box::pin(futures::StreamExt::chain(
+            futures::stream::iter(events),
+            futures::stream::pending(),
+        ))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_reset_the_cache_converges_and_stale_keys_go() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let c2 = ClusterName::new("c2").unwrap();
+    let ca = CertificateAuthority::generate(&c2).unwrap();
+    let addr = serve(
+        Compacted {
+            calls: Default::default(),
+        },
+        &ca,
+    )
+    .await;
+    let client = ca
+        .client_cert(&ClientIdentity::Remote(ClusterName::new("c1").unwrap()))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn KvStore> =
+        Arc::new(SledStore::open(&SledConfig::new(dir.path().join("s"))).unwrap());
+    let ctx = SyncContext {
+        local: ClusterName::new("c1").unwrap(),
+        local_id: ClusterId::new(1, MaxConnectedClusters::C255).unwrap(),
+        mode: MaxConnectedClusters::C255,
+        store: Arc::clone(&store),
+        staleness: StalenessConfig::default(),
+        connected_ids: Arc::default(),
+    };
+    let remote = RemoteConfig {
+        name: c2,
+        id: 2,
+        address: addr.to_string(),
+        tls: ClientTls {
+            ca_pem: ca.cert().cert_pem.clone(),
+            cert_pem: client.cert_pem,
+            key_pem: client.key_pem,
+            server_name: server_name("c2"),
+        },
+    };
+    let worker = RemoteWorker::spawn(ctx, remote);
+    for _ in 0..200 {
+        if worker.status.lock().full_syncs == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = worker.status.lock().clone();
+    assert_eq!(status.full_syncs, 2, "{status:?}");
+    let keys: Vec<String> = store
+        .list("cilium/cache/")
+        .await
+        .unwrap()
+        .kvs
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
+    assert_eq!(keys, ["cilium/cache/ip/v1/c2/10.2.0.5"]);
     worker.stop().await;
 }

@@ -165,6 +165,10 @@ fn default_restore() -> u64 {
     10_000
 }
 
+fn default_drain() -> u64 {
+    30
+}
+
 fn default_grace() -> u64 {
     30
 }
@@ -202,6 +206,13 @@ pub struct Config {
     /// Remote clusters to import.
     #[serde(default)]
     pub remotes: Vec<RemoteSection>,
+    /// A directory with one YAML file per remote (the fields of a `remotes` entry), re-read
+    /// every second: remotes come and go without a restart.
+    #[serde(default)]
+    pub remotes_dir: Option<PathBuf>,
+    /// Seconds a removed remote's cached state is kept before it is deleted.
+    #[serde(default = "default_drain")]
+    pub remote_drain_grace_seconds: u64,
     /// The staleness contract.
     #[serde(default)]
     pub staleness: StalenessSection,
@@ -255,6 +266,9 @@ impl Config {
         abs(&mut c.tls.ca);
         abs(&mut c.tls.cert);
         abs(&mut c.tls.key);
+        if let Some(d) = &mut c.remotes_dir {
+            abs(d);
+        }
         for r in &mut c.remotes {
             abs(&mut r.ca);
             abs(&mut r.cert);

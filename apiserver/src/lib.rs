@@ -18,6 +18,7 @@ pub mod desired;
 pub mod export;
 pub mod identity;
 pub mod metrics;
+pub mod remotes;
 pub mod server;
 pub mod source;
 pub mod writer;

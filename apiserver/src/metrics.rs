@@ -137,7 +137,8 @@ impl Default for Metrics {
 }
 
 /// What `/status` reports for each remote cluster.
-pub type RemoteStatuses = Arc<Vec<Arc<parking_lot::Mutex<clustermesh_sync::worker::RemoteStatus>>>>;
+pub type RemoteStatuses =
+    Arc<dyn Fn() -> Vec<clustermesh_sync::worker::RemoteStatus> + Send + Sync>;
 
 #[derive(Clone)]
 struct AppState {
@@ -154,7 +155,7 @@ impl axum::extract::FromRef<AppState> for Arc<Metrics> {
 /// Per-remote metrics with Cilium's names, rendered from the workers' statuses.
 fn remote_metrics(remotes: &RemoteStatuses) -> String {
     let mut out = String::new();
-    let statuses: Vec<_> = remotes.iter().map(|r| r.lock().clone()).collect();
+    let statuses = remotes();
     out.push_str("# TYPE clustermesh_remote_clusters gauge\n");
     out.push_str(&format!("clustermesh_remote_clusters {}\n", statuses.len()));
     out.push_str("# TYPE clustermesh_remote_cluster_readiness_status gauge\n");
@@ -193,7 +194,7 @@ fn remote_metrics(remotes: &RemoteStatuses) -> String {
 
 /// The health, status and metrics routes.
 pub fn router(metrics: Arc<Metrics>) -> Router {
-    router_with_remotes(metrics, Arc::default())
+    router_with_remotes(metrics, Arc::new(Vec::new))
 }
 
 /// [`router`] with `/status` and per-remote metrics for the given sync workers.
@@ -232,7 +233,7 @@ pub fn router_with_remotes(metrics: Arc<Metrics>, remotes: RemoteStatuses) -> Ro
         .route(
             "/status",
             get(|State(s): State<AppState>| async move {
-                let statuses: Vec<_> = s.remotes.iter().map(|r| r.lock().clone()).collect();
+                let statuses = (s.remotes)();
                 (
                     [("content-type", "application/json")],
                     serde_json::json!({ "ready": s.metrics.is_ready(), "remotes": statuses })

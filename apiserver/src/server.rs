@@ -21,6 +21,7 @@ use crate::desired::DesiredState;
 use crate::export::{ExportService, ExportSettings};
 use crate::identity::IdentityAllocator;
 use crate::metrics::{self, Metrics};
+use crate::remotes::RemoteSet;
 use crate::source::manifest;
 use crate::writer::{self, StateWriter};
 
@@ -60,6 +61,9 @@ pub enum ServeError {
     /// The cluster ID does not fit the mesh size.
     #[error("invalid cluster ID")]
     Cluster(#[from] clustermesh_model::cluster::ClusterError),
+    /// The remote clusters could not be set up.
+    #[error("configuring the remote clusters failed: {0}")]
+    Remotes(String),
     /// Writing the cluster config failed.
     #[error("writing the cluster config failed")]
     Write(#[from] writer::WriteError),
@@ -76,7 +80,7 @@ pub struct Running {
     /// The store it writes.
     pub store: Arc<dyn KvStore>,
     /// The sync workers, one per remote.
-    pub remotes: Vec<clustermesh_sync::worker::RemoteWorker>,
+    pub remotes: Arc<RemoteSet>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<Result<(), ServeError>>>,
 }
@@ -85,9 +89,7 @@ impl Running {
     /// Stops every task and waits for them.
     pub async fn stop(self) -> Result<(), ServeError> {
         let _ = self.stop.send(true);
-        for w in self.remotes {
-            w.stop().await;
-        }
+        self.remotes.stop_all().await;
         for t in self.tasks {
             match t.await {
                 Ok(r) => r?,
@@ -202,9 +204,9 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         .await
         .map_err(ServeError::Grpc)
     });
-    let remotes = start_remotes(&config, &store, id)?;
-    let statuses: metrics::RemoteStatuses =
-        Arc::new(remotes.iter().map(|r| Arc::clone(&r.status)).collect());
+    let remotes = start_remotes(&config, &store, id).await?;
+    let status_source = Arc::clone(&remotes);
+    let statuses: metrics::RemoteStatuses = Arc::new(move || status_source.statuses());
     let health_metrics = Arc::clone(&metrics);
     let health_stop = stopped(stop_rx.clone());
     let health_task = tokio::spawn(async move {
@@ -233,8 +235,13 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         allocator,
         metrics: Arc::clone(&metrics),
     };
-    let source_task = tokio::spawn(source.run(stop_rx));
-    tracing::info!(%export_addr, %health_addr, remotes = remotes.len(), "apiserver started");
+    let source_task = tokio::spawn(source.run(stop_rx.clone()));
+    let supervisor_task = tokio::spawn(supervise_remotes(
+        config.clone(),
+        Arc::clone(&remotes),
+        stop_rx,
+    ));
+    tracing::info!(%export_addr, %health_addr, remotes = remotes.statuses().len(), "apiserver started");
     Ok(Running {
         export_addr,
         health_addr,
@@ -242,17 +249,26 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         store,
         remotes,
         stop,
-        tasks: vec![source_task, grpc_task, health_task],
+        tasks: vec![source_task, grpc_task, health_task, supervisor_task],
     })
 }
 
-fn start_remotes(
+/// The remotes wanted now: the config file's plus the remotes directory's.
+fn wanted_remotes(config: &Config) -> Result<Vec<crate::config::RemoteSection>, String> {
+    let mut wanted = config.remotes.clone();
+    if let Some(dir) = &config.remotes_dir {
+        wanted.extend(crate::remotes::read_remotes_dir(dir)?);
+    }
+    Ok(wanted)
+}
+
+async fn start_remotes(
     config: &Config,
     store: &Arc<dyn KvStore>,
     id: ClusterId,
-) -> Result<Vec<clustermesh_sync::worker::RemoteWorker>, ServeError> {
+) -> Result<Arc<RemoteSet>, ServeError> {
     use clustermesh_sync::staleness::StalenessConfig;
-    use clustermesh_sync::worker::{RemoteConfig, RemoteWorker, SyncContext};
+    use clustermesh_sync::worker::SyncContext;
     let st = config.staleness;
     let ctx = SyncContext {
         local: config.cluster.name.clone(),
@@ -266,23 +282,41 @@ fn start_remotes(
         },
         connected_ids: Arc::default(),
     };
-    let mut workers = Vec::new();
-    for r in &config.remotes {
-        let tls = clustermesh_proto::client::ClientTls {
-            ca_pem: read(&r.ca)?,
-            cert_pem: read(&r.cert)?,
-            key_pem: read(&r.key)?,
-            server_name: clustermesh_proto::client::server_name(r.name.as_str()),
+    let set = RemoteSet::new(ctx, Duration::from_secs(config.remote_drain_grace_seconds));
+    let wanted = wanted_remotes(config).map_err(ServeError::Remotes)?;
+    set.apply(&wanted).await.map_err(ServeError::Remotes)?;
+    Ok(set)
+}
+
+/// Re-reads the remotes directory every second and applies changes.
+async fn supervise_remotes(
+    config: Config,
+    set: Arc<RemoteSet>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ServeError> {
+    let mut last_error = None;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+        if config.remotes_dir.is_none() {
+            continue;
+        }
+        let result = match wanted_remotes(&config) {
+            Ok(wanted) => set.apply(&wanted).await,
+            Err(e) => Err(e),
         };
-        let remote = RemoteConfig {
-            name: r.name.clone(),
-            id: r.id,
-            address: r.address.clone(),
-            tls,
-        };
-        workers.push(RemoteWorker::spawn(ctx.clone(), remote));
+        match result {
+            Ok(()) => last_error = None,
+            Err(e) => {
+                if last_error.as_ref() != Some(&e) {
+                    tracing::warn!(error = %e, "the remotes directory cannot be applied; keeping the running remotes");
+                }
+                last_error = Some(e);
+            }
+        }
     }
-    Ok(workers)
 }
 
 struct SourceLoop {

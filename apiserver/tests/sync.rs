@@ -185,7 +185,7 @@ async fn b_imports_a_follows_changes_withdraws_and_restores() {
     })
     .await;
     assert_eq!(cached(running_b.store.as_ref()).await, before);
-    assert!(running_b.remotes[0].status.lock().failures >= 1);
+    assert!(running_b.remotes.status("c1").unwrap().failures >= 1);
     let status = support::http_get(running_b.health_addr, "/status").await;
     assert!(
         status.contains("\"withdrawn\":true") && status.contains("\"name\":\"c1\""),
@@ -213,7 +213,7 @@ async fn b_imports_a_follows_changes_withdraws_and_restores() {
         "cilium/cache/nodes/v1/c1/a-node-2",
     )
     .await;
-    let status = running_b.remotes[0].status.lock().clone();
+    let status = running_b.remotes.status("c1").unwrap();
     assert!(status.rejected.is_empty(), "{:?}", status.rejected);
     assert_eq!(
         status.full_syncs, 1,
@@ -248,12 +248,12 @@ async fn a_remote_with_another_id_is_refused_and_nothing_is_imported() {
     b.reconfigure(&format!("remotes:\n{entry}"));
     let running_b = b.start().await;
     for _ in 0..100 {
-        if running_b.remotes[0].status.lock().refused.is_some() {
+        if running_b.remotes.status("c1").unwrap().refused.is_some() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let status = running_b.remotes[0].status.lock().clone();
+    let status = running_b.remotes.status("c1").unwrap();
     let refused = status.refused.unwrap_or_default();
     assert!(
         refused.contains("reports ID 1, configured as 3"),
@@ -338,4 +338,61 @@ async fn three_clusters_one_on_etcd_import_each_other() {
     for r in running {
         r.stop().await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remotes_come_and_go_through_the_remotes_directory_without_a_restart() {
+    let a = TestCluster::new("c1", 1, None);
+    a.write_manifest("a.yaml", A_MANIFESTS);
+    let running_a = a.start().await;
+    let mut b = TestCluster::new("c2", 2, None);
+    b.reconfigure("remotesDir: remotes\nremoteDrainGraceSeconds: 1\n");
+    let remotes_dir = b.dir.path().join("remotes");
+    std::fs::create_dir_all(&remotes_dir).unwrap();
+    let running_b = b.start().await;
+    assert!(running_b.remotes.statuses().is_empty());
+
+    // Adding a file adds the remote.
+    let entry = a.remote_entry_for(&b, &running_a.export_addr.to_string(), 1);
+    let yaml = entry
+        .trim_start_matches("- ")
+        .trim()
+        .trim_start_matches('{')
+        .trim_end_matches('}')
+        .replace(", ", "\n")
+        .replace(": ", ": ");
+    std::fs::write(remotes_dir.join("c1.yaml"), format!("{yaml}\n")).unwrap();
+    converge(
+        running_a.store.as_ref(),
+        running_b.store.as_ref(),
+        "cilium/cache/nodes/v1/c1/a-node",
+    )
+    .await;
+
+    // A broken file changes nothing: the running remote keeps going.
+    std::fs::write(remotes_dir.join("broken.yaml"), "name: [\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(running_b.remotes.status("c1").is_some());
+    std::fs::remove_file(remotes_dir.join("broken.yaml")).unwrap();
+
+    // Removing the file stops the worker and, after the drain grace, deletes the cache.
+    std::fs::remove_file(remotes_dir.join("c1.yaml")).unwrap();
+    let mut gone = false;
+    for _ in 0..100 {
+        if running_b.remotes.status("c1").is_none()
+            && cached(running_b.store.as_ref()).await.is_empty()
+        {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        gone,
+        "the removed remote's cache is still there: {:?}",
+        cached(running_b.store.as_ref()).await
+    );
+    assert!(status_of(running_b.store.as_ref()).await.is_none());
+    running_b.stop().await.unwrap();
+    running_a.stop().await.unwrap();
 }

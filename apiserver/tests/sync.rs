@@ -359,8 +359,7 @@ async fn remotes_come_and_go_through_the_remotes_directory_without_a_restart() {
         .trim()
         .trim_start_matches('{')
         .trim_end_matches('}')
-        .replace(", ", "\n")
-        .replace(": ", ": ");
+        .replace(", ", "\n");
     std::fs::write(remotes_dir.join("c1.yaml"), format!("{yaml}\n")).unwrap();
     converge(
         running_a.store.as_ref(),

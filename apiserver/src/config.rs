@@ -141,6 +141,14 @@ pub struct StalenessSection {
     /// Time back and synced before a withdrawn remote is restored.
     #[serde(default = "default_restore")]
     pub restore_after_millis: u64,
+    /// The panic threshold: keep a withdrawn cluster's backends when they are a global
+    /// service's last ones (true), or withdraw them anyway (false).
+    #[serde(default = "default_keep_last")]
+    pub keep_last_backends: bool,
+}
+
+fn default_keep_last() -> bool {
+    true
 }
 
 impl Default for StalenessSection {
@@ -149,6 +157,7 @@ impl Default for StalenessSection {
             unreachable_after_millis: default_unreachable(),
             withdraw_after_millis: default_withdraw(),
             restore_after_millis: default_restore(),
+            keep_last_backends: default_keep_last(),
         }
     }
 }

@@ -281,6 +281,7 @@ async fn start_remotes(
             restore_after: Duration::from_millis(st.restore_after_millis),
         },
         connected_ids: Arc::default(),
+        keep_last_backends: st.keep_last_backends,
     };
     let set = RemoteSet::new(ctx, Duration::from_secs(config.remote_drain_grace_seconds));
     let wanted = wanted_remotes(config).map_err(ServeError::Remotes)?;

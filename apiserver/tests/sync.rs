@@ -128,7 +128,7 @@ async fn b_imports_a_follows_changes_withdraws_and_restores() {
     let running_a = a.start().await;
     let mut b = TestCluster::new("c2", 2, None);
     let entry = a.remote_entry_for(&b, &format!("127.0.0.1:{port}"), 1);
-    b.reconfigure(&format!("remotes:\n{entry}staleness: {{unreachableAfterMillis: 600, withdrawAfterMillis: 600, restoreAfterMillis: 1500}}\n"));
+    b.reconfigure(&format!("remotes:\n{entry}staleness: {{unreachableAfterMillis: 600, withdrawAfterMillis: 600, restoreAfterMillis: 1500, keepLastBackends: false}}\n"));
     let running_b = b.start().await;
 
     // A's objects appear in B's cache exactly: identities, ipcache, nodes, global services.
@@ -149,6 +149,11 @@ async fn b_imports_a_follows_changes_withdraws_and_restores() {
         s.connected && s.ready && !s.withdrawn
     })
     .await;
+    let published = status_of(running_b.store.as_ref()).await.unwrap();
+    assert!(
+        !published.keep_last_backends,
+        "the configured panic threshold is published"
+    );
 
     // Changes and deletions propagate; the cache equals the export after every step.
     a.write_manifest(

@@ -256,6 +256,14 @@ pub struct ClusterStatus {
     pub ready: bool,
     /// Its backends are withdrawn from global services.
     pub withdrawn: bool,
+    /// The panic threshold: when withdrawing would leave a global service with no backend at
+    /// all, agents keep this cluster's backends instead (default true).
+    #[serde(default = "keep_last_backends_default", rename = "keepLastBackends")]
+    pub keep_last_backends: bool,
+}
+
+fn keep_last_backends_default() -> bool {
+    true
 }
 
 #[cfg(test)]

@@ -328,6 +328,7 @@ impl From<&Object> for v1::Upsert {
                 connected: s.connected,
                 ready: s.ready,
                 withdrawn: s.withdrawn,
+                keep_last_backends: s.keep_last_backends,
             }),
         };
         Self {
@@ -610,6 +611,7 @@ impl TryFrom<&v1::Upsert> for Object {
                 connected: s.connected,
                 ready: s.ready,
                 withdrawn: s.withdrawn,
+                keep_last_backends: s.keep_last_backends,
             }),
         })
     }

@@ -52,6 +52,9 @@ pub struct SyncContext {
     pub staleness: StalenessConfig,
     /// Remote IDs currently connected, to refuse collisions.
     pub connected_ids: Arc<Mutex<BTreeMap<u16, ClusterName>>>,
+    /// The panic threshold published with each remote's status: agents keep a withdrawn
+    /// cluster's backends when they are a global service's last ones.
+    pub keep_last_backends: bool,
 }
 
 /// What `clustermesh status` shows for a remote.
@@ -234,6 +237,7 @@ async fn publish(ctx: &SyncContext, remote: &ClusterName, status: &RemoteStatus)
         connected: status.connected,
         ready: status.ready,
         withdrawn: status.withdrawn,
+        keep_last_backends: ctx.keep_last_backends,
     };
     let key = Key::ClusterStatus {
         cluster: remote.clone(),

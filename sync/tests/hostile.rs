@@ -180,6 +180,7 @@ async fn invalid_objects_are_rejected_and_counted_and_the_rest_is_imported() {
         store: Arc::clone(&store),
         staleness: StalenessConfig::default(),
         connected_ids: Arc::default(),
+        keep_last_backends: true,
     };
     let remote = RemoteConfig {
         name: c2.clone(),
@@ -316,6 +317,7 @@ async fn a_silent_remote_is_withdrawn_but_its_identities_stay() {
         store: Arc::clone(&store),
         staleness,
         connected_ids: Arc::default(),
+        keep_last_backends: true,
     };
     let remote = RemoteConfig {
         name: c2.clone(),
@@ -461,6 +463,7 @@ async fn after_a_reset_the_cache_converges_and_stale_keys_go() {
         store: Arc::clone(&store),
         staleness: StalenessConfig::default(),
         connected_ids: Arc::default(),
+        keep_last_backends: true,
     };
     let remote = RemoteConfig {
         name: c2,

@@ -91,6 +91,7 @@ fn every_object_kind_round_trips() {
             connected: true,
             ready: false,
             withdrawn: true,
+            keep_last_backends: false,
         }),
     ];
     for o in &objects {

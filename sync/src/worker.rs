@@ -442,8 +442,10 @@ async fn session(
         staleness.lock().set_synced(true, Instant::now());
     }
     let mut staging: Option<BTreeMap<String, Vec<u8>>> = (!resume).then(BTreeMap::new);
-    // A stream that carries nothing, not even heartbeats, for this long is dead.
-    let silence = ctx.staleness.unreachable_after;
+    // A stream that carries nothing, not even heartbeats, until the remote would be withdrawn
+    // is dead: end it and reconnect. (Unreachability itself is the staleness machine's call,
+    // made from the time of the last message, not from this timeout.)
+    let silence = ctx.staleness.unreachable_after + ctx.staleness.withdraw_after;
     loop {
         let message = tokio::time::timeout(silence, stream.message())
             .await

@@ -147,53 +147,7 @@ impl v1::export_server::Export for Hostile {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_objects_are_rejected_and_counted_and_the_rest_is_imported() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let c2 = ClusterName::new("c2").unwrap();
-    let ca = CertificateAuthority::generate(&c2).unwrap();
-    let server = ca.server_cert(&c2, &[]).unwrap();
-    let client = ca
-        .client_cert(&ClientIdentity::Remote(ClusterName::new("c1").unwrap()))
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(
-            &server.cert_pem,
-            &server.key_pem,
-        ))
-        .client_ca_root(tonic::transport::Certificate::from_pem(&ca.cert().cert_pem));
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .tls_config(tls)
-            .unwrap()
-            .add_service(v1::export_server::ExportServer::new(Hostile))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn KvStore> =
-        Arc::new(SledStore::open(&SledConfig::new(dir.path().join("s"))).unwrap());
-    let ctx = SyncContext {
-        local: ClusterName::new("c1").unwrap(),
-        local_id: ClusterId::new(1, MaxConnectedClusters::C255).unwrap(),
-        mode: MaxConnectedClusters::C255,
-        store: Arc::clone(&store),
-        staleness: StalenessConfig::default(),
-        connected_ids: Arc::default(),
-        keep_last_backends: true,
-    };
-    let remote = RemoteConfig {
-        name: c2.clone(),
-        id: 2,
-        address: addr.to_string(),
-        tls: ClientTls {
-            ca_pem: ca.cert().cert_pem.clone(),
-            cert_pem: client.cert_pem,
-            key_pem: client.key_pem,
-            server_name: server_name("c2"),
-        },
-    };
-    let worker = RemoteWorker::spawn(ctx, remote);
+    let (worker, store, _dir) = import_from(Hostile, StalenessConfig::default()).await;
     for _ in 0..200 {
         if worker.status.lock().ready {
             break;
@@ -293,23 +247,22 @@ async fn serve<S: v1::export_server::Export>(
     addr
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_remote_is_withdrawn_but_its_identities_stay() {
+/// Serves `service` as remote cluster c2 (with a CA of its own) and starts a worker of local
+/// cluster c1 that imports it into a fresh embedded store.
+async fn import_from<S: v1::export_server::Export>(
+    service: S,
+    staleness: StalenessConfig,
+) -> (RemoteWorker, Arc<dyn KvStore>, tempfile::TempDir) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let c2 = ClusterName::new("c2").unwrap();
     let ca = CertificateAuthority::generate(&c2).unwrap();
-    let addr = serve(Silent, &ca).await;
+    let addr = serve(service, &ca).await;
     let client = ca
         .client_cert(&ClientIdentity::Remote(ClusterName::new("c1").unwrap()))
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn KvStore> =
         Arc::new(SledStore::open(&SledConfig::new(dir.path().join("s"))).unwrap());
-    let staleness = StalenessConfig {
-        unreachable_after: Duration::from_millis(300),
-        withdraw_after: Duration::from_millis(300),
-        restore_after: Duration::from_secs(60),
-    };
     let ctx = SyncContext {
         local: ClusterName::new("c1").unwrap(),
         local_id: ClusterId::new(1, MaxConnectedClusters::C255).unwrap(),
@@ -320,7 +273,7 @@ async fn a_silent_remote_is_withdrawn_but_its_identities_stay() {
         keep_last_backends: true,
     };
     let remote = RemoteConfig {
-        name: c2.clone(),
+        name: c2,
         id: 2,
         address: addr.to_string(),
         tls: ClientTls {
@@ -330,8 +283,18 @@ async fn a_silent_remote_is_withdrawn_but_its_identities_stay() {
             server_name: server_name("c2"),
         },
     };
+    (RemoteWorker::spawn(ctx, remote), store, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_remote_is_withdrawn_but_its_identities_stay() {
+    let staleness = StalenessConfig {
+        unreachable_after: Duration::from_millis(300),
+        withdraw_after: Duration::from_millis(300),
+        restore_after: Duration::from_secs(60),
+    };
     let started = tokio::time::Instant::now();
-    let worker = RemoteWorker::spawn(ctx, remote);
+    let (worker, store, _dir) = import_from(Silent, staleness).await;
     let mut withdrawn_after = None;
     for _ in 0..100 {
         if worker.status.lock().withdrawn {
@@ -446,43 +409,13 @@ impl v1::export_server::Export for Compacted {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_reset_the_cache_converges_and_stale_keys_go() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let c2 = ClusterName::new("c2").unwrap();
-    let ca = CertificateAuthority::generate(&c2).unwrap();
-    let addr = serve(
+    let (worker, store, _dir) = import_from(
         Compacted {
             calls: Default::default(),
         },
-        &ca,
+        StalenessConfig::default(),
     )
     .await;
-    let client = ca
-        .client_cert(&ClientIdentity::Remote(ClusterName::new("c1").unwrap()))
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn KvStore> =
-        Arc::new(SledStore::open(&SledConfig::new(dir.path().join("s"))).unwrap());
-    let ctx = SyncContext {
-        local: ClusterName::new("c1").unwrap(),
-        local_id: ClusterId::new(1, MaxConnectedClusters::C255).unwrap(),
-        mode: MaxConnectedClusters::C255,
-        store: Arc::clone(&store),
-        staleness: StalenessConfig::default(),
-        connected_ids: Arc::default(),
-        keep_last_backends: true,
-    };
-    let remote = RemoteConfig {
-        name: c2,
-        id: 2,
-        address: addr.to_string(),
-        tls: ClientTls {
-            ca_pem: ca.cert().cert_pem.clone(),
-            cert_pem: client.cert_pem,
-            key_pem: client.key_pem,
-            server_name: server_name("c2"),
-        },
-    };
-    let worker = RemoteWorker::spawn(ctx, remote);
     for _ in 0..200 {
         if worker.status.lock().full_syncs == 2 {
             break;

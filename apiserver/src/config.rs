@@ -63,7 +63,12 @@ pub struct EtcdTlsFiles {
 
 /// Where the cluster's state is kept.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "backend", rename_all = "camelCase", deny_unknown_fields)]
+#[serde(
+    tag = "backend",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase",
+    deny_unknown_fields
+)]
 pub enum StoreConfig {
     /// The embedded store.
     Sled {
@@ -77,6 +82,14 @@ pub enum StoreConfig {
         /// mTLS to etcd.
         #[serde(default)]
         tls: Option<EtcdTlsFiles>,
+        /// Writes per transaction; at most the servers' `--max-txn-ops` (default 128). A
+        /// remote's snapshot is replaced in one transaction when it fits.
+        #[serde(default)]
+        max_txn_ops: Option<std::num::NonZeroUsize>,
+        /// Bytes of writes per transaction; below the servers' `--max-request-bytes`
+        /// (default 1 MiB against etcd's 1.5 MiB).
+        #[serde(default)]
+        max_txn_bytes: Option<std::num::NonZeroUsize>,
     },
 }
 
@@ -325,6 +338,15 @@ tls: {ca: certs/ca.pem, cert: certs/server.pem, key: /abs/server-key.pem}
         assert_eq!(c.source.manifest_dir, Path::new("/etc/cm/manifests"));
         assert_eq!(c.tls.key, Path::new("/abs/server-key.pem"));
         assert_eq!((c.identity_grace_seconds, c.heartbeat_millis), (30, 1000));
+        let etcd = GOOD.replace(
+            "{backend: sled, path: data/store}",
+            "{backend: etcd, endpoints: [\"http://127.0.0.1:2379\"], maxTxnOps: 4096}",
+        );
+        let c = Config::parse(&etcd, Path::new("/")).unwrap();
+        assert!(matches!(
+            &c.store,
+            StoreConfig::Etcd { max_txn_ops: Some(n), max_txn_bytes: None, .. } if n.get() == 4096
+        ));
     }
 
     #[test]
@@ -341,6 +363,13 @@ tls: {ca: certs/ca.pem, cert: certs/server.pem, key: /abs/server-key.pem}
                 "unknown field",
             ),
             (GOOD.replace("tls:", "tlz:"), "unknown field"),
+            (
+                GOOD.replace(
+                    "{backend: sled, path: data/store}",
+                    "{backend: etcd, endpoints: [\"http://127.0.0.1:2379\"], maxTxnOps: 0}",
+                ),
+                "nonzero",
+            ),
         ];
         for (text, want) in cases {
             let err = Config::parse(&text, Path::new("/"))

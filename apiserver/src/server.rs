@@ -105,8 +105,15 @@ impl Running {
 pub async fn open_store(config: &StoreConfig) -> Result<Arc<dyn KvStore>, ServeError> {
     Ok(match config {
         StoreConfig::Sled { path } => Arc::new(SledStore::open(&SledConfig::new(path))?),
-        StoreConfig::Etcd { endpoints, tls } => {
+        StoreConfig::Etcd {
+            endpoints,
+            tls,
+            max_txn_ops,
+            max_txn_bytes,
+        } => {
             let mut c = EtcdConfig::new(endpoints.clone());
+            c.txn_limits.max_ops = max_txn_ops.map_or(c.txn_limits.max_ops, |n| n.get());
+            c.txn_limits.max_bytes = max_txn_bytes.map_or(c.txn_limits.max_bytes, |n| n.get());
             c.tls = tls.as_ref().map(|t| EtcdTls {
                 ca: t.ca.clone(),
                 cert: t.cert.clone(),

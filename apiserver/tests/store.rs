@@ -251,6 +251,8 @@ async fn manifests_are_written_to_etcd_exactly() {
         Some(StoreConfig::Etcd {
             endpoints: vec![etcd.endpoint()],
             tls: None,
+            max_txn_ops: None,
+            max_txn_bytes: None,
         }),
     ))
     .await;

@@ -279,6 +279,9 @@ async fn three_clusters_one_on_etcd_import_each_other() {
         Some(StoreConfig::Etcd {
             endpoints: vec![etcd.endpoint()],
             tls: None,
+            // Small transactions, so that replacing a snapshot takes several.
+            max_txn_ops: Some(std::num::NonZeroUsize::new(3).unwrap()),
+            max_txn_bytes: None,
         }),
         None,
     ];

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::{
     CasOutcome, CreateOutcome, Error, Event, EventKind, KeyValue, KvStore, LeaseId, Listing,
-    Result, Revision, WatchStream,
+    Result, Revision, TxnLimits, WatchStream, Write, check_txn,
 };
 
 mod codec;
@@ -475,6 +475,39 @@ impl KvStore for SledStore {
             prev: Some(prev),
         };
         self.inner.commit(&mut st, vec![change], |_| {}).map(Some)
+    }
+
+    async fn apply(&self, writes: &[Write]) -> Result<Option<Revision>> {
+        check_txn(writes, TxnLimits::UNLIMITED)?;
+        let mut st = self.inner.state.write();
+        let mut changes = Vec::with_capacity(writes.len());
+        for w in writes {
+            let prev = self.inner.record(w.key())?;
+            match w {
+                Write::Put { key, value } => changes.push(Change {
+                    key: key.clone(),
+                    new: Some((value.clone(), None)),
+                    prev,
+                }),
+                Write::Delete { key } => {
+                    if prev.is_some() {
+                        changes.push(Change {
+                            key: key.clone(),
+                            new: None,
+                            prev,
+                        });
+                    }
+                }
+            }
+        }
+        if changes.is_empty() {
+            return Ok(None);
+        }
+        self.inner.commit(&mut st, changes, |_| {}).map(Some)
+    }
+
+    fn txn_limits(&self) -> TxnLimits {
+        TxnLimits::UNLIMITED
     }
 
     async fn create(

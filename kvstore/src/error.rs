@@ -1,7 +1,7 @@
 //! The one error type of the store contract: what the caller must react to (compaction, a
 //! lost lease) is a variant of its own; backend failures keep their cause.
 
-use crate::{LeaseId, Revision};
+use crate::{LeaseId, Revision, TxnLimits};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,22 @@ pub enum Error {
     /// Keys must not be empty.
     #[error("key must not be empty")]
     EmptyKey,
+    /// A transaction beyond what the store accepts in one request.
+    #[error(
+        "a transaction of {writes} writes and {bytes} bytes exceeds the store's limits \
+         ({} writes, {} bytes)", limits.max_ops, limits.max_bytes
+    )]
+    TxnTooLarge {
+        /// Writes in the transaction.
+        writes: usize,
+        /// Their summed weight.
+        bytes: usize,
+        /// The store's limits.
+        limits: TxnLimits,
+    },
+    /// A transaction that writes one key twice.
+    #[error("key {0:?} is written twice in one transaction")]
+    DuplicateKey(String),
     /// An etcd request failed.
     #[error("etcd request failed")]
     Etcd(#[source] etcd_client::Error),

@@ -24,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
     CasOutcome, CreateOutcome, Error, Event, EventKind, KeyValue, KvStore, LeaseId, Listing,
-    Result, Revision, WatchStream,
+    Result, Revision, TxnLimits, WatchStream, Write, check_txn,
 };
 
 /// Attempts to re-create a broken watch before giving up.
@@ -54,7 +54,18 @@ pub struct EtcdConfig {
     pub tls: Option<EtcdTls>,
     /// How long to wait for a connection.
     pub connect_timeout: Duration,
+    /// What one transaction may hold: `max_ops` must not exceed the servers'
+    /// `--max-txn-ops` (etcd's default 128), `max_bytes` must stay below their
+    /// `--max-request-bytes` (default 1.5 MiB).
+    pub txn_limits: TxnLimits,
 }
+
+/// etcd's own defaults: 128 operations, and 1 MiB of writes (below its 1.5 MiB request
+/// limit, leaving room for framing).
+pub const ETCD_DEFAULT_TXN_LIMITS: TxnLimits = TxnLimits {
+    max_ops: 128,
+    max_bytes: 1024 * 1024,
+};
 
 impl EtcdConfig {
     /// Plain connections with a 5 s connect timeout.
@@ -63,6 +74,7 @@ impl EtcdConfig {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             tls: None,
             connect_timeout: Duration::from_secs(5),
+            txn_limits: ETCD_DEFAULT_TXN_LIMITS,
         }
     }
 }
@@ -71,6 +83,7 @@ impl EtcdConfig {
 #[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
+    txn_limits: TxnLimits,
 }
 
 fn read_pem(path: &PathBuf) -> Result<Vec<u8>> {
@@ -147,7 +160,10 @@ impl EtcdStore {
                 endpoints: config.endpoints.join(","),
                 source,
             })?;
-        let store = Self { client };
+        let store = Self {
+            client,
+            txn_limits: config.txn_limits,
+        };
         // Fail now, not on first use, when nothing answers.
         store.current_revision().await.map_err(|e| match e {
             Error::Etcd(source) => Error::EtcdConnect {
@@ -283,6 +299,37 @@ impl KvStore for EtcdStore {
             .await
             .map_err(Error::Etcd)?;
         Ok((resp.deleted() > 0).then(|| header_revision(resp.header())))
+    }
+
+    async fn apply(&self, writes: &[Write]) -> Result<Option<Revision>> {
+        check_txn(writes, self.txn_limits)?;
+        if writes.is_empty() {
+            return Ok(None);
+        }
+        let ops: Vec<TxnOp> = writes
+            .iter()
+            .map(|w| match w {
+                Write::Put { key, value } => TxnOp::put(key.as_str(), value.as_slice(), None),
+                Write::Delete { key } => TxnOp::delete(key.as_str(), None),
+            })
+            .collect();
+        let resp = self
+            .client
+            .clone()
+            .txn(Txn::new().and_then(ops))
+            .await
+            .map_err(Error::Etcd)?;
+        // etcd uses a revision only when something changed.
+        let changed = resp.op_responses().iter().any(|r| match r {
+            TxnOpResponse::Put(_) => true,
+            TxnOpResponse::Delete(d) => d.deleted() > 0,
+            _ => false,
+        });
+        Ok(changed.then(|| header_revision(resp.header())))
+    }
+
+    fn txn_limits(&self) -> TxnLimits {
+        self.txn_limits
     }
 
     async fn create(

@@ -152,6 +152,13 @@ impl ExportKind {
         }
         .to_string()
     }
+
+    /// The sync canary of this kind in the cache of `remote`, written by the importing
+    /// apiserver once the remote's snapshot is in the cache:
+    /// `cilium/synced/<remote>/cilium/cache/<kind>/v1`.
+    pub fn cache_synced_key(self, remote: &ClusterName) -> String {
+        format!("{SYNCED_PREFIX}{remote}/cilium/cache/{}/v1", self.segment())
+    }
 }
 
 impl fmt::Display for ExportKind {

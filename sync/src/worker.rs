@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use clustermesh_kvstore::KvStore;
+use clustermesh_kvstore::{KvStore, Write};
 use clustermesh_model::cluster::{ClusterId, ClusterName, ClusterStatus, MaxConnectedClusters};
 use clustermesh_model::keys::{ExportKind, Key};
 use clustermesh_proto::Object;
@@ -173,37 +173,49 @@ impl Cache {
         Ok(())
     }
 
-    /// Makes the cache equal to a complete snapshot.
+    /// Makes the cache equal to a complete snapshot: the changed and new keys, the deletions
+    /// of keys the snapshot lacks, and the sync canaries go to the store in one transaction
+    /// (one revision) when the store's limits allow; otherwise in consecutive transactions in
+    /// that order, so that a reader never misses a key the snapshot holds.
     async fn replace(
         &mut self,
         snapshot: BTreeMap<String, Vec<u8>>,
     ) -> Result<(), clustermesh_kvstore::Error> {
-        let stale: Vec<String> = self
+        let mut writes: Vec<Write> = self
             .entries
             .keys()
             .filter(|k| !snapshot.contains_key(*k))
-            .cloned()
+            .map(|k| Write::Delete { key: k.clone() })
             .collect();
-        for (k, v) in snapshot {
-            self.put(k, v).await?;
-        }
-        for k in stale {
-            self.delete(&k).await?;
-        }
+        writes.splice(
+            0..0,
+            snapshot
+                .iter()
+                .filter(|(k, v)| self.entries.get(*k) != Some(*v))
+                .map(|(k, v)| Write::Put {
+                    key: k.clone(),
+                    value: v.clone(),
+                }),
+        );
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
         for kind in ExportKind::ALL {
-            let canary = format!(
-                "cilium/synced/{}/cilium/cache/{}/v1",
-                self.remote,
-                kind.segment()
-            );
-            self.store
-                .put(&canary, now.to_string().as_bytes(), None)
-                .await?;
+            writes.push(Write::Put {
+                key: kind.cache_synced_key(&self.remote),
+                value: now.to_string().into_bytes(),
+            });
         }
+        for chunk in self.store.txn_limits().split(&writes) {
+            self.store.apply(chunk).await?;
+        }
+        self.entries = snapshot;
+        let mut counts = BTreeMap::new();
+        for k in self.entries.keys() {
+            *counts.entry(kind_label(k)).or_insert(0) += 1;
+        }
+        self.counts = counts;
         Ok(())
     }
 

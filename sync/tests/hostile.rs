@@ -10,15 +10,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clustermesh_certs::{CertificateAuthority, ClientIdentity};
-use clustermesh_kvstore::KvStore;
 use clustermesh_kvstore::embedded::{SledConfig, SledStore};
+use clustermesh_kvstore::{EventKind, KvStore};
 use clustermesh_model::ClusterName;
 use clustermesh_model::cluster::{ClusterId, MaxConnectedClusters};
+use clustermesh_model::keys::ExportKind;
 use clustermesh_proto::client::{ClientTls, server_name};
 use clustermesh_proto::v1::{self, watch_event::Event as Ev};
 use clustermesh_sync::staleness::StalenessConfig;
 use clustermesh_sync::worker::{RemoteConfig, RemoteWorker, SyncContext};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 struct Hostile;
@@ -433,5 +434,26 @@ async fn after_a_reset_the_cache_converges_and_stale_keys_go() {
         .map(|kv| kv.key)
         .collect();
     assert_eq!(keys, ["cilium/cache/ip/v1/c2/10.2.0.5"]);
+    // The replace was one transaction: the stale key went at the revision of the new canaries.
+    let canaries = store.list("cilium/synced/c2/").await.unwrap().kvs;
+    assert_eq!(canaries.len(), ExportKind::ALL.len());
+    let at = canaries[0].mod_revision;
+    assert!(
+        canaries.iter().all(|kv| kv.mod_revision == at),
+        "{canaries:?}"
+    );
+    let mut history = store.watch("cilium/cache/", 0).await.unwrap();
+    let deleted = loop {
+        let e = tokio::time::timeout(Duration::from_secs(5), history.next())
+            .await
+            .expect("the deletion is in the history")
+            .unwrap()
+            .unwrap();
+        if e.kind == EventKind::Delete {
+            break e;
+        }
+    };
+    assert_eq!(deleted.key, "cilium/cache/ip/v1/c2/10.2.0.6");
+    assert_eq!(deleted.revision, at);
     worker.stop().await;
 }

@@ -62,8 +62,17 @@ impl TestCluster {
         std::fs::create_dir_all(dir.path().join("manifests")).unwrap();
         let store_yaml = match &store {
             None => "{backend: sled, path: store}".to_owned(),
-            Some(StoreConfig::Etcd { endpoints, .. }) => {
-                format!("{{backend: etcd, endpoints: [{}]}}", endpoints.join(","))
+            Some(StoreConfig::Etcd {
+                endpoints,
+                max_txn_ops,
+                ..
+            }) => {
+                let limit = max_txn_ops.map(|n| format!(", maxTxnOps: {n}"));
+                format!(
+                    "{{backend: etcd, endpoints: [{}]{}}}",
+                    endpoints.join(","),
+                    limit.unwrap_or_default()
+                )
             }
             Some(StoreConfig::Sled { path }) => {
                 format!("{{backend: sled, path: {}}}", path.display())

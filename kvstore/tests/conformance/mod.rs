@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use clustermesh_kvstore::{
-    CasOutcome, CreateOutcome, Error, Event, EventKind, KvStore, Revision, WatchStream,
+    CasOutcome, CreateOutcome, Error, Event, EventKind, KvStore, Revision, WatchStream, Write,
 };
 use futures::StreamExt;
 
@@ -45,6 +45,10 @@ macro_rules! conformance_tests {
             delete_removes_the_key_and_uses_a_revision,
             delete_of_a_missing_key_uses_no_revision,
             empty_keys_are_refused,
+            apply_writes_everything_at_one_revision,
+            apply_that_changes_nothing_uses_no_revision,
+            apply_refuses_duplicates_and_oversize_and_writes_nothing,
+            apply_detaches_a_leased_key_it_rewrites,
             list_returns_sorted_keys_under_the_prefix_only,
             list_revision_is_the_current_revision,
             list_at_an_old_revision_shows_the_past,
@@ -235,6 +239,99 @@ pub async fn empty_keys_are_refused<B: Backend>(b: &mut B) {
         Err(Error::EmptyKey)
     ));
     assert_eq!(s.current_revision().await.unwrap(), before);
+}
+
+// === transactions ===
+
+fn wput(key: &str, value: &str) -> Write {
+    Write::Put {
+        key: key.into(),
+        value: value.as_bytes().to_vec(),
+    }
+}
+
+fn wdel(key: &str) -> Write {
+    Write::Delete { key: key.into() }
+}
+
+pub async fn apply_writes_everything_at_one_revision<B: Backend>(b: &mut B) {
+    let s = b.store();
+    let r0 = s.put("t/old", b"0", None).await.unwrap();
+    s.put("t/keep", b"k", None).await.unwrap();
+    let mut w = s.watch("t/", r0 + 1).await.unwrap();
+    let r = s
+        .apply(&[
+            wput("t/a", "1"),
+            wput("t/keep", "k2"),
+            wdel("t/old"),
+            wdel("t/never"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(r, Some(r0 + 2));
+    assert_eq!(s.current_revision().await.unwrap(), r0 + 2);
+    let mut events = take(&mut w, 3).await;
+    events.sort_by(|a, b| a.key.cmp(&b.key));
+    assert_eq!(
+        events,
+        vec![
+            put("t/a", "1", r0 + 2),
+            put("t/keep", "k2", r0 + 2),
+            del("t/old", r0 + 2)
+        ]
+    );
+    assert_quiet(&mut w).await;
+    let listing = s.list("t/").await.unwrap();
+    assert_eq!(keys(&listing.kvs), vec!["t/a", "t/keep"]);
+    assert_eq!(listing.kvs[1].version, 2);
+}
+
+pub async fn apply_that_changes_nothing_uses_no_revision<B: Backend>(b: &mut B) {
+    let s = b.store();
+    let r = s.put("t/a", b"1", None).await.unwrap();
+    assert_eq!(s.apply(&[]).await.unwrap(), None);
+    assert_eq!(s.apply(&[wdel("t/x"), wdel("t/y")]).await.unwrap(), None);
+    assert_eq!(s.current_revision().await.unwrap(), r);
+}
+
+pub async fn apply_refuses_duplicates_and_oversize_and_writes_nothing<B: Backend>(b: &mut B) {
+    let s = b.store();
+    let r = s.put("t/a", b"1", None).await.unwrap();
+    assert!(matches!(
+        s.apply(&[wput("t/b", "1"), wdel("t/b")]).await,
+        Err(Error::DuplicateKey(k)) if k == "t/b"
+    ));
+    assert!(matches!(
+        s.apply(&[wput("t/b", "1"), wput("", "2")]).await,
+        Err(Error::EmptyKey)
+    ));
+    let limits = s.txn_limits();
+    if limits.max_ops < 100_000 {
+        let too_many: Vec<Write> = (0..=limits.max_ops)
+            .map(|i| wput(&format!("t/n{i}"), "v"))
+            .collect();
+        assert!(matches!(
+            s.apply(&too_many).await,
+            Err(Error::TxnTooLarge { writes, .. }) if writes == limits.max_ops + 1
+        ));
+        // What fits goes in one revision.
+        let fits = &too_many[..limits.max_ops];
+        assert_eq!(s.apply(fits).await.unwrap(), Some(r + 1));
+        assert_eq!(s.list("t/n").await.unwrap().kvs.len(), limits.max_ops);
+    } else {
+        assert_eq!(s.current_revision().await.unwrap(), r);
+    }
+    assert_eq!(s.get("t/b").await.unwrap(), None);
+}
+
+pub async fn apply_detaches_a_leased_key_it_rewrites<B: Backend>(b: &mut B) {
+    let s = b.store();
+    let lease = s.grant_lease(Duration::from_secs(60)).await.unwrap();
+    s.put("t/a", b"1", Some(lease)).await.unwrap();
+    s.apply(&[wput("t/a", "2")]).await.unwrap();
+    assert_eq!(s.get("t/a").await.unwrap().unwrap().lease, None);
+    s.revoke_lease(lease).await.unwrap();
+    assert_eq!(s.get("t/a").await.unwrap().unwrap().value, b"2");
 }
 
 // === listings ===

@@ -1,6 +1,7 @@
 //! `clustermesh`: the command operators drive the mesh with. Subcommands:
 //!
-//! - `clustermesh apiserver --config FILE`: run a cluster's apiserver (docs/CONFIG.md).
+//! - `clustermesh apiserver --config FILE`: run a cluster's apiserver (docs/CONFIG.md);
+//! - `clustermesh agent --config FILE [--datapath bpf|userspace]`: run a node's agent.
 
 use std::path::PathBuf;
 
@@ -23,6 +24,17 @@ enum Command {
         /// The configuration file (YAML; see docs/CONFIG.md).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+    },
+    /// Run a node's agent: watch the local apiserver, merge every cluster's state and program
+    /// the datapath (eBPF maps, or the same maps in memory).
+    Agent {
+        /// The configuration file (YAML; see docs/CONFIG.md).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// `bpf` (needs CAP_BPF, CAP_NET_ADMIN, cgroup v2 and bpffs) or `userspace`;
+        /// overrides the file's `datapath`.
+        #[arg(long, value_name = "KIND")]
+        datapath: Option<clustermesh_agent::DatapathKind>,
     },
 }
 
@@ -49,6 +61,22 @@ async fn apiserver(config: PathBuf) -> anyhow::Result<()> {
     shutdown_signal().await?;
     tracing::info!("shutting down");
     running.stop().await.context("stopping the apiserver")?;
+    Ok(())
+}
+
+async fn agent(
+    config: PathBuf,
+    datapath: Option<clustermesh_agent::DatapathKind>,
+) -> anyhow::Result<()> {
+    let config = clustermesh_agent::Config::load(&config)?;
+    let kind = datapath.unwrap_or(config.datapath);
+    let running = clustermesh_agent::start(config, kind)
+        .await
+        .context("starting the agent")?;
+    println!("agent admin on {}", running.admin_addr);
+    shutdown_signal().await?;
+    tracing::info!("shutting down; the datapath stays pinned");
+    running.stop().await;
     Ok(())
 }
 
@@ -81,6 +109,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Apiserver { config } => apiserver(config).await,
+            Command::Agent { config, datapath } => agent(config, datapath).await,
         }
     });
     match result {

@@ -1,0 +1,181 @@
+//! The agent's admin endpoint (plain HTTP, bind it to loopback): `/healthz`, `/readyz` (the
+//! first snapshot is in the datapath), `/metrics`, `/status`, and the explanations:
+//! `/explain/service/{namespace}/{name}` (each backend, in or out, and why) and
+//! `/explain/endpoint/{ip}` (each policy entry with the rules that produced it).
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::agent::Shared;
+use crate::merge::merge;
+
+/// The agent's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Reconcile passes.
+    pub reconciles: Counter,
+    /// Passes that failed to write the datapath.
+    pub reconcile_errors: Counter,
+    /// Map entries written.
+    pub map_upserts: Counter,
+    /// Map entries deleted.
+    pub map_deletes: Counter,
+    /// Service frontends programmed.
+    pub services: Gauge,
+    /// ipcache entries programmed.
+    pub ipcache: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("clustermesh");
+        let reconciles = Counter::default();
+        let reconcile_errors = Counter::default();
+        let map_upserts = Counter::default();
+        let map_deletes = Counter::default();
+        let services = Gauge::default();
+        let ipcache = Gauge::default();
+        registry.register(
+            "agent_reconciles",
+            "Reconcile passes of the datapath",
+            reconciles.clone(),
+        );
+        registry.register(
+            "agent_reconcile_errors",
+            "Reconcile passes that failed to write the datapath",
+            reconcile_errors.clone(),
+        );
+        registry.register(
+            "bpf_map_upserts",
+            "Datapath map entries written",
+            map_upserts.clone(),
+        );
+        registry.register(
+            "bpf_map_deletes",
+            "Datapath map entries deleted",
+            map_deletes.clone(),
+        );
+        registry.register(
+            "global_services",
+            "Service frontends programmed in the datapath",
+            services.clone(),
+        );
+        registry.register(
+            "agent_ipcache_entries",
+            "ipcache entries programmed in the datapath",
+            ipcache.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            reconcile_errors,
+            map_upserts,
+            map_deletes,
+            services,
+            ipcache,
+        }
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Response {
+    match serde_json::to_string_pretty(v) {
+        Ok(body) => ([("content-type", "application/json")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn readyz(State(s): State<Arc<Shared>>) -> Response {
+    if s.status.lock().synced {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the local apiserver's snapshot\n",
+        )
+            .into_response()
+    }
+}
+
+async fn status(State(s): State<Arc<Shared>>) -> Response {
+    let st = s.status.lock().clone();
+    json(&st)
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> String {
+    s.metrics.render()
+}
+
+async fn explain_service(
+    State(s): State<Arc<Shared>>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Response {
+    let plan = s
+        .view
+        .lock()
+        .as_ref()
+        .and_then(|v| merge(v, &(namespace.clone(), name.clone())));
+    match plan {
+        Some(p) => json(&p),
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("no local service {namespace}/{name} (or not synced yet)\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn explain_endpoint(State(s): State<Arc<Shared>>, Path(ip): Path<String>) -> Response {
+    let Ok(ip) = ip.parse::<Ipv4Addr>() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("{ip:?} is not an IPv4 address\n"),
+        )
+            .into_response();
+    };
+    let found = s.desired.lock().policy.explain.get(&ip).cloned();
+    match found {
+        Some(e) => json(&e),
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("{ip} is not an endpoint of this node\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// The admin routes.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .route("/explain/service/{namespace}/{name}", get(explain_service))
+        .route("/explain/endpoint/{ip}", get(explain_endpoint))
+        .with_state(shared)
+}

@@ -1,0 +1,556 @@
+//! The agent's runtime: one Export watch to the local apiserver (with the `local-<cluster>`
+//! certificate), the view, the desired state, the reconciler, and local endpoints' program
+//! attachment.
+//!
+//! Start-up without disruption: the datapath adopts the pinned maps and links; the first
+//! snapshot is staged in a fresh view and nothing is written until `Synced`; then one full
+//! pass writes what changed and prunes what is gone. A `Reset` stages a new snapshot the same
+//! way. A broken stream resumes from the last revision applied.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use clustermesh_bpf::{Datapath, KernelConfig, KernelDatapath, UserspaceDatapath};
+use clustermesh_model::cluster::{ClusterId, MaxConnectedClusters};
+use clustermesh_proto::Object;
+use clustermesh_proto::client::{ClientTls, connect, server_name};
+use clustermesh_proto::v1::{self, watch_event::Event as Ev};
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::admin::{self, Metrics};
+use crate::attach::route_interface;
+use crate::config::{Config, DatapathKind};
+use crate::desired::Desired;
+use crate::reconcile::{Reconciler, Scope};
+use crate::view::{Dirty, View, delete_ref};
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A TLS file could not be read.
+    #[error("reading {path} failed")]
+    Tls {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The datapath could not be loaded or attached.
+    #[error("the datapath failed to start")]
+    Datapath(#[from] clustermesh_bpf::Error),
+    /// The admin listener could not bind.
+    #[error("binding the admin listener {addr} failed")]
+    Admin {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How a local endpoint's programs are attached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Attachment {
+    /// Its host-side interface, once found.
+    pub interface: Option<String>,
+    /// Why it is not attached, if it is not.
+    pub error: Option<String>,
+}
+
+/// What the admin endpoint shows.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    /// The local cluster.
+    pub cluster: String,
+    /// This node.
+    pub node: String,
+    /// `bpf` or `userspace`.
+    pub datapath: &'static str,
+    /// The watch to the local apiserver is up.
+    pub connected: bool,
+    /// The first snapshot was applied (the agent is ready).
+    pub synced: bool,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+    /// Connection failures so far.
+    pub failures: u64,
+    /// Reconcile passes so far.
+    pub reconciles: u64,
+    /// Entries in the maps: services, backends, ipcache, endpoints, policy.
+    pub maps: BTreeMap<&'static str, usize>,
+    /// Objects in the view.
+    pub view: BTreeMap<&'static str, usize>,
+    /// Remote clusters as the local apiserver reports them.
+    pub clusters: Vec<clustermesh_model::cluster::ClusterStatus>,
+    /// Local endpoints' program attachment (eBPF datapath).
+    pub endpoints: BTreeMap<Ipv4Addr, Attachment>,
+    /// Objects from the stream that were refused.
+    pub rejected: u64,
+}
+
+/// State shared with the admin endpoint.
+pub struct Shared {
+    /// The view (after the first `Synced`).
+    pub view: Mutex<Option<View>>,
+    /// The desired state.
+    pub desired: Mutex<Desired>,
+    /// Status.
+    pub status: Mutex<AgentStatus>,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+/// A running agent.
+pub struct Running {
+    /// The admin listener's address.
+    pub admin_addr: std::net::SocketAddr,
+    /// Shared state.
+    pub shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    admin_task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops the agent. The maps and links stay pinned (traffic keeps flowing).
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        self.admin_task.abort();
+    }
+}
+
+fn read(path: &std::path::Path) -> Result<String, StartError> {
+    std::fs::read_to_string(path).map_err(|source| StartError::Tls {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The datapath and, for eBPF, the handle that attaches endpoint programs.
+struct Plane {
+    dp: Arc<dyn Datapath>,
+    kernel: Option<Arc<KernelDatapath>>,
+    endpoint_netns: Option<PathBuf>,
+}
+
+/// Starts the agent.
+pub async fn start(config: Config, kind: DatapathKind) -> Result<Running, StartError> {
+    let tls = ClientTls {
+        ca_pem: read(&config.apiserver.ca)?,
+        cert_pem: read(&config.apiserver.cert)?,
+        key_pem: read(&config.apiserver.key)?,
+        server_name: server_name(config.cluster.as_str()),
+    };
+    let plane = match kind {
+        DatapathKind::Bpf => {
+            let k = Arc::new(KernelDatapath::load(&KernelConfig {
+                bpf_root: config.bpf.root.clone(),
+                cluster: config.cluster.to_string(),
+                node: config.node_name.clone(),
+            })?);
+            k.attach_cgroup(&config.bpf.cgroup)?;
+            Plane {
+                dp: Arc::clone(&k) as Arc<dyn Datapath>,
+                kernel: Some(k),
+                endpoint_netns: config.bpf.endpoint_netns.clone(),
+            }
+        }
+        DatapathKind::Userspace => Plane {
+            dp: Arc::new(UserspaceDatapath::new()),
+            kernel: None,
+            endpoint_netns: None,
+        },
+    };
+    let reconciler = Reconciler::adopt(Arc::clone(&plane.dp))?;
+    let shared = Arc::new(Shared {
+        view: Mutex::new(None),
+        desired: Mutex::new(Desired::default()),
+        status: Mutex::new(AgentStatus {
+            cluster: config.cluster.to_string(),
+            node: config.node_name.clone(),
+            datapath: match kind {
+                DatapathKind::Bpf => "bpf",
+                DatapathKind::Userspace => "userspace",
+            },
+            ..AgentStatus::default()
+        }),
+        metrics: Metrics::new(),
+    });
+    let listener = tokio::net::TcpListener::bind(&config.admin)
+        .await
+        .map_err(|source| StartError::Admin {
+            addr: config.admin.clone(),
+            source,
+        })?;
+    let admin_addr = listener.local_addr().map_err(|source| StartError::Admin {
+        addr: config.admin.clone(),
+        source,
+    })?;
+    let router = admin::router(Arc::clone(&shared));
+    let admin_task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "the admin listener failed");
+        }
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(run(
+        config,
+        tls,
+        plane,
+        reconciler,
+        Arc::clone(&shared),
+        stop_rx,
+    ));
+    Ok(Running {
+        admin_addr,
+        shared,
+        stop,
+        task,
+        admin_task,
+    })
+}
+
+/// The loop's state across sessions.
+struct Loop {
+    config: Config,
+    plane: Plane,
+    reconciler: Reconciler,
+    shared: Arc<Shared>,
+    /// The view being staged (before a `Synced`); the view in force is in `shared`.
+    staging: Option<View>,
+    pending: Dirty,
+    last_revision: i64,
+    attached: BTreeMap<Ipv4Addr, Attachment>,
+}
+
+async fn run(
+    config: Config,
+    tls: ClientTls,
+    plane: Plane,
+    reconciler: Reconciler,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut lp = Loop {
+        config,
+        plane,
+        reconciler,
+        shared,
+        staging: None,
+        pending: Dirty::default(),
+        last_revision: 0,
+        attached: BTreeMap::new(),
+    };
+    let mut backoff = new_backoff();
+    loop {
+        let result = tokio::select! {
+            r = lp.session(&tls) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let was_connected = {
+            let mut st = lp.shared.status.lock();
+            let was = st.connected;
+            st.connected = false;
+            st.failures += 1;
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "the watch on the local apiserver ended");
+                st.last_error = Some(e);
+            }
+            was
+        };
+        if was_connected {
+            backoff = new_backoff();
+        }
+        let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+fn new_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Silence after which the local apiserver is considered gone (it heartbeats every second by
+/// default).
+const SILENCE: Duration = Duration::from_secs(10);
+
+impl Loop {
+    async fn session(&mut self, tls: &ClientTls) -> Result<(), String> {
+        let mut client = tokio::time::timeout(
+            Duration::from_secs(10),
+            connect(&self.config.apiserver.address, tls),
+        )
+        .await
+        .map_err(|_| "connecting timed out".to_owned())?
+        .map_err(|e| format!("connecting to {}: {e:?}", self.config.apiserver.address))?;
+        let cc = client
+            .get_cluster_config(v1::GetClusterConfigRequest {})
+            .await
+            .map_err(|e| e.message().to_owned())?
+            .into_inner();
+        if cc.name != self.config.cluster.as_str() {
+            return Err(format!(
+                "the apiserver at {} is cluster {:?}, configured as {}",
+                self.config.apiserver.address, cc.name, self.config.cluster
+            ));
+        }
+        let mode = MaxConnectedClusters::try_from(cc.max_connected_clusters)
+            .map_err(|e| format!("the apiserver's maxConnectedClusters: {e}"))?;
+        let id = ClusterId::new(cc.id, mode).map_err(|e| e.to_string())?;
+        let (cluster, node) = (self.config.cluster.clone(), self.config.node_name.clone());
+        let fresh = move || View::new(cluster.clone(), id, node.clone(), mode);
+        let since = if self.shared.view.lock().is_some() && self.staging.is_none() {
+            self.last_revision
+        } else {
+            self.staging = Some(fresh());
+            0
+        };
+        let kinds = [
+            v1::Kind::Identities,
+            v1::Kind::Ipcache,
+            v1::Kind::Nodes,
+            v1::Kind::Services,
+            v1::Kind::RemoteCache,
+            v1::Kind::Policies,
+            v1::Kind::ClusterStatus,
+        ];
+        let mut stream = client
+            .watch(v1::WatchRequest {
+                kinds: kinds.iter().map(|k| *k as i32).collect(),
+                since_revision: since,
+            })
+            .await
+            .map_err(|e| e.message().to_owned())?
+            .into_inner();
+        self.shared.status.lock().connected = true;
+        let debounce = Duration::from_millis(self.config.debounce_millis);
+        let max_debounce = Duration::from_millis(self.config.max_debounce_millis);
+        let mut first_pending: Option<Instant> = None;
+        let mut quiet_until = Instant::now();
+        loop {
+            let deadline = match first_pending {
+                Some(first) => quiet_until.min(first + max_debounce),
+                None => Instant::now() + SILENCE,
+            };
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                () = tokio::time::sleep_until(deadline) => {
+                    if first_pending.take().is_some() {
+                        self.flush().await;
+                        continue;
+                    }
+                    return Err(format!("no message from the local apiserver for {SILENCE:?}"));
+                }
+            };
+            let event = match msg {
+                Ok(Some(e)) => e,
+                Ok(None) => return Err("the local apiserver closed the stream".into()),
+                Err(e) => return Err(e.message().to_owned()),
+            };
+            match event.event {
+                Some(Ev::Upsert(u)) => match Object::try_from(&u) {
+                    Ok(object) => self.apply(|v| v.upsert(object)),
+                    Err(e) => self.reject(&e.to_string()),
+                },
+                Some(Ev::Delete(d)) => match delete_ref(&d) {
+                    Ok(r) => self.apply(|v| v.delete(&r)),
+                    Err(e) => self.reject(&e),
+                },
+                Some(Ev::Synced(_)) => {
+                    self.last_revision = event.revision;
+                    if let Some(view) = self.staging.take() {
+                        self.install(view).await;
+                        first_pending = None;
+                    }
+                    continue;
+                }
+                Some(Ev::Reset(r)) => {
+                    tracing::info!(reason = %r.reason, "the local apiserver reset the watch");
+                    self.staging = Some(fresh());
+                    continue;
+                }
+                Some(Ev::Heartbeat(_)) | None => continue,
+            }
+            if self.staging.is_none() {
+                self.last_revision = event.revision;
+                if !self.pending.is_empty() {
+                    let now = Instant::now();
+                    first_pending.get_or_insert(now);
+                    quiet_until = now + debounce;
+                }
+            }
+        }
+    }
+
+    fn reject(&self, reason: &str) {
+        tracing::warn!(%reason, "refusing an object from the local apiserver");
+        self.shared.status.lock().rejected += 1;
+    }
+
+    fn apply(&mut self, f: impl FnOnce(&mut View) -> Dirty) {
+        if let Some(v) = self.staging.as_mut() {
+            f(v);
+        } else if let Some(v) = self.shared.view.lock().as_mut() {
+            let d = f(v);
+            self.pending.merge(d);
+        }
+    }
+
+    /// Installs a complete snapshot: one full pass, pruning allowed.
+    async fn install(&mut self, view: View) {
+        let desired = Desired::from_view(&view);
+        let result = self.reconciler.reconcile(&desired, Scope::Full, true);
+        *self.shared.view.lock() = Some(view);
+        *self.shared.desired.lock() = desired;
+        self.pending = Dirty::default();
+        self.after_pass(result, true).await;
+        self.shared.status.lock().synced = true;
+    }
+
+    /// Writes what the pending changes touched.
+    async fn flush(&mut self) {
+        let dirty = std::mem::take(&mut self.pending);
+        let (result, policy_changed) = {
+            let view = self.shared.view.lock();
+            let Some(view) = view.as_ref() else {
+                return;
+            };
+            let mut desired = self.shared.desired.lock();
+            let changed = desired.update(view, &dirty);
+            (
+                self.reconciler
+                    .reconcile(&desired, Scope::Changed(&changed), true),
+                changed.policy,
+            )
+        };
+        self.after_pass(result, policy_changed).await;
+    }
+
+    async fn after_pass(
+        &mut self,
+        result: clustermesh_bpf::Result<crate::reconcile::Stats>,
+        endpoints_changed: bool,
+    ) {
+        let m = &self.shared.metrics;
+        m.reconciles.inc();
+        match result {
+            Ok(stats) => {
+                m.map_upserts.inc_by(stats.upserts as u64);
+                m.map_deletes.inc_by(stats.deletes as u64);
+            }
+            Err(e) => {
+                m.reconcile_errors.inc();
+                tracing::error!(error = %e, "writing the datapath failed; the next pass retries");
+                self.shared.status.lock().last_error = Some(format!("datapath: {e}"));
+                // Compare everything next time.
+                self.pending.all_services = true;
+                self.pending.policy = true;
+            }
+        }
+        if endpoints_changed || self.attached.values().any(|a| a.error.is_some()) {
+            self.attach_endpoints().await;
+        }
+        self.publish();
+    }
+
+    async fn attach_endpoints(&mut self) {
+        let Some(kernel) = self.plane.kernel.clone() else {
+            return;
+        };
+        let want: Vec<Ipv4Addr> = self
+            .shared
+            .desired
+            .lock()
+            .endpoints()
+            .keys()
+            .copied()
+            .collect();
+        let gone: Vec<Ipv4Addr> = self
+            .attached
+            .keys()
+            .filter(|ip| want.binary_search(ip).is_err())
+            .copied()
+            .collect();
+        for ip in gone {
+            if let Some(Attachment {
+                interface: Some(ifname),
+                error: None,
+            }) = self.attached.remove(&ip)
+                && let Err(e) = kernel.detach_endpoint(&ifname)
+            {
+                tracing::warn!(%ip, %ifname, error = %e, "detaching an endpoint failed");
+            }
+        }
+        let netns = self.plane.endpoint_netns.clone();
+        for ip in want {
+            if self.attached.get(&ip).is_some_and(|a| a.error.is_none()) {
+                continue;
+            }
+            let result = match route_interface(netns.as_deref(), ip).await {
+                Ok(ifname) => match kernel.attach_endpoint(netns.as_deref(), &ifname) {
+                    Ok(()) => Attachment {
+                        interface: Some(ifname),
+                        error: None,
+                    },
+                    Err(e) => Attachment {
+                        interface: Some(ifname),
+                        error: Some(format!("{e}")),
+                    },
+                },
+                Err(e) => Attachment {
+                    interface: None,
+                    error: Some(e),
+                },
+            };
+            if let Some(e) = &result.error {
+                tracing::warn!(%ip, error = %e, "attaching the policy programs failed");
+            }
+            self.attached.insert(ip, result);
+        }
+    }
+
+    fn publish(&self) {
+        let counts = self.reconciler.counts();
+        let mut st = self.shared.status.lock();
+        st.reconciles += 1;
+        st.maps = ["services", "backends", "ipcache", "endpoints", "policy"]
+            .into_iter()
+            .zip(counts)
+            .collect();
+        if let Some(view) = self.shared.view.lock().as_ref() {
+            st.view = BTreeMap::from([
+                ("identities", view.identities().len()),
+                ("ipcache", view.ipcache_len()),
+                ("services", view.service_names().count()),
+                ("nodes", view.nodes().len()),
+                ("policies", view.policies().len()),
+            ]);
+            st.clusters = view.statuses().values().cloned().collect();
+        }
+        st.endpoints = self.attached.clone();
+        drop(st);
+        let m = &self.shared.metrics;
+        m.services.set(i64::try_from(counts[0]).unwrap_or(i64::MAX));
+        m.ipcache.set(i64::try_from(counts[2]).unwrap_or(i64::MAX));
+    }
+}

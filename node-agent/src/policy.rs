@@ -1,0 +1,439 @@
+//! Policy resolution, a pure function of the view: the local cluster's
+//! CiliumNetworkPolicies and CiliumClusterwideNetworkPolicies, over the identities of every
+//! cluster, into per-endpoint datapath entries.
+//!
+//! Semantics (DESIGN section 3, Cilium's where the design is silent):
+//! - a rule applies to the local endpoints its `endpointSelector` matches; a namespaced
+//!   policy only to endpoints of its namespace;
+//! - an endpoint selected by a rule that has ingress (or egress) rules, allow or deny, is
+//!   default-deny in that direction;
+//! - peer selectors (`fromEndpoints`, `toEndpoints`) select identities of every cluster by
+//!   `matchLabels` and `matchExpressions`; a selector that does not mention the cluster label
+//!   `io.cilium.k8s.policy.cluster` selects only the local cluster (Cilium 1.19's
+//!   `policy-default-local-cluster`); in a namespaced policy, one that does not mention
+//!   `io.kubernetes.pod.namespace` selects only the policy's namespace;
+//! - a rule with no peer selector and `toPorts` allows any peer on those ports; one with
+//!   neither selects nothing (it still makes the direction default-deny);
+//! - `toPorts` protocol `ANY` means TCP and UDP; a named port resolves against the endpoint's
+//!   own named ports for ingress and against the selected peers' named ports for egress;
+//! - deny wins over allow, allow over audit;
+//! - an audit-mode policy (annotation `cilium.io/policy-audit-mode: "true"`) enforces
+//!   nothing: a direction covered only by audit policies passes what would be dropped and
+//!   reports it as audited; its deny entries become audit entries; on a direction that an
+//!   enforcing policy covers, its entries are left out (they could only open traffic).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use clustermesh_bpf::{Direction, Endpoint, EndpointFlags, PolicyKey, PolicyValue, Proto, Verdict};
+use clustermesh_model::endpoint::IpCacheEntry;
+use clustermesh_model::labels::{CLUSTER_LABEL, LabelSet, NAMESPACE_LABEL};
+use clustermesh_model::policy::{EndpointSelector, PolicyProtocol, PortRule, PortSpec};
+use serde::Serialize;
+
+use crate::merge::proto_of;
+use crate::view::View;
+
+/// The resolved policy of every local endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyState {
+    /// Local endpoints with their flags.
+    pub endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+    /// Every policy entry.
+    pub entries: BTreeMap<PolicyKey, PolicyValue>,
+    /// Per endpoint, what produced its state.
+    pub explain: BTreeMap<Ipv4Addr, EndpointExplain>,
+    /// Rule IDs (as the datapath reports them in verdict events) and the rules they name.
+    pub rules: BTreeMap<u32, String>,
+}
+
+/// Why an endpoint's policy is what it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointExplain {
+    /// Address.
+    pub ip: Ipv4Addr,
+    /// `namespace/pod`.
+    pub pod: String,
+    /// Its identity.
+    pub identity: u32,
+    /// Its endpoint ID in the datapath.
+    pub endpoint_id: u32,
+    /// Ingress is default-deny.
+    pub enforce_ingress: bool,
+    /// Egress is default-deny.
+    pub enforce_egress: bool,
+    /// Ingress drops are only audited.
+    pub audit_ingress: bool,
+    /// Egress drops are only audited.
+    pub audit_egress: bool,
+    /// The rules whose endpoint selector matches it.
+    pub selected_by: Vec<String>,
+    /// Its entries, each with the rules that produced it.
+    pub entries: Vec<EntryExplain>,
+    /// Anything left out, and why.
+    pub notes: Vec<String>,
+}
+
+/// One policy entry of an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EntryExplain {
+    /// `ingress` or `egress`.
+    pub direction: &'static str,
+    /// The peer identity (0: any).
+    pub identity: u32,
+    /// The peer identity's cluster, when known.
+    pub cluster: Option<String>,
+    /// `port/PROTO`, or `any`.
+    pub port: String,
+    /// `allow`, `deny` or `audit`.
+    pub verdict: &'static str,
+    /// The rule ID of the winning rule.
+    pub rule_id: u32,
+    /// Every rule that asked for this entry, winner first.
+    pub rules: Vec<String>,
+}
+
+/// A peer rule, resolved once for all endpoints.
+struct PeerRule {
+    direction: Direction,
+    deny: bool,
+    /// Peer identities (0: any).
+    peers: Vec<u32>,
+    ports: Vec<PortRule>,
+    source: String,
+}
+
+/// A policy rule with its peers resolved.
+struct ResolvedRule<'a> {
+    policy_ns: Option<&'a str>,
+    audit: bool,
+    selector: &'a EndpointSelector,
+    covers: [bool; 2],
+    name: String,
+    rule_id: u32,
+    peer_rules: Vec<PeerRule>,
+}
+
+/// FNV-1a: a rule's ID, stable across restarts and nodes (never 0).
+pub fn rule_id(name: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h.max(1)
+}
+
+fn direction_name(d: Direction) -> &'static str {
+    match d {
+        Direction::Ingress => "ingress",
+        Direction::Egress => "egress",
+    }
+}
+
+fn protos(p: PolicyProtocol) -> &'static [Proto] {
+    match p {
+        PolicyProtocol::Tcp => &[Proto::Tcp],
+        PolicyProtocol::Udp => &[Proto::Udp],
+        PolicyProtocol::Any => &[Proto::Tcp, Proto::Udp],
+        PolicyProtocol::Sctp => &[],
+    }
+}
+
+/// The identities a set of peer selectors selects.
+fn select_peers(
+    view: &View,
+    selectors: &[EndpointSelector],
+    policy_ns: Option<&str>,
+    has_ports: bool,
+) -> Vec<u32> {
+    if selectors.is_empty() {
+        return if has_ports { vec![0] } else { Vec::new() };
+    }
+    let mut out: Vec<u32> = view
+        .identities()
+        .iter()
+        .filter(|(_, info)| {
+            selectors.iter().any(|sel| {
+                (sel.mentions_key(CLUSTER_LABEL) || info.cluster == *view.local())
+                    && (policy_ns.is_none()
+                        || sel.mentions_key(NAMESPACE_LABEL)
+                        || info.labels.namespace() == policy_ns)
+                    && sel.matches(&info.labels)
+            })
+        })
+        .map(|(id, _)| *id)
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+fn has_ports(rules: &[PortRule]) -> bool {
+    rules.iter().any(|r| !r.ports.is_empty())
+}
+
+/// Resolves every policy for every local endpoint.
+pub fn resolve(view: &View) -> PolicyState {
+    let mut state = PolicyState::default();
+    let rules = resolve_rules(view);
+    for r in &rules {
+        state.rules.insert(r.rule_id, r.name.clone());
+    }
+    for entry in view.local_endpoints() {
+        let IpAddr::V4(ip) = entry.ip else {
+            continue;
+        };
+        let (endpoint, explain, entries) = resolve_endpoint(view, &rules, ip, entry);
+        state.endpoints.insert(ip, endpoint);
+        state.explain.insert(ip, explain);
+        state.entries.extend(entries);
+    }
+    state
+}
+
+fn resolve_rules(view: &View) -> Vec<ResolvedRule<'_>> {
+    let mut out = Vec::new();
+    for (pkey, policy) in view.policies() {
+        let ns = policy.namespace.as_deref();
+        for (ri, rule) in policy.rules.iter().enumerate() {
+            let name = format!("{pkey} rule {ri}");
+            let mut peer_rules = Vec::new();
+            let ingress = [(&rule.ingress, false), (&rule.ingress_deny, true)];
+            for (list, deny) in ingress {
+                let kind = if deny { "ingressDeny" } else { "ingress" };
+                for (i, r) in list.iter().enumerate() {
+                    peer_rules.push(PeerRule {
+                        direction: Direction::Ingress,
+                        deny,
+                        peers: select_peers(view, &r.from_endpoints, ns, has_ports(&r.to_ports)),
+                        ports: r.to_ports.clone(),
+                        source: format!("{name} {kind}[{i}]"),
+                    });
+                }
+            }
+            let egress = [(&rule.egress, false), (&rule.egress_deny, true)];
+            for (list, deny) in egress {
+                let kind = if deny { "egressDeny" } else { "egress" };
+                for (i, r) in list.iter().enumerate() {
+                    peer_rules.push(PeerRule {
+                        direction: Direction::Egress,
+                        deny,
+                        peers: select_peers(view, &r.to_endpoints, ns, has_ports(&r.to_ports)),
+                        ports: r.to_ports.clone(),
+                        source: format!("{name} {kind}[{i}]"),
+                    });
+                }
+            }
+            out.push(ResolvedRule {
+                policy_ns: ns,
+                audit: policy.audit,
+                selector: &rule.endpoint_selector,
+                covers: [
+                    rule.covers(clustermesh_model::policy::Direction::Ingress),
+                    rule.covers(clustermesh_model::policy::Direction::Egress),
+                ],
+                rule_id: rule_id(&name),
+                name,
+                peer_rules,
+            });
+        }
+    }
+    out
+}
+
+/// The ports of a peer rule for one endpoint (`None`: any port).
+fn resolve_ports(
+    view: &View,
+    pr: &PeerRule,
+    endpoint: &IpCacheEntry,
+    notes: &mut Vec<String>,
+) -> Vec<Option<(u16, Proto)>> {
+    if !has_ports(&pr.ports) {
+        return vec![None];
+    }
+    let mut out = BTreeSet::new();
+    for pp in pr.ports.iter().flat_map(|r| &r.ports) {
+        let wanted = protos(pp.protocol);
+        if wanted.is_empty() {
+            notes.push(format!("{}: SCTP ports are not enforced", pr.source));
+            continue;
+        }
+        match pp.port_spec() {
+            Ok(PortSpec::Number(p)) => out.extend(wanted.iter().map(|proto| Some((p, *proto)))),
+            Ok(PortSpec::Named(name)) => {
+                let found = named_ports(view, pr, endpoint, &name, wanted);
+                if found.is_empty() {
+                    notes.push(format!("{}: named port {name:?} not found", pr.source));
+                }
+                out.extend(found.into_iter().map(Some));
+            }
+            Err(e) => notes.push(format!("{}: {e}", pr.source)),
+        }
+    }
+    out.into_iter().collect()
+}
+
+fn named_ports(
+    view: &View,
+    pr: &PeerRule,
+    endpoint: &IpCacheEntry,
+    name: &str,
+    wanted: &[Proto],
+) -> BTreeSet<(u16, Proto)> {
+    let pick = |e: &IpCacheEntry| -> Vec<(u16, Proto)> {
+        e.named_ports
+            .iter()
+            .filter(|np| np.name == name)
+            .filter_map(|np| proto_of(np.protocol).map(|p| (np.port, p)))
+            .filter(|(_, p)| wanted.contains(p))
+            .collect()
+    };
+    match pr.direction {
+        Direction::Ingress => pick(endpoint).into_iter().collect(),
+        Direction::Egress => {
+            let any = pr.peers.contains(&0);
+            view.named_port_ips()
+                .iter()
+                .filter_map(|ip| view.ipcache_entry(ip))
+                .filter(|(_, e)| any || pr.peers.binary_search(&e.identity.get()).is_ok())
+                .flat_map(|(_, e)| pick(e))
+                .collect()
+        }
+    }
+}
+
+fn resolve_endpoint(
+    view: &View,
+    rules: &[ResolvedRule<'_>],
+    ip: Ipv4Addr,
+    entry: &IpCacheEntry,
+) -> (Endpoint, EndpointExplain, BTreeMap<PolicyKey, PolicyValue>) {
+    let identity = entry.identity.get();
+    let endpoint_id = u32::from(ip);
+    let empty = LabelSet::new();
+    let mut explain = EndpointExplain {
+        ip,
+        pod: format!("{}/{}", entry.namespace, entry.pod_name),
+        identity,
+        endpoint_id,
+        enforce_ingress: false,
+        enforce_egress: false,
+        audit_ingress: false,
+        audit_egress: false,
+        selected_by: Vec::new(),
+        entries: Vec::new(),
+        notes: Vec::new(),
+    };
+    let labels = match view.identity(identity) {
+        Some(info) => &info.labels,
+        None => {
+            explain.notes.push(format!(
+                "identity {identity} is unknown: no label selects it"
+            ));
+            &empty
+        }
+    };
+    let ns = labels.namespace().unwrap_or(&entry.namespace);
+    let selecting: Vec<&ResolvedRule<'_>> = rules
+        .iter()
+        .filter(|r| r.policy_ns.is_none_or(|p| p == ns) && r.selector.matches(labels))
+        .collect();
+    // [ingress, egress]: (enforced by a non-audit rule, covered by an audit rule).
+    let mut enforce = [false; 2];
+    let mut audited = [false; 2];
+    for r in &selecting {
+        explain.selected_by.push(r.name.clone());
+        for d in 0..2 {
+            if r.covers[d] {
+                if r.audit {
+                    audited[d] = true;
+                } else {
+                    enforce[d] = true;
+                }
+            }
+        }
+    }
+    let flags = EndpointFlags {
+        enforce_ingress: enforce[0],
+        enforce_egress: enforce[1],
+        audit_ingress: !enforce[0] && audited[0],
+        audit_egress: !enforce[1] && audited[1],
+    };
+    // Per key: (rank, verdict, rule id, sources).
+    let mut merged: BTreeMap<PolicyKey, (u8, Verdict, u32, Vec<String>)> = BTreeMap::new();
+    for r in &selecting {
+        for pr in &r.peer_rules {
+            let d = usize::from(pr.direction == Direction::Egress);
+            if r.audit && enforce[d] {
+                explain.notes.push(format!(
+                    "{}: audit-mode rule left out, {} is enforced by another policy",
+                    pr.source,
+                    direction_name(pr.direction)
+                ));
+                continue;
+            }
+            let verdict = match (r.audit, pr.deny) {
+                (true, _) => Verdict::Audit,
+                (false, true) => Verdict::Deny,
+                (false, false) => Verdict::Allow,
+            };
+            let rank = match verdict {
+                Verdict::Deny => 3,
+                Verdict::Allow => 2,
+                Verdict::Audit => 1,
+            };
+            for port in resolve_ports(view, pr, entry, &mut explain.notes) {
+                for peer in &pr.peers {
+                    let key = PolicyKey {
+                        endpoint_id,
+                        identity: *peer,
+                        port,
+                        direction: pr.direction,
+                    };
+                    let slot = merged
+                        .entry(key)
+                        .or_insert((0, verdict, r.rule_id, Vec::new()));
+                    if rank > slot.0 {
+                        slot.0 = rank;
+                        slot.1 = verdict;
+                        slot.2 = r.rule_id;
+                        slot.3.insert(0, pr.source.clone());
+                    } else {
+                        slot.3.push(pr.source.clone());
+                    }
+                }
+            }
+        }
+    }
+    let mut entries = BTreeMap::new();
+    for (key, (_, verdict, rule_id, sources)) in merged {
+        explain.entries.push(EntryExplain {
+            direction: direction_name(key.direction),
+            identity: key.identity,
+            cluster: view.identity(key.identity).map(|i| i.cluster.to_string()),
+            port: key.port.map_or_else(
+                || "any".to_owned(),
+                |(p, proto)| format!("{p}/{}", if proto == Proto::Tcp { "TCP" } else { "UDP" }),
+            ),
+            verdict: match verdict {
+                Verdict::Allow => "allow",
+                Verdict::Deny => "deny",
+                Verdict::Audit => "audit",
+            },
+            rule_id,
+            rules: sources,
+        });
+        entries.insert(key, PolicyValue { verdict, rule_id });
+    }
+    explain.enforce_ingress = flags.enforce_ingress;
+    explain.enforce_egress = flags.enforce_egress;
+    explain.audit_ingress = flags.audit_ingress;
+    explain.audit_egress = flags.audit_egress;
+    let endpoint = Endpoint {
+        endpoint_id,
+        identity,
+        flags,
+        cluster_id: view.local_id().get(),
+    };
+    (endpoint, explain, entries)
+}

@@ -1,0 +1,347 @@
+//! Policy resolution: selectors with and without the cluster label, namespaces,
+//! matchExpressions, deny over allow, audit mode, ports (numbers, ANY, named), and which
+//! endpoints are this node's.
+
+#![allow(clippy::unwrap_used, reason = "test code: a panic is the failure report")]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use clustermesh_agent::policy::{PolicyState, resolve, rule_id};
+use clustermesh_agent::view::View;
+use clustermesh_bpf::{Direction, EndpointFlags, PolicyKey, PolicyValue, Proto, Verdict};
+use clustermesh_model::ip::Protocol;
+use clustermesh_model::policy::NetworkPolicy;
+use clustermesh_proto::Object;
+use support::*;
+
+const WEB: &str = "10.1.0.10";
+
+/// c1 (local): web (on this node), frontend, other (another namespace); a web on another
+/// node; c2: frontend; c3: frontend.
+fn mesh() -> (View, BTreeMap<&'static str, u32>) {
+    let mut v = view();
+    let mut ids = BTreeMap::new();
+    for (key, cluster, n, ns, app) in [
+        ("web", "c1", 256, "prod", "web"),
+        ("frontend", "c1", 257, "prod", "frontend"),
+        ("other-ns", "c1", 258, "dev", "frontend"),
+        ("c2-frontend", "c2", 300, "prod", "frontend"),
+        ("c3-frontend", "c3", 300, "prod", "frontend"),
+    ] {
+        let (id, obj) = identity(cluster, n, ns, &[("app", app)]);
+        v.upsert(obj);
+        ids.insert(key, id);
+    }
+    v.upsert(endpoint("c1", WEB, ids["web"], "192.0.2.1", &[("http", Protocol::Tcp, 8080)]));
+    v.upsert(endpoint("c1", "10.1.0.11", ids["web"], "192.0.2.99", &[]));
+    v.upsert(endpoint("c1", "10.1.0.20", ids["frontend"], "192.0.2.1", &[]));
+    (v, ids)
+}
+
+fn policy(v: &mut View, yaml: &str) {
+    let p: NetworkPolicy = serde_yaml_ng::from_str(yaml).unwrap();
+    p.validate().unwrap();
+    v.upsert(Object::Policy {
+        cluster: c("c1"),
+        policy: p,
+    });
+}
+
+fn web_entries(s: &PolicyState) -> BTreeMap<(u32, Option<(u16, Proto)>, Direction), Verdict> {
+    let web = u32::from(WEB.parse::<Ipv4Addr>().unwrap());
+    s.entries
+        .iter()
+        .filter(|(k, _)| k.endpoint_id == web)
+        .map(|(k, v)| ((k.identity, k.port, k.direction), v.verdict))
+        .collect()
+}
+
+fn flags(s: &PolicyState) -> EndpointFlags {
+    s.endpoints[&WEB.parse::<Ipv4Addr>().unwrap()].flags
+}
+
+const ALLOW_FRONTEND: &str = "
+namespace: prod
+name: allow-frontend
+rules:
+- endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts: [{ports: [{port: '8080', protocol: TCP}]}]
+";
+
+#[test]
+fn only_this_nodes_endpoints_are_programmed() {
+    let (v, ids) = mesh();
+    let s = resolve(&v);
+    let ips: Vec<String> = s.endpoints.keys().map(ToString::to_string).collect();
+    assert_eq!(ips, ["10.1.0.10", "10.1.0.20"]);
+    let web = &s.endpoints[&WEB.parse::<Ipv4Addr>().unwrap()];
+    assert_eq!(web.identity, ids["web"]);
+    assert_eq!(web.cluster_id, 1);
+    assert_eq!(web.flags, EndpointFlags::default(), "no policy: nothing enforced");
+    assert!(s.entries.is_empty());
+}
+
+#[test]
+fn a_selector_without_the_cluster_label_selects_the_local_cluster_only() {
+    let (mut v, ids) = mesh();
+    policy(&mut v, ALLOW_FRONTEND);
+    let s = resolve(&v);
+    assert_eq!(
+        web_entries(&s),
+        BTreeMap::from([(
+            (ids["frontend"], Some((8080, Proto::Tcp)), Direction::Ingress),
+            Verdict::Allow
+        )]),
+        "neither the other namespace nor other clusters"
+    );
+    let f = flags(&s);
+    assert!(f.enforce_ingress && !f.enforce_egress && !f.audit_ingress);
+    let web = u32::from(WEB.parse::<Ipv4Addr>().unwrap());
+    let key = PolicyKey {
+        endpoint_id: web,
+        identity: ids["frontend"],
+        port: Some((8080, Proto::Tcp)),
+        direction: Direction::Ingress,
+    };
+    let name = "prod/allow-frontend rule 0";
+    assert_eq!(
+        s.entries[&key],
+        PolicyValue {
+            verdict: Verdict::Allow,
+            rule_id: rule_id(name)
+        }
+    );
+    assert_eq!(s.rules[&rule_id(name)], name);
+    let explain = &s.explain[&WEB.parse::<Ipv4Addr>().unwrap()];
+    assert_eq!(explain.selected_by, [name]);
+    assert_eq!(explain.entries[0].rules, ["prod/allow-frontend rule 0 ingress[0]"]);
+}
+
+#[test]
+fn the_cluster_label_and_match_expressions_reach_remote_clusters() {
+    let (mut v, ids) = mesh();
+    policy(
+        &mut v,
+        "
+namespace: prod
+name: from-c2
+rules:
+- endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend, io.cilium.k8s.policy.cluster: c2}}]
+",
+    );
+    let got: Vec<u32> = web_entries(&resolve(&v)).keys().map(|k| k.0).collect();
+    assert_eq!(got, [ids["c2-frontend"]]);
+
+    policy(
+        &mut v,
+        "
+namespace: prod
+name: from-c2
+rules:
+- endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints:
+    - matchLabels: {app: frontend}
+      matchExpressions:
+      - {key: k8s:io.cilium.k8s.policy.cluster, operator: In, values: [c1, c3]}
+",
+    );
+    let got: Vec<u32> = web_entries(&resolve(&v)).keys().map(|k| k.0).collect();
+    assert_eq!(got, [ids["frontend"], ids["c3-frontend"]]);
+
+    // NotIn over every cluster but c1, and the namespace label opening other namespaces.
+    policy(
+        &mut v,
+        "
+name: clusterwide
+rules:
+- endpointSelector: {matchLabels: {app: web}}
+  egress:
+  - toEndpoints:
+    - matchExpressions:
+      - {key: io.cilium.k8s.policy.cluster, operator: NotIn, values: [c1]}
+      - {key: app, operator: Exists}
+",
+    );
+    let s = resolve(&v);
+    let egress: Vec<u32> = web_entries(&s)
+        .keys()
+        .filter(|k| k.2 == Direction::Egress)
+        .map(|k| k.0)
+        .collect();
+    assert_eq!(egress, [ids["c2-frontend"], ids["c3-frontend"]]);
+    assert!(flags(&s).enforce_egress);
+}
+
+#[test]
+fn a_namespaced_policy_selects_peers_of_its_namespace_unless_the_selector_names_one() {
+    let (mut v, ids) = mesh();
+    policy(
+        &mut v,
+        "
+namespace: prod
+name: from-dev
+rules:
+- endpointSelector: {}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend, k8s:io.kubernetes.pod.namespace: dev}}]
+",
+    );
+    let got: Vec<u32> = web_entries(&resolve(&v)).keys().map(|k| k.0).collect();
+    assert_eq!(got, [ids["other-ns"]]);
+    // A namespaced policy never applies to endpoints of another namespace.
+    policy(
+        &mut v,
+        "
+namespace: dev
+name: elsewhere
+rules:
+- endpointSelector: {}
+  ingress: [{}]
+",
+    );
+    let s = resolve(&v);
+    assert!(!s.explain[&WEB.parse::<Ipv4Addr>().unwrap()]
+        .selected_by
+        .iter()
+        .any(|r| r.starts_with("dev/")));
+}
+
+#[test]
+fn deny_wins_over_allow() {
+    let (mut v, ids) = mesh();
+    policy(&mut v, ALLOW_FRONTEND);
+    policy(
+        &mut v,
+        "
+name: deny-frontend
+rules:
+- endpointSelector: {matchLabels: {app: web}}
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts: [{ports: [{port: '8080', protocol: TCP}]}]
+",
+    );
+    let s = resolve(&v);
+    let key = (ids["frontend"], Some((8080, Proto::Tcp)), Direction::Ingress);
+    assert_eq!(web_entries(&s)[&key], Verdict::Deny);
+    let explain = &s.explain[&WEB.parse::<Ipv4Addr>().unwrap()];
+    assert_eq!(
+        explain.entries[0].rules,
+        [
+            "deny-frontend rule 0 ingressDeny[0]",
+            "prod/allow-frontend rule 0 ingress[0]"
+        ],
+        "the winner first"
+    );
+}
+
+#[test]
+fn audit_mode_records_instead_of_enforcing() {
+    let (mut v, ids) = mesh();
+    let audited = ALLOW_FRONTEND.replace("name: allow-frontend", "name: audited\naudit: true");
+    policy(&mut v, &audited);
+    let s = resolve(&v);
+    let f = flags(&s);
+    assert!(f.audit_ingress && !f.enforce_ingress, "{f:?}");
+    assert_eq!(
+        web_entries(&s),
+        BTreeMap::from([(
+            (ids["frontend"], Some((8080, Proto::Tcp)), Direction::Ingress),
+            Verdict::Audit
+        )])
+    );
+    // Once an enforcing policy covers ingress, the audit entries are left out.
+    policy(
+        &mut v,
+        "
+namespace: prod
+name: enforce
+rules:
+- endpointSelector: {matchLabels: {app: web}}
+  ingress: [{}]
+",
+    );
+    let s = resolve(&v);
+    let f = flags(&s);
+    assert!(f.enforce_ingress && !f.audit_ingress, "{f:?}");
+    assert!(web_entries(&s).is_empty(), "{:?}", web_entries(&s));
+    assert!(s.explain[&WEB.parse::<Ipv4Addr>().unwrap()]
+        .notes
+        .iter()
+        .any(|n| n.contains("audit-mode rule left out")));
+}
+
+#[test]
+fn ports_any_protocol_named_ports_and_rules_without_peers() {
+    let (mut v, ids) = mesh();
+    policy(
+        &mut v,
+        "
+namespace: prod
+name: ports
+rules:
+- endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts: [{ports: [{port: '53', protocol: ANY}, {port: http}]}]
+  - toPorts: [{ports: [{port: '9090'}]}]
+",
+    );
+    let s = resolve(&v);
+    let f = ids["frontend"];
+    assert_eq!(
+        web_entries(&s),
+        BTreeMap::from([
+            // No protocol: ANY, as in Cilium.
+            ((0, Some((9090, Proto::Tcp)), Direction::Ingress), Verdict::Allow),
+            ((0, Some((9090, Proto::Udp)), Direction::Ingress), Verdict::Allow),
+            ((f, Some((53, Proto::Tcp)), Direction::Ingress), Verdict::Allow),
+            ((f, Some((53, Proto::Udp)), Direction::Ingress), Verdict::Allow),
+            ((f, Some((8080, Proto::Tcp)), Direction::Ingress), Verdict::Allow),
+        ])
+    );
+    // A named port the endpoint does not have resolves to nothing, and says so.
+    policy(
+        &mut v,
+        "
+namespace: prod
+name: ports
+rules:
+- endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts: [{ports: [{port: grpc}]}]
+",
+    );
+    let s = resolve(&v);
+    assert!(web_entries(&s).is_empty());
+    assert!(flags(&s).enforce_ingress, "still default-deny");
+    assert!(s.explain[&WEB.parse::<Ipv4Addr>().unwrap()]
+        .notes
+        .iter()
+        .any(|n| n.contains("named port \"grpc\" not found")));
+}
+
+#[test]
+fn removing_the_policy_removes_its_entries_and_enforcement() {
+    let (mut v, _) = mesh();
+    policy(&mut v, ALLOW_FRONTEND);
+    assert!(!resolve(&v).entries.is_empty());
+    let dirty = v.delete(&clustermesh_proto::ObjectRef {
+        kind: clustermesh_proto::v1::Kind::Policies,
+        cluster: c("c1"),
+        name: "prod/allow-frontend".into(),
+    });
+    assert!(dirty.policy);
+    let s = resolve(&v);
+    assert!(s.entries.is_empty());
+    assert_eq!(flags(&s), EndpointFlags::default());
+}

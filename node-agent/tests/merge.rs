@@ -2,7 +2,10 @@
 //! withdrawn combination, port-name matching, shared and global flags, legacy annotations,
 //! the panic threshold.
 
-#![allow(clippy::unwrap_used, reason = "test code: a panic is the failure report")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is the failure report"
+)]
 
 mod support;
 
@@ -53,36 +56,100 @@ fn every_affinity_health_and_withdrawal_combination() {
         (Affinity::None, true, false, false, Selected, Unhealthy),
         (Affinity::None, true, false, true, Selected, Unhealthy),
         (Affinity::None, false, true, false, Unhealthy, Selected),
-        (Affinity::None, false, true, true, Unhealthy, ClusterWithdrawn),
+        (
+            Affinity::None,
+            false,
+            true,
+            true,
+            Unhealthy,
+            ClusterWithdrawn,
+        ),
         (Affinity::None, false, false, false, Unhealthy, Unhealthy),
         (Affinity::None, false, false, true, Unhealthy, Unhealthy),
         (Affinity::Local, true, true, false, Selected, AffinityLocal),
-        (Affinity::Local, true, true, true, Selected, ClusterWithdrawn),
+        (
+            Affinity::Local,
+            true,
+            true,
+            true,
+            Selected,
+            ClusterWithdrawn,
+        ),
         (Affinity::Local, true, false, false, Selected, Unhealthy),
         (Affinity::Local, true, false, true, Selected, Unhealthy),
         (Affinity::Local, false, true, false, Unhealthy, Selected),
-        (Affinity::Local, false, true, true, Unhealthy, ClusterWithdrawn),
+        (
+            Affinity::Local,
+            false,
+            true,
+            true,
+            Unhealthy,
+            ClusterWithdrawn,
+        ),
         (Affinity::Local, false, false, false, Unhealthy, Unhealthy),
         (Affinity::Local, false, false, true, Unhealthy, Unhealthy),
-        (Affinity::Remote, true, true, false, AffinityRemote, Selected),
-        (Affinity::Remote, true, true, true, Selected, ClusterWithdrawn),
+        (
+            Affinity::Remote,
+            true,
+            true,
+            false,
+            AffinityRemote,
+            Selected,
+        ),
+        (
+            Affinity::Remote,
+            true,
+            true,
+            true,
+            Selected,
+            ClusterWithdrawn,
+        ),
         (Affinity::Remote, true, false, false, Selected, Unhealthy),
         (Affinity::Remote, true, false, true, Selected, Unhealthy),
         (Affinity::Remote, false, true, false, Unhealthy, Selected),
-        (Affinity::Remote, false, true, true, Unhealthy, ClusterWithdrawn),
+        (
+            Affinity::Remote,
+            false,
+            true,
+            true,
+            Unhealthy,
+            ClusterWithdrawn,
+        ),
         (Affinity::Remote, false, false, false, Unhealthy, Unhealthy),
         (Affinity::Remote, false, false, true, Unhealthy, Unhealthy),
     ];
     for (affinity, lh, rh, withdrawn, want_local, want_remote) in table {
-        let row = format!("affinity {affinity:?}, local healthy {lh}, remote healthy {rh}, withdrawn {withdrawn}");
+        let row = format!(
+            "affinity {affinity:?}, local healthy {lh}, remote healthy {rh}, withdrawn {withdrawn}"
+        );
         let health = |h: bool| if h { READY } else { NOT_READY };
         let mut v = view();
-        v.upsert(Object::Service(web("c1", true, true, affinity, &[("10.1.0.1", health(lh))])));
-        v.upsert(Object::Service(web("c2", true, true, Affinity::None, &[("10.2.0.1", health(rh))])));
+        v.upsert(Object::Service(web(
+            "c1",
+            true,
+            true,
+            affinity,
+            &[("10.1.0.1", health(lh))],
+        )));
+        v.upsert(Object::Service(web(
+            "c2",
+            true,
+            true,
+            Affinity::None,
+            &[("10.2.0.1", health(rh))],
+        )));
         v.upsert(status("c2", withdrawn, false));
         let f = only_frontend(&v);
-        assert_eq!(reason_of(&f, "10.1.0.1"), want_local, "local backend, {row}");
-        assert_eq!(reason_of(&f, "10.2.0.1"), want_remote, "remote backend, {row}");
+        assert_eq!(
+            reason_of(&f, "10.1.0.1"),
+            want_local,
+            "local backend, {row}"
+        );
+        assert_eq!(
+            reason_of(&f, "10.2.0.1"),
+            want_remote,
+            "remote backend, {row}"
+        );
         let mut want = Vec::new();
         if want_local == Selected {
             want.push(backend(1, "10.1.0.1"));
@@ -129,7 +196,10 @@ fn backends_match_frontends_by_port_name_and_protocol() {
         ports(&[("http", Protocol::Tcp, 80), ("dns", Protocol::Udp, 53)]),
     );
     local.backends = BTreeMap::from([
-        (ip("10.1.0.1"), ports(&[("http", Protocol::Tcp, 8080), ("dns", Protocol::Udp, 5353)])),
+        (
+            ip("10.1.0.1"),
+            ports(&[("http", Protocol::Tcp, 8080), ("dns", Protocol::Udp, 5353)]),
+        ),
         // Only a port of another name.
         (ip("10.1.0.2"), ports(&[("metrics", Protocol::Tcp, 9090)])),
         // The right name, the wrong protocol.
@@ -137,8 +207,11 @@ fn backends_match_frontends_by_port_name_and_protocol() {
     ]);
     v.upsert(Object::Service(local));
     let plan = merge(&v, &name()).unwrap();
-    let by_name: BTreeMap<&str, &FrontendPlan> =
-        plan.frontends.iter().map(|f| (f.port_name.as_str(), f)).collect();
+    let by_name: BTreeMap<&str, &FrontendPlan> = plan
+        .frontends
+        .iter()
+        .map(|f| (f.port_name.as_str(), f))
+        .collect();
     let http = by_name["http"];
     assert_eq!((http.port, http.proto), (80, Proto::Tcp));
     assert_eq!(http.backends, vec![backend(1, "10.1.0.1")]);
@@ -161,17 +234,47 @@ fn backends_match_frontends_by_port_name_and_protocol() {
 #[test]
 fn only_global_and_shared_remote_definitions_count_and_only_for_a_global_local_one() {
     let mut v = view();
-    v.upsert(Object::Service(web("c1", true, true, Affinity::None, &[("10.1.0.1", READY)])));
-    v.upsert(Object::Service(web("c2", true, false, Affinity::None, &[("10.2.0.1", READY)])));
-    v.upsert(Object::Service(web("c3", false, false, Affinity::None, &[("10.3.0.1", READY)])));
+    v.upsert(Object::Service(web(
+        "c1",
+        true,
+        true,
+        Affinity::None,
+        &[("10.1.0.1", READY)],
+    )));
+    v.upsert(Object::Service(web(
+        "c2",
+        true,
+        false,
+        Affinity::None,
+        &[("10.2.0.1", READY)],
+    )));
+    v.upsert(Object::Service(web(
+        "c3",
+        false,
+        false,
+        Affinity::None,
+        &[("10.3.0.1", READY)],
+    )));
     let f = only_frontend(&v);
     assert_eq!(reason_of(&f, "10.2.0.1"), Reason::NotShared);
     assert_eq!(reason_of(&f, "10.3.0.1"), Reason::RemoteNotGlobal);
     assert_eq!(f.backends, vec![backend(1, "10.1.0.1")]);
 
     // The local definition is not global: remote backends never count.
-    v.upsert(Object::Service(web("c1", false, false, Affinity::None, &[("10.1.0.1", READY)])));
-    v.upsert(Object::Service(web("c2", true, true, Affinity::None, &[("10.2.0.1", READY)])));
+    v.upsert(Object::Service(web(
+        "c1",
+        false,
+        false,
+        Affinity::None,
+        &[("10.1.0.1", READY)],
+    )));
+    v.upsert(Object::Service(web(
+        "c2",
+        true,
+        true,
+        Affinity::None,
+        &[("10.2.0.1", READY)],
+    )));
     let f = only_frontend(&v);
     assert_eq!(reason_of(&f, "10.2.0.1"), Reason::LocalNotGlobal);
     assert_eq!(f.backends, vec![backend(1, "10.1.0.1")]);
@@ -180,7 +283,13 @@ fn only_global_and_shared_remote_definitions_count_and_only_for_a_global_local_o
 #[test]
 fn a_service_without_a_local_definition_is_not_programmed() {
     let mut v = view();
-    v.upsert(Object::Service(web("c2", true, true, Affinity::None, &[("10.2.0.1", READY)])));
+    v.upsert(Object::Service(web(
+        "c2",
+        true,
+        true,
+        Affinity::None,
+        &[("10.2.0.1", READY)],
+    )));
     assert_eq!(merge(&v, &name()), None);
 }
 
@@ -204,22 +313,41 @@ fn legacy_annotations_drive_the_merge_like_the_current_ones() {
             settings.affinity,
             &[("10.1.0.1", READY)],
         )));
-        v.upsert(Object::Service(web("c2", true, true, Affinity::None, &[("10.2.0.1", READY)])));
+        v.upsert(Object::Service(web(
+            "c2",
+            true,
+            true,
+            Affinity::None,
+            &[("10.2.0.1", READY)],
+        )));
         let f = only_frontend(&v);
-        assert_eq!(reason_of(&f, "10.2.0.1"), Reason::AffinityLocal, "{global_key}");
+        assert_eq!(
+            reason_of(&f, "10.2.0.1"),
+            Reason::AffinityLocal,
+            "{global_key}"
+        );
         assert_eq!(f.backends, vec![backend(1, "10.1.0.1")], "{global_key}");
     }
 }
 
 #[test]
 fn the_panic_threshold_keeps_a_withdrawn_clusters_last_backends() {
-    for (keep, want) in [
-        (true, vec![backend(2, "10.2.0.1")]),
-        (false, vec![]),
-    ] {
+    for (keep, want) in [(true, vec![backend(2, "10.2.0.1")]), (false, vec![])] {
         let mut v = view();
-        v.upsert(Object::Service(web("c1", true, true, Affinity::None, &[("10.1.0.1", NOT_READY)])));
-        v.upsert(Object::Service(web("c2", true, true, Affinity::None, &[("10.2.0.1", READY)])));
+        v.upsert(Object::Service(web(
+            "c1",
+            true,
+            true,
+            Affinity::None,
+            &[("10.1.0.1", NOT_READY)],
+        )));
+        v.upsert(Object::Service(web(
+            "c2",
+            true,
+            true,
+            Affinity::None,
+            &[("10.2.0.1", READY)],
+        )));
         v.upsert(status("c2", true, keep));
         let f = only_frontend(&v);
         assert_eq!(f.backends, want, "keepLastBackends {keep}");
@@ -232,8 +360,20 @@ fn the_panic_threshold_keeps_a_withdrawn_clusters_last_backends() {
     }
     // With a healthy backend elsewhere, the withdrawn cluster's backends go.
     let mut v = view();
-    v.upsert(Object::Service(web("c1", true, true, Affinity::None, &[("10.1.0.1", READY)])));
-    v.upsert(Object::Service(web("c2", true, true, Affinity::None, &[("10.2.0.1", READY)])));
+    v.upsert(Object::Service(web(
+        "c1",
+        true,
+        true,
+        Affinity::None,
+        &[("10.1.0.1", READY)],
+    )));
+    v.upsert(Object::Service(web(
+        "c2",
+        true,
+        true,
+        Affinity::None,
+        &[("10.2.0.1", READY)],
+    )));
     v.upsert(status("c2", true, true));
     assert_eq!(only_frontend(&v).backends, vec![backend(1, "10.1.0.1")]);
 }

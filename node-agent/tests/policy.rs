@@ -2,7 +2,10 @@
 //! matchExpressions, deny over allow, audit mode, ports (numbers, ANY, named), and which
 //! endpoints are this node's.
 
-#![allow(clippy::unwrap_used, reason = "test code: a panic is the failure report")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is the failure report"
+)]
 
 mod support;
 
@@ -35,9 +38,21 @@ fn mesh() -> (View, BTreeMap<&'static str, u32>) {
         v.upsert(obj);
         ids.insert(key, id);
     }
-    v.upsert(endpoint("c1", WEB, ids["web"], "192.0.2.1", &[("http", Protocol::Tcp, 8080)]));
+    v.upsert(endpoint(
+        "c1",
+        WEB,
+        ids["web"],
+        "192.0.2.1",
+        &[("http", Protocol::Tcp, 8080)],
+    ));
     v.upsert(endpoint("c1", "10.1.0.11", ids["web"], "192.0.2.99", &[]));
-    v.upsert(endpoint("c1", "10.1.0.20", ids["frontend"], "192.0.2.1", &[]));
+    v.upsert(endpoint(
+        "c1",
+        "10.1.0.20",
+        ids["frontend"],
+        "192.0.2.1",
+        &[],
+    ));
     (v, ids)
 }
 
@@ -50,7 +65,10 @@ fn policy(v: &mut View, yaml: &str) {
     });
 }
 
-fn web_entries(s: &PolicyState) -> BTreeMap<(u32, Option<(u16, Proto)>, Direction), Verdict> {
+/// Peer identity, port and direction.
+type EntryKey = (u32, Option<(u16, Proto)>, Direction);
+
+fn web_entries(s: &PolicyState) -> BTreeMap<EntryKey, Verdict> {
     let web = u32::from(WEB.parse::<Ipv4Addr>().unwrap());
     s.entries
         .iter()
@@ -82,7 +100,11 @@ fn only_this_nodes_endpoints_are_programmed() {
     let web = &s.endpoints[&WEB.parse::<Ipv4Addr>().unwrap()];
     assert_eq!(web.identity, ids["web"]);
     assert_eq!(web.cluster_id, 1);
-    assert_eq!(web.flags, EndpointFlags::default(), "no policy: nothing enforced");
+    assert_eq!(
+        web.flags,
+        EndpointFlags::default(),
+        "no policy: nothing enforced"
+    );
     assert!(s.entries.is_empty());
 }
 
@@ -94,7 +116,11 @@ fn a_selector_without_the_cluster_label_selects_the_local_cluster_only() {
     assert_eq!(
         web_entries(&s),
         BTreeMap::from([(
-            (ids["frontend"], Some((8080, Proto::Tcp)), Direction::Ingress),
+            (
+                ids["frontend"],
+                Some((8080, Proto::Tcp)),
+                Direction::Ingress
+            ),
             Verdict::Allow
         )]),
         "neither the other namespace nor other clusters"
@@ -119,7 +145,10 @@ fn a_selector_without_the_cluster_label_selects_the_local_cluster_only() {
     assert_eq!(s.rules[&rule_id(name)], name);
     let explain = &s.explain[&WEB.parse::<Ipv4Addr>().unwrap()];
     assert_eq!(explain.selected_by, [name]);
-    assert_eq!(explain.entries[0].rules, ["prod/allow-frontend rule 0 ingress[0]"]);
+    assert_eq!(
+        explain.entries[0].rules,
+        ["prod/allow-frontend rule 0 ingress[0]"]
+    );
 }
 
 #[test]
@@ -208,10 +237,12 @@ rules:
 ",
     );
     let s = resolve(&v);
-    assert!(!s.explain[&WEB.parse::<Ipv4Addr>().unwrap()]
-        .selected_by
-        .iter()
-        .any(|r| r.starts_with("dev/")));
+    assert!(
+        !s.explain[&WEB.parse::<Ipv4Addr>().unwrap()]
+            .selected_by
+            .iter()
+            .any(|r| r.starts_with("dev/"))
+    );
 }
 
 #[test]
@@ -230,7 +261,11 @@ rules:
 ",
     );
     let s = resolve(&v);
-    let key = (ids["frontend"], Some((8080, Proto::Tcp)), Direction::Ingress);
+    let key = (
+        ids["frontend"],
+        Some((8080, Proto::Tcp)),
+        Direction::Ingress,
+    );
     assert_eq!(web_entries(&s)[&key], Verdict::Deny);
     let explain = &s.explain[&WEB.parse::<Ipv4Addr>().unwrap()];
     assert_eq!(
@@ -254,7 +289,11 @@ fn audit_mode_records_instead_of_enforcing() {
     assert_eq!(
         web_entries(&s),
         BTreeMap::from([(
-            (ids["frontend"], Some((8080, Proto::Tcp)), Direction::Ingress),
+            (
+                ids["frontend"],
+                Some((8080, Proto::Tcp)),
+                Direction::Ingress
+            ),
             Verdict::Audit
         )])
     );
@@ -273,10 +312,12 @@ rules:
     let f = flags(&s);
     assert!(f.enforce_ingress && !f.audit_ingress, "{f:?}");
     assert!(web_entries(&s).is_empty(), "{:?}", web_entries(&s));
-    assert!(s.explain[&WEB.parse::<Ipv4Addr>().unwrap()]
-        .notes
-        .iter()
-        .any(|n| n.contains("audit-mode rule left out")));
+    assert!(
+        s.explain[&WEB.parse::<Ipv4Addr>().unwrap()]
+            .notes
+            .iter()
+            .any(|n| n.contains("audit-mode rule left out"))
+    );
 }
 
 #[test]
@@ -301,11 +342,26 @@ rules:
         web_entries(&s),
         BTreeMap::from([
             // No protocol: ANY, as in Cilium.
-            ((0, Some((9090, Proto::Tcp)), Direction::Ingress), Verdict::Allow),
-            ((0, Some((9090, Proto::Udp)), Direction::Ingress), Verdict::Allow),
-            ((f, Some((53, Proto::Tcp)), Direction::Ingress), Verdict::Allow),
-            ((f, Some((53, Proto::Udp)), Direction::Ingress), Verdict::Allow),
-            ((f, Some((8080, Proto::Tcp)), Direction::Ingress), Verdict::Allow),
+            (
+                (0, Some((9090, Proto::Tcp)), Direction::Ingress),
+                Verdict::Allow
+            ),
+            (
+                (0, Some((9090, Proto::Udp)), Direction::Ingress),
+                Verdict::Allow
+            ),
+            (
+                (f, Some((53, Proto::Tcp)), Direction::Ingress),
+                Verdict::Allow
+            ),
+            (
+                (f, Some((53, Proto::Udp)), Direction::Ingress),
+                Verdict::Allow
+            ),
+            (
+                (f, Some((8080, Proto::Tcp)), Direction::Ingress),
+                Verdict::Allow
+            ),
         ])
     );
     // A named port the endpoint does not have resolves to nothing, and says so.
@@ -324,10 +380,12 @@ rules:
     let s = resolve(&v);
     assert!(web_entries(&s).is_empty());
     assert!(flags(&s).enforce_ingress, "still default-deny");
-    assert!(s.explain[&WEB.parse::<Ipv4Addr>().unwrap()]
-        .notes
-        .iter()
-        .any(|n| n.contains("named port \"grpc\" not found")));
+    assert!(
+        s.explain[&WEB.parse::<Ipv4Addr>().unwrap()]
+            .notes
+            .iter()
+            .any(|n| n.contains("named port \"grpc\" not found"))
+    );
 }
 
 #[test]

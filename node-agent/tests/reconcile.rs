@@ -2,7 +2,10 @@
 //! before it is allowed, adoption of existing maps without a write, and incremental passes
 //! that end where a full one does.
 
-#![allow(clippy::unwrap_used, reason = "test code: a panic is the failure report")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is the failure report"
+)]
 
 mod support;
 
@@ -89,13 +92,31 @@ impl Datapath for Recording {
 /// A view with a global service (local and remote backends), endpoints and a policy.
 fn populated() -> View {
     let mut v = view();
-    v.upsert(Object::Service(web("c1", true, true, Affinity::None, &[("10.1.0.1", READY)])));
-    v.upsert(Object::Service(web("c2", true, true, Affinity::None, &[("10.2.0.1", READY)])));
+    v.upsert(Object::Service(web(
+        "c1",
+        true,
+        true,
+        Affinity::None,
+        &[("10.1.0.1", READY)],
+    )));
+    v.upsert(Object::Service(web(
+        "c2",
+        true,
+        true,
+        Affinity::None,
+        &[("10.2.0.1", READY)],
+    )));
     let (web_id, obj) = identity("c1", 256, "prod", &[("app", "web")]);
     v.upsert(obj);
     let (fe_id, obj) = identity("c2", 300, "prod", &[("app", "frontend")]);
     v.upsert(obj);
-    v.upsert(endpoint("c1", "10.1.0.1", web_id, "192.0.2.1", &[("http", Protocol::Tcp, 8080)]));
+    v.upsert(endpoint(
+        "c1",
+        "10.1.0.1",
+        web_id,
+        "192.0.2.1",
+        &[("http", Protocol::Tcp, 8080)],
+    ));
     v.upsert(endpoint("c2", "10.2.0.1", fe_id, "192.0.2.2", &[]));
     let p: NetworkPolicy = serde_yaml_ng::from_str(
         "
@@ -169,7 +190,8 @@ fn writes_come_before_what_refers_to_them_and_removals_after() {
     dirty.merge(v.delete(&del(v1::Kind::Services, "c2", "prod/web")));
     dirty.merge(v.delete(&del(v1::Kind::Ipcache, "c2", "10.2.0.1")));
     let changed = desired.update(&v, &dirty);
-    r.reconcile(&desired, Scope::Changed(&changed), true).unwrap();
+    r.reconcile(&desired, Scope::Changed(&changed), true)
+        .unwrap();
     assert_eq!(
         dp.take(),
         [
@@ -183,7 +205,11 @@ fn writes_come_before_what_refers_to_them_and_removals_after() {
     );
     let (services, ipcache, endpoints, policy) = resolved(dp.as_ref());
     assert_eq!(services.values().next().unwrap().len(), 1);
-    assert_eq!(dp.snapshot().unwrap().backends.len(), 1, "the unused backend is gone");
+    assert_eq!(
+        dp.snapshot().unwrap().backends.len(),
+        1,
+        "the unused backend is gone"
+    );
     assert_eq!((ipcache.len(), policy.len()), (1, 0));
     assert!(!endpoints.values().next().unwrap().flags.enforce_ingress);
 }
@@ -201,7 +227,11 @@ fn nothing_is_removed_until_pruning_is_allowed() {
     let stats = r.reconcile(&empty, Scope::Full, false).unwrap();
     assert!(dp.take().is_empty(), "no write at all");
     assert_eq!(stats.deletes, 0);
-    assert_eq!(stats.held, 1 + 1 + 1 + 2, "endpoint, policy entry, service, ipcache");
+    assert_eq!(
+        stats.held,
+        1 + 1 + 1 + 2,
+        "endpoint, policy entry, service, ipcache"
+    );
     assert_eq!(resolved(dp.as_ref()), before);
     let stats = r.reconcile(&empty, Scope::Full, true).unwrap();
     assert_eq!(stats.deletes, 1 + 1 + 1 + 2 + 2, "... and the two backends");
@@ -224,7 +254,11 @@ fn adopting_maps_that_already_match_writes_nothing() {
     let stats = r.reconcile(&desired, Scope::Full, true).unwrap();
     assert!(stats.is_empty(), "{stats:?}");
     assert!(dp.take().is_empty());
-    assert_eq!(dp.snapshot().unwrap().backends, ids_before, "backend IDs kept");
+    assert_eq!(
+        dp.snapshot().unwrap().backends,
+        ids_before,
+        "backend IDs kept"
+    );
 }
 
 #[test]
@@ -246,20 +280,39 @@ fn incremental_passes_end_where_a_full_pass_does() {
             )))
         }),
         Box::new(|v| v.upsert(status("c2", false, false))),
-        Box::new(|v| v.delete(&del(v1::Kind::Identities, "c2", &((2 << 16) + 300).to_string()))),
-        Box::new(|v| v.upsert(endpoint("c1", "10.1.0.3", (1 << 16) + 256, "192.0.2.1", &[]))),
+        Box::new(|v| {
+            v.delete(&del(
+                v1::Kind::Identities,
+                "c2",
+                &((2 << 16) + 300).to_string(),
+            ))
+        }),
+        Box::new(|v| {
+            v.upsert(endpoint(
+                "c1",
+                "10.1.0.3",
+                (1 << 16) + 256,
+                "192.0.2.1",
+                &[],
+            ))
+        }),
         Box::new(|v| v.delete(&del(v1::Kind::Services, "c1", "prod/web"))),
     ];
     for (i, step) in steps.iter().enumerate() {
         let dirty = step(&mut v);
         let changed = desired.update(&v, &dirty);
-        r.reconcile(&desired, Scope::Changed(&changed), true).unwrap();
+        r.reconcile(&desired, Scope::Changed(&changed), true)
+            .unwrap();
         let fresh = Arc::new(UserspaceDatapath::new());
         Reconciler::adopt(fresh.clone())
             .unwrap()
             .reconcile(&Desired::from_view(&v), Scope::Full, true)
             .unwrap();
-        assert_eq!(resolved(dp.as_ref()), resolved(fresh.as_ref()), "after step {i}");
+        assert_eq!(
+            resolved(dp.as_ref()),
+            resolved(fresh.as_ref()),
+            "after step {i}"
+        );
         assert_eq!(desired, Desired::from_view(&v), "desired after step {i}");
     }
 }

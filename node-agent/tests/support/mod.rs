@@ -1,7 +1,14 @@
 //! Builders for views in the agent's tests: clusters c1 (local, ID 1) and c2, c3 (remote).
 
-#![allow(dead_code, unreachable_pub, reason = "each test binary uses part of it")]
-#![allow(clippy::unwrap_used, reason = "test code: a panic is the failure report")]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    reason = "each test binary uses part of it"
+)]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is the failure report"
+)]
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

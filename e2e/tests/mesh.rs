@@ -1,0 +1,196 @@
+//! Two clusters of real processes (apiservers A and B, B's node agent on the eBPF datapath)
+//! and pods in network namespaces:
+//! - a global service with backends in both clusters is programmed with both, and a client
+//!   in B reaches A's backend through the VIP;
+//! - a cross-cluster policy on B's web pod allows A's frontend and drops A's other pod, with
+//!   real connections;
+//! - when A is killed, its backends leave B's maps after the withdraw delay and new
+//!   connections all go to B's backend.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is the failure report"
+)]
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use clustermesh_e2e::{Agent, Cluster, Topology, binary, tally, wait_until};
+
+const SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: prod, annotations: {service.cilium.io/global: "true"}}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
+"#;
+
+fn slice(ip: &str) -> String {
+    format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: prod, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [{ip}]}}]\n"
+    )
+}
+
+fn pod(name: &str, app: &str, ip: &str, host: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: prod, labels: {{app: {app}}}}}\nstatus: {{podIP: {ip}, hostIP: {host}}}\n"
+    )
+}
+
+fn node(name: &str, ip: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nstatus: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n"
+    )
+}
+
+const POLICY: &str = r#"
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend, io.cilium.k8s.policy.cluster: c1}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"#;
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn backends(agent: &Agent) -> usize {
+    agent.get("/explain/service/prod/web")["frontends"][0]["backends"]
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+#[test]
+fn global_service_policy_and_failover_across_two_clusters() {
+    let topo = Topology::new(
+        &binary("cm-netprobe"),
+        &[
+            ("a-web", ip("10.244.1.10")),
+            ("a-frontend", ip("10.244.1.20")),
+            ("a-other", ip("10.244.1.21")),
+            ("b-web", ip("10.244.2.10")),
+            ("b-client", ip("10.244.2.20")),
+        ],
+    );
+    topo.serve("a-web", 8080);
+    topo.serve("b-web", 8080);
+
+    let mut a = Cluster::new("c1", 1);
+    let mut b = Cluster::new("c2", 2);
+    b.import(&a);
+    b.configure("staleness: {unreachableAfterMillis: 600, withdrawAfterMillis: 600, restoreAfterMillis: 1500, keepLastBackends: false}\n");
+    a.write_manifest(
+        "a.yaml",
+        &format!(
+            "{SERVICE}{}{}{}{}{}",
+            slice("10.244.1.10"),
+            pod("a-web", "web", "10.244.1.10", "192.0.2.1"),
+            pod("a-frontend", "frontend", "10.244.1.20", "192.0.2.1"),
+            pod("a-other", "other", "10.244.1.21", "192.0.2.1"),
+            node("a-node", "192.0.2.1"),
+        ),
+    );
+    b.write_manifest(
+        "b.yaml",
+        &format!(
+            "{SERVICE}{}{}{}{}{POLICY}",
+            slice("10.244.2.10"),
+            pod("b-web", "web", "10.244.2.10", "192.0.2.2"),
+            pod("b-client", "client", "10.244.2.20", "192.0.2.2"),
+            node("b-node", "192.0.2.2"),
+        ),
+    );
+    a.start();
+    b.start();
+    let agent = Agent::start(&b.agent_config("b-node", &topo));
+
+    // The global service gets both clusters' backends.
+    wait_until(Duration::from_secs(30), "both backends in B's maps", || {
+        backends(&agent) == 2
+    });
+    let status = agent.get("/status");
+    for pod_ip in ["10.244.2.10", "10.244.2.20"] {
+        let e = &status["endpoints"][pod_ip];
+        assert!(
+            e["error"].is_null() && e["interface"].is_string(),
+            "{pod_ip}: {e}\n{}",
+            agent.log()
+        );
+    }
+    let lines = topo.probe("b-client", true, &["tcp", "10.96.0.10:80", "--count", "60"]);
+    let (names, failed) = tally(&lines);
+    assert_eq!(failed, 0, "{lines:?}");
+    assert!(
+        names.get("a-web").is_some_and(|n| *n > 0) && names.get("b-web").is_some_and(|n| *n > 0),
+        "both clusters answer through the VIP: {names:?}"
+    );
+
+    // Cross-cluster policy on b-web: A's frontend in, A's other pod dropped.
+    let lines = topo.probe(
+        "a-frontend",
+        false,
+        &[
+            "tcp",
+            "10.244.2.10:8080",
+            "--count",
+            "3",
+            "--timeout-ms",
+            "3000",
+        ],
+    );
+    assert_eq!(
+        tally(&lines),
+        ([("b-web".to_owned(), 3)].into(), 0),
+        "{lines:?}"
+    );
+    let lines = topo.probe(
+        "a-other",
+        false,
+        &[
+            "tcp",
+            "10.244.2.10:8080",
+            "--count",
+            "3",
+            "--timeout-ms",
+            "500",
+        ],
+    );
+    assert_eq!(tally(&lines), (Default::default(), 3), "{lines:?}");
+    let explain = agent.get("/explain/endpoint/10.244.2.10");
+    assert_eq!(explain["enforce_ingress"], true, "{explain}");
+
+    // A dies: after the withdraw delay its backend leaves B's maps.
+    let killed = Instant::now();
+    a.kill();
+    wait_until(
+        Duration::from_secs(30),
+        "A's backend to be withdrawn",
+        || backends(&agent) == 1,
+    );
+    let withdrawn_after = killed.elapsed();
+    let plan = agent.get("/explain/service/prod/web");
+    let a_web = plan["frontends"][0]["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["ip"] == "10.244.1.10")
+        .cloned()
+        .unwrap();
+    assert_eq!(a_web["reason"], "cluster-withdrawn", "{plan}");
+    assert!(
+        withdrawn_after >= Duration::from_millis(600),
+        "withdrawn after {withdrawn_after:?}, before the configured delay"
+    );
+    let lines = topo.probe("b-client", true, &["tcp", "10.96.0.10:80", "--count", "40"]);
+    assert_eq!(
+        tally(&lines),
+        ([("b-web".to_owned(), 40)].into(), 0),
+        "every new connection goes to B"
+    );
+}

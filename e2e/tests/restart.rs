@@ -6,6 +6,10 @@
     clippy::unwrap_used,
     reason = "test code: a panic is the failure report"
 )]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a synchronous test: no async runtime to block"
+)]
 
 use std::time::Duration;
 

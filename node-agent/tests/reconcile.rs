@@ -261,6 +261,9 @@ fn adopting_maps_that_already_match_writes_nothing() {
     );
 }
 
+/// One change to a view.
+type Step = Box<dyn Fn(&mut View) -> clustermesh_agent::view::Dirty>;
+
 #[test]
 fn incremental_passes_end_where_a_full_pass_does() {
     let dp = Arc::new(UserspaceDatapath::new());
@@ -268,7 +271,7 @@ fn incremental_passes_end_where_a_full_pass_does() {
     let mut v = populated();
     let mut desired = Desired::from_view(&v);
     r.reconcile(&desired, Scope::Full, true).unwrap();
-    let steps: Vec<Box<dyn Fn(&mut View) -> clustermesh_agent::view::Dirty>> = vec![
+    let steps: Vec<Step> = vec![
         Box::new(|v| v.upsert(status("c2", true, false))),
         Box::new(|v| {
             v.upsert(Object::Service(web(

@@ -20,8 +20,6 @@ use clustermesh_bpf::{
     Backend, BackendId, Datapath, Endpoint, IpCacheValue, PolicyKey, PolicyValue, Prefix,
     ServiceKey, Snapshot, UserspaceDatapath,
 };
-use clustermesh_model::ip::Protocol;
-use clustermesh_model::policy::NetworkPolicy;
 use clustermesh_model::service::Affinity;
 use clustermesh_proto::{Object, ObjectRef, v1};
 use parking_lot::Mutex;
@@ -87,53 +85,6 @@ impl Datapath for Recording {
     fn snapshot(&self) -> clustermesh_bpf::Result<Snapshot> {
         self.inner.snapshot()
     }
-}
-
-/// A view with a global service (local and remote backends), endpoints and a policy.
-fn populated() -> View {
-    let mut v = view();
-    v.upsert(Object::Service(web(
-        "c1",
-        true,
-        true,
-        Affinity::None,
-        &[("10.1.0.1", READY)],
-    )));
-    v.upsert(Object::Service(web(
-        "c2",
-        true,
-        true,
-        Affinity::None,
-        &[("10.2.0.1", READY)],
-    )));
-    let (web_id, obj) = identity("c1", 256, "prod", &[("app", "web")]);
-    v.upsert(obj);
-    let (fe_id, obj) = identity("c2", 300, "prod", &[("app", "frontend")]);
-    v.upsert(obj);
-    v.upsert(endpoint(
-        "c1",
-        "10.1.0.1",
-        web_id,
-        "192.0.2.1",
-        &[("http", Protocol::Tcp, 8080)],
-    ));
-    v.upsert(endpoint("c2", "10.2.0.1", fe_id, "192.0.2.2", &[]));
-    let p: NetworkPolicy = serde_yaml_ng::from_str(
-        "
-namespace: prod
-name: p
-rules:
-- endpointSelector: {matchLabels: {app: web}}
-  ingress:
-  - fromEndpoints: [{matchLabels: {app: frontend, io.cilium.k8s.policy.cluster: c2}}]
-",
-    )
-    .unwrap();
-    v.upsert(Object::Policy {
-        cluster: c("c1"),
-        policy: p,
-    });
-    v
 }
 
 /// Map contents with backend IDs resolved to backends (IDs are the reconciler's choice).

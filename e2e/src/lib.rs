@@ -241,6 +241,27 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// The agent configuration for `node` of this cluster on the userspace datapath (maps in
+    /// the agent's memory; no privileges needed).
+    pub fn agent_config_userspace(&self, node: &str) -> PathBuf {
+        let certs = self.dir.path().join("certs");
+        let path = self.dir.path().join(format!("agent-{node}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                "cluster: {}\nnodeName: {node}\napiserver: {{address: \"{}\", ca: {c}/ca.pem, cert: {c}/local.pem, key: {c}/local-key.pem}}\n\
+                 datapath: userspace\nadmin: \"127.0.0.1:0\"\n",
+                self.name,
+                self.export_addr,
+                c = certs.display(),
+            ),
+        )
+        .unwrap();
+        path
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         if let Some((mut child, _)) = self.apiserver.take() {

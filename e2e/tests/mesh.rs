@@ -193,4 +193,46 @@ fn global_service_policy_and_failover_across_two_clusters() {
         ([("b-web".to_owned(), 40)].into(), 0),
         "every new connection goes to B"
     );
+
+    // An endpoint that vanishes loses its programs; one that appears gets them.
+    b.write_manifest(
+        "b.yaml",
+        &format!(
+            "{SERVICE}{}{}{}{}{POLICY}",
+            slice("10.244.2.10"),
+            pod("b-web", "web", "10.244.2.10", "192.0.2.2"),
+            pod("b-client-2", "client", "10.244.2.21", "192.0.2.2"),
+            node("b-node", "192.0.2.2"),
+        ),
+    );
+    let client_if = topo.pod("b-client").host_if.clone();
+    wait_until(
+        Duration::from_secs(30),
+        "b-client's programs to be detached",
+        || {
+            agent.get("/status")["endpoints"]
+                .get("10.244.2.20")
+                .is_none()
+        },
+    );
+    let pins = topo.bpf_root().join("c2").join("b-node");
+    assert!(
+        !pins
+            .join(format!("link_tc_{client_if}_cm_from_endpoint"))
+            .exists(),
+        "the pinned link of a vanished endpoint is removed"
+    );
+    assert!(
+        pins.join(format!(
+            "link_tc_{}_cm_to_endpoint",
+            topo.pod("b-web").host_if
+        ))
+        .exists()
+    );
+    // 10.244.2.21 has no interface in this topology: the agent reports why it is not attached.
+    wait_until(
+        Duration::from_secs(30),
+        "the new endpoint to be tried",
+        || agent.get("/status")["endpoints"]["10.244.2.21"]["error"].is_string(),
+    );
 }

@@ -69,12 +69,15 @@ fn an_agent_restart_does_not_interrupt_traffic_or_prune_before_synced() {
     agent.restart();
     // Adoption: the restarted agent found everything in place.
     assert_eq!(
-        agent.metric("clustermesh_bpf_map_upserts_total"),
+        agent.metric("clustermesh_bpf_map_ops_total{op=\"upsert\"}"),
         0.0,
         "{}",
         agent.log()
     );
-    assert_eq!(agent.metric("clustermesh_bpf_map_deletes_total"), 0.0);
+    assert_eq!(
+        agent.metric("clustermesh_bpf_map_ops_total{op=\"delete\"}"),
+        0.0
+    );
     assert_eq!(agent.get("/status")["maps"]["services"], 1);
 
     let out = client.wait_with_output().unwrap();

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -26,10 +27,8 @@ pub struct Metrics {
     pub reconciles: Counter,
     /// Passes that failed to write the datapath.
     pub reconcile_errors: Counter,
-    /// Map entries written.
-    pub map_upserts: Counter,
-    /// Map entries deleted.
-    pub map_deletes: Counter,
+    /// Map entries written (`op="upsert"`) and deleted (`op="delete"`).
+    pub map_ops: Family<[(&'static str, &'static str); 1], Counter>,
     /// Service frontends programmed.
     pub services: Gauge,
     /// ipcache entries programmed.
@@ -48,8 +47,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("clustermesh");
         let reconciles = Counter::default();
         let reconcile_errors = Counter::default();
-        let map_upserts = Counter::default();
-        let map_deletes = Counter::default();
+        let map_ops = Family::<[(&'static str, &'static str); 1], Counter>::default();
         let services = Gauge::default();
         let ipcache = Gauge::default();
         registry.register(
@@ -63,14 +61,9 @@ impl Metrics {
             reconcile_errors.clone(),
         );
         registry.register(
-            "bpf_map_upserts",
-            "Datapath map entries written",
-            map_upserts.clone(),
-        );
-        registry.register(
-            "bpf_map_deletes",
-            "Datapath map entries deleted",
-            map_deletes.clone(),
+            "bpf_map_ops",
+            "Datapath map entries written (op=upsert) or deleted (op=delete)",
+            map_ops.clone(),
         );
         registry.register(
             "global_services",
@@ -86,10 +79,18 @@ impl Metrics {
             registry,
             reconciles,
             reconcile_errors,
-            map_upserts,
-            map_deletes,
+            map_ops,
             services,
             ipcache,
+        }
+    }
+
+    /// Counts map writes.
+    pub fn count_ops(&self, upserts: usize, deletes: usize) {
+        for (op, n) in [("upsert", upserts), ("delete", deletes)] {
+            self.map_ops
+                .get_or_create(&[("op", op)])
+                .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
         }
     }
 

@@ -455,8 +455,7 @@ impl Loop {
         m.reconciles.inc();
         match result {
             Ok(stats) => {
-                m.map_upserts.inc_by(stats.upserts as u64);
-                m.map_deletes.inc_by(stats.deletes as u64);
+                m.count_ops(stats.upserts, stats.deletes);
             }
             Err(e) => {
                 m.reconcile_errors.inc();

@@ -1,0 +1,81 @@
+//! `clustermesh agent` on the userspace datapath against a real apiserver: the same merge,
+//! policy and explanations, maps in memory, no privileges used.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is the failure report"
+)]
+
+use std::time::Duration;
+
+use clustermesh_e2e::{Agent, Cluster, wait_until};
+
+const MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: prod}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: prod, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.244.2.10]}, {addresses: [10.244.2.11], conditions: {ready: false}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: prod, labels: {app: web}}
+status: {podIP: 10.244.2.10, hostIP: 192.0.2.2}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: b-node}
+status: {addresses: [{type: InternalIP, address: 192.0.2.2}]}
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress: [{toPorts: [{ports: [{port: "8080", protocol: TCP}]}]}]
+"#;
+
+#[test]
+fn the_userspace_datapath_serves_the_same_agent() {
+    let mut b = Cluster::new("c2", 2);
+    b.write_manifest("b.yaml", MANIFESTS);
+    b.start();
+    let agent = Agent::start(&b.agent_config_userspace("b-node"));
+    wait_until(Duration::from_secs(30), "the service and endpoint", || {
+        let s = agent.get("/status");
+        s["maps"]["services"] == 1 && s["maps"]["endpoints"] == 1
+    });
+    let status = agent.get("/status");
+    assert_eq!(status["datapath"], "userspace");
+    assert_eq!(status["synced"], true);
+    let plan = agent.get("/explain/service/prod/web");
+    let f = &plan["frontends"][0];
+    assert_eq!(f["vip"], "10.96.0.10");
+    assert_eq!(f["backends"].as_array().unwrap().len(), 1, "{plan}");
+    let reasons: Vec<(&str, &str)> = f["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["ip"].as_str().unwrap(), c["reason"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        reasons,
+        [("10.244.2.10", "selected"), ("10.244.2.11", "unhealthy")]
+    );
+    let ep = agent.get("/explain/endpoint/10.244.2.10");
+    assert_eq!(ep["enforce_ingress"], true);
+    assert_eq!(ep["entries"][0]["port"], "8080/TCP");
+    assert_eq!(ep["entries"][0]["identity"], 0, "any peer: {ep}");
+    assert_eq!(ep["entries"][0]["rules"][0], "prod/web rule 0 ingress[0]");
+    // Bad input: a clear answer, no panic.
+    let (code, _) = clustermesh_e2e::http_get(&agent.admin, "/explain/endpoint/not-an-ip").unwrap();
+    assert_eq!(code, 400);
+    let (code, _) = clustermesh_e2e::http_get(&agent.admin, "/explain/service/prod/nope").unwrap();
+    assert_eq!(code, 404);
+}

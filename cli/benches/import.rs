@@ -15,50 +15,26 @@
     reason = "a benchmark: a failed step ends the run"
 )]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
+mod procs;
 #[path = "../../apiserver/benches/support/mod.rs"]
 mod support;
 use support::{Cluster, fill, start};
-
-const BIN: &str = env!("CARGO_BIN_EXE_clustermesh");
 
 /// The importer, started on `cluster`'s config with `remotes`; returns it and its health
 /// address.
 fn spawn_importer(cluster: &Cluster, id: u32, remotes: &str) -> (Child, String) {
     cluster.config(id, remotes);
-    let mut child = Command::new(BIN)
-        .args(["apiserver", "--config"])
-        .arg(cluster.dir.path().join("apiserver.yaml"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let health = line.trim().rsplit(' ').next().unwrap().to_owned();
-    (child, health)
-}
-
-async fn status(health: &str) -> Option<serde_json::Value> {
-    let mut s = tokio::net::TcpStream::connect(health).await.ok()?;
-    s.write_all(b"GET /status HTTP/1.0\r\n\r\n").await.ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.ok()?;
-    serde_json::from_str(out.split("\r\n\r\n").nth(1)?).ok()
+    procs::spawn("apiserver", &cluster.dir.path().join("apiserver.yaml"))
 }
 
 /// Waits until the importer reports `n` remotes, all ready; returns their entry counts.
 async fn wait_all_ready(health: &str, n: usize) -> Vec<serde_json::Value> {
     let t = Instant::now();
     loop {
-        if let Some(s) = status(health).await {
+        if let Some(s) = procs::get_json(health, "/status").await {
             let remotes = s["remotes"].as_array().cloned().unwrap_or_default();
             if remotes.len() == n && remotes.iter().all(|r| r["ready"] == true) {
                 return remotes.iter().map(|r| r["counts"].clone()).collect();
@@ -72,19 +48,10 @@ async fn wait_all_ready(health: &str, n: usize) -> Vec<serde_json::Value> {
     }
 }
 
-fn peak_and_stop(child: &mut Child) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-    let hwm = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .map_or("?".to_owned(), |l| {
-            l.trim_start_matches("VmHWM:").trim().to_owned()
-        });
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-    hwm
+fn peak_and_stop(child: Child) -> String {
+    let hwm = procs::proc_kb(child.id(), "VmHWM:");
+    procs::stop(child);
+    format!("{hwm} kB")
 }
 
 async fn initial_sync() -> (f64, String) {
@@ -94,13 +61,13 @@ async fn initial_sync() -> (f64, String) {
     fill(ra.store.as_ref(), "c1", 1, 100_000, 10_000, 5_000, 0).await;
     let remotes = format!("remotes:\n{}", a.entry_for(&b, &ra, 1));
     let t = Instant::now();
-    let (mut child, health) = spawn_importer(&b, 2, &remotes);
+    let (child, health) = spawn_importer(&b, 2, &remotes);
     let counts = wait_all_ready(&health, 1).await;
     let secs = t.elapsed().as_secs_f64();
     assert_eq!(counts[0]["ip"], 100_000);
     assert_eq!(counts[0]["services"], 10_000);
     assert_eq!(counts[0]["identities"], 5_000);
-    let hwm = peak_and_stop(&mut child);
+    let hwm = peak_and_stop(child);
     ra.stop().await.unwrap();
     (secs, hwm)
 }
@@ -126,11 +93,11 @@ async fn fan_in() -> (f64, String) {
         exporters.push((c, r));
     }
     let t = Instant::now();
-    let (mut child, health) = spawn_importer(&hub, 1, &remotes);
+    let (child, health) = spawn_importer(&hub, 1, &remotes);
     let counts = wait_all_ready(&health, 50).await;
     let secs = t.elapsed().as_secs_f64();
     assert!(counts.iter().all(|c| c["ip"] == 1_000));
-    let hwm = peak_and_stop(&mut child);
+    let hwm = peak_and_stop(child);
     for (_, r) in exporters {
         r.stop().await.unwrap();
     }

@@ -18,6 +18,8 @@ use prometheus_client::registry::Registry;
 pub struct Metrics {
     registry: Registry,
     ready: AtomicBool,
+    /// This cluster's name and ID, for `/status`.
+    cluster: std::sync::OnceLock<(String, u16)>,
     /// Source documents that could not be used, per load.
     pub source_problems: Gauge,
     /// Keys written (put or deleted) into the store.
@@ -99,6 +101,7 @@ impl Metrics {
         Self {
             registry,
             ready: AtomicBool::new(false),
+            cluster: std::sync::OnceLock::new(),
             source_problems,
             store_writes,
             identities,
@@ -192,6 +195,13 @@ fn remote_metrics(remotes: &RemoteStatuses) -> String {
     out
 }
 
+impl Metrics {
+    /// Names the cluster in `/status` (once).
+    pub fn set_cluster(&self, name: &str, id: u16) {
+        let _ = self.cluster.set((name.to_owned(), id));
+    }
+}
+
 /// The health, status and metrics routes.
 pub fn router(metrics: Arc<Metrics>) -> Router {
     router_with_remotes(metrics, Arc::new(Vec::new))
@@ -236,8 +246,13 @@ pub fn router_with_remotes(metrics: Arc<Metrics>, remotes: RemoteStatuses) -> Ro
                 let statuses = (s.remotes)();
                 (
                     [("content-type", "application/json")],
-                    serde_json::json!({ "ready": s.metrics.is_ready(), "remotes": statuses })
-                        .to_string(),
+                    serde_json::json!({
+                        "cluster": s.metrics.cluster.get().map(|c| c.0.clone()),
+                        "id": s.metrics.cluster.get().map(|c| c.1),
+                        "ready": s.metrics.is_ready(),
+                        "remotes": statuses,
+                    })
+                    .to_string(),
                 )
             }),
         )

@@ -151,6 +151,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let mode = config.cluster.max_connected_clusters;
     let store = open_store(&config.store).await?;
     let metrics = Arc::new(Metrics::new());
+    metrics.set_cluster(cluster.as_str(), id.get());
     let cluster_config = ClusterConfig {
         id,
         capabilities: Capabilities {

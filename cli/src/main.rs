@@ -1,12 +1,28 @@
-//! `clustermesh`: the command operators drive the mesh with. Subcommands:
+//! `clustermesh`: the command operators drive the mesh with (in the style of
+//! `cilium clustermesh`, `kubectl` and `etcdctl`): `-o json` for machines, tables otherwise,
+//! exit code 0 only on success, errors that say what to do.
 //!
-//! - `clustermesh apiserver --config FILE`: run a cluster's apiserver (docs/CONFIG.md);
-//! - `clustermesh agent --config FILE [--datapath bpf|userspace]`: run a node's agent.
+//! - `up`: a local multi-cluster mesh on the embedded store, in one command;
+//! - `certs init`, `connect`, `disconnect`: cluster directories and the mesh between them;
+//! - `status`: a cluster's apiserver and its remotes;
+//! - `services`, `identities`, `endpoints`: the merged view of every cluster;
+//! - `explain service|endpoint`, `bpf MAP`, `observe`: what a node's agent decided, holds and
+//!   sees;
+//! - `apiserver`, `agent`: the two long-running processes (docs/CONFIG.md).
 
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+
+mod clusterdir;
+mod connect;
+mod inspect;
+mod output;
+mod status;
+mod up;
+
+use output::Format;
 
 /// A multi-cluster control plane for Kubernetes, in the family of Cilium ClusterMesh.
 #[derive(Parser)]
@@ -16,8 +32,130 @@ struct Cli {
     command: Command,
 }
 
+/// Where an inspection command finds the node's agent.
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// A cluster directory (its agent.yaml names the agent's admin address).
+    #[arg(long, value_name = "DIR", conflicts_with = "agent")]
+    dir: Option<PathBuf>,
+    /// The agent's admin address, e.g. 127.0.0.1:9891.
+    #[arg(long, value_name = "ADDR")]
+    agent: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+    output: Format,
+}
+
+impl AgentArgs {
+    fn address(&self) -> anyhow::Result<String> {
+        match (&self.agent, &self.dir) {
+            (Some(a), _) => Ok(a.clone()),
+            (None, Some(d)) => clusterdir::ClusterDir::open(d)?.agent_admin(),
+            (None, None) => bail!("say which agent: --dir CLUSTER_DIR or --agent ADDR"),
+        }
+    }
+}
+
+/// A cluster directory and an output format.
+#[derive(clap::Args)]
+struct DirArgs {
+    /// The cluster directory (from `clustermesh certs init` or `clustermesh up`).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+    output: Format,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Run a local mesh: N clusters (apiserver on the embedded store and an agent each),
+    /// connected in a full mesh over mTLS on loopback, with the example scenario loaded.
+    /// Shows progress, then a live view; Ctrl-C stops everything.
+    Up {
+        /// How many clusters.
+        #[arg(long, default_value_t = 3)]
+        clusters: u32,
+        /// The data directory: one cluster directory per cluster, reused by the next run.
+        #[arg(long, value_name = "DATA_DIR", default_value = "clustermesh-data")]
+        dir: PathBuf,
+        /// `userspace` (default, no privileges) or `bpf` (root: CAP_BPF, CAP_NET_ADMIN).
+        #[arg(long, default_value = "userspace")]
+        datapath: clustermesh_agent::DatapathKind,
+        /// Loopback addresses to use: cluster i listens on <prefix>.<10+i>.
+        #[arg(long, default_value = "127.0.0")]
+        ip_prefix: String,
+    },
+    /// Cluster certificates and directories.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Connect two cluster directories: each imports the other. Running it again changes
+    /// nothing; a running apiserver picks the change up without a restart.
+    Connect {
+        /// One cluster directory.
+        a: PathBuf,
+        /// The other.
+        b: PathBuf,
+    },
+    /// Undo `connect`: each stops importing the other (cached state is dropped after the
+    /// apiserver's drain grace period).
+    Disconnect {
+        /// One cluster directory.
+        a: PathBuf,
+        /// The other.
+        b: PathBuf,
+    },
+    /// This cluster's apiserver and each remote cluster: connected, ready, synced, counts,
+    /// failures, staleness. Exit code 1 when anything is not ready.
+    Status {
+        /// The cluster directory.
+        #[arg(long, value_name = "DIR", conflicts_with = "server")]
+        dir: Option<PathBuf>,
+        /// The apiserver's health address instead (plain HTTP, e.g. 127.0.0.1:9880).
+        #[arg(long, value_name = "ADDR")]
+        server: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Every service of every cluster, merged by namespace and name.
+    Services(DirArgs),
+    /// Every identity of every cluster.
+    Identities(DirArgs),
+    /// Every endpoint (ipcache entry) of every cluster.
+    Endpoints(DirArgs),
+    /// Why the node's agent programmed what it did.
+    Explain {
+        #[command(subcommand)]
+        what: ExplainCommand,
+    },
+    /// The node's datapath maps, decoded: services, backends, ipcache, endpoints, policy.
+    Bpf {
+        /// The map.
+        #[arg(value_parser = ["services", "backends", "ipcache", "endpoints", "policy"])]
+        map: String,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Live policy verdicts from the node's eBPF datapath, until Ctrl-C.
+    Observe {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// Only `allowed`, `denied` or `audited`.
+        #[arg(long, value_parser = ["allowed", "denied", "audited"])]
+        verdict: Option<String>,
+        /// Only events with this cluster ID on either side.
+        #[arg(long)]
+        cluster: Option<u64>,
+        /// Only events with this identity on either side.
+        #[arg(long)]
+        identity: Option<u64>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
     /// Run a cluster's apiserver: read its manifests, write its state into the kvstore and
     /// serve it to other clusters and to its agents over mTLS gRPC.
     Apiserver {
@@ -35,6 +173,56 @@ enum Command {
         /// overrides the file's `datapath`.
         #[arg(long, value_name = "KIND")]
         datapath: Option<clustermesh_agent::DatapathKind>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a cluster directory: CA, apiserver and agent certificates, and starter
+    /// configurations for the apiserver and the agent.
+    Init {
+        /// The cluster's name (1-32 of [a-z0-9-], unique in the mesh).
+        #[arg(long)]
+        cluster: String,
+        /// The cluster's ID (1-255, or 1-511 with --max-connected-clusters 511; unique).
+        #[arg(long)]
+        id: u32,
+        /// The directory to create.
+        #[arg(long)]
+        dir: PathBuf,
+        /// 255 or 511, equal across the mesh.
+        #[arg(long, default_value_t = 255)]
+        max_connected_clusters: u32,
+        /// The Export address other clusters dial (also a SAN of the server certificate).
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        export: std::net::SocketAddr,
+        /// The apiserver's health address (plain HTTP).
+        #[arg(long, default_value = "127.0.0.1:9880")]
+        health: std::net::SocketAddr,
+        /// The agent's admin address (plain HTTP).
+        #[arg(long, default_value = "127.0.0.1:9891")]
+        agent_admin: std::net::SocketAddr,
+        /// The agent's node name.
+        #[arg(long, default_value = "node-1")]
+        node: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExplainCommand {
+    /// Each backend of a service, in or out, and why.
+    Service {
+        /// NAMESPACE/NAME.
+        name: String,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// An endpoint's policy entries and the rules that produced them.
+    Endpoint {
+        /// The endpoint's IPv4 address.
+        ip: String,
+        #[command(flatten)]
+        agent: AgentArgs,
     },
 }
 
@@ -80,6 +268,156 @@ async fn agent(
     Ok(())
 }
 
+/// Runs a command; `Ok(false)` for an answer that is not a success (e.g. not ready).
+async fn run(command: Command) -> anyhow::Result<bool> {
+    match command {
+        Command::Apiserver { config } => apiserver(config).await?,
+        Command::Agent { config, datapath } => agent(config, datapath).await?,
+        Command::Up {
+            clusters,
+            dir,
+            datapath,
+            ip_prefix,
+        } => {
+            up::up(up::UpOptions {
+                clusters,
+                dir,
+                datapath,
+                ip_prefix,
+            })
+            .await?;
+        }
+        Command::Certs {
+            command:
+                CertsCommand::Init {
+                    cluster,
+                    id,
+                    dir,
+                    max_connected_clusters,
+                    export,
+                    health,
+                    agent_admin,
+                    node,
+                },
+        } => {
+            let name = clustermesh_model::ClusterName::new(cluster.as_str())
+                .with_context(|| format!("--cluster {cluster:?}"))?;
+            let mode = clustermesh_model::MaxConnectedClusters::try_from(max_connected_clusters)
+                .context("--max-connected-clusters")?;
+            let d = clusterdir::ClusterDir::init(
+                &dir,
+                &clusterdir::InitOptions {
+                    name,
+                    id,
+                    mode,
+                    export,
+                    health,
+                    agent_admin,
+                    node,
+                    datapath: "bpf",
+                },
+            )?;
+            println!(
+                "cluster {} (id {id}) initialised in {}
+  apiserver: clustermesh apiserver --config {}
+  agent:     clustermesh agent --config {}
+  connect:   clustermesh connect {} OTHER_CLUSTER_DIR",
+                d.name(),
+                dir.display(),
+                d.apiserver_config().display(),
+                d.agent_config().display(),
+                dir.display()
+            );
+        }
+        Command::Connect { a, b } => {
+            let (x, y) = connect::connect(&a, &b)?;
+            let say = |o: &connect::Outcome| match o {
+                connect::Outcome::Written => "added",
+                connect::Outcome::Unchanged => "already there, unchanged",
+            };
+            println!("{}: remote {} {}", a.display(), b.display(), say(&x));
+            println!("{}: remote {} {}", b.display(), a.display(), say(&y));
+        }
+        Command::Disconnect { a, b } => {
+            let (x, y) = connect::disconnect(&a, &b)?;
+            let say = |had: bool| if had { "removed" } else { "was not connected" };
+            println!("{}: {}", a.display(), say(x));
+            println!("{}: {}", b.display(), say(y));
+        }
+        Command::Status {
+            dir,
+            server,
+            output,
+        } => {
+            let health = match (server, dir) {
+                (Some(s), _) => s,
+                (None, Some(d)) => clusterdir::ClusterDir::open(&d)?.apiserver.listen.health,
+                (None, None) => bail!("say which apiserver: --dir CLUSTER_DIR or --server ADDR"),
+            };
+            let (ready, text) = status::status(&health, output).await?;
+            print!("{text}");
+            return Ok(ready);
+        }
+        Command::Services(d) => {
+            print!(
+                "{}",
+                inspect::services(&clusterdir::ClusterDir::open(&d.dir)?, d.output).await?
+            );
+        }
+        Command::Identities(d) => {
+            print!(
+                "{}",
+                inspect::identities(&clusterdir::ClusterDir::open(&d.dir)?, d.output).await?
+            );
+        }
+        Command::Endpoints(d) => {
+            print!(
+                "{}",
+                inspect::endpoints(&clusterdir::ClusterDir::open(&d.dir)?, d.output).await?
+            );
+        }
+        Command::Explain { what } => match what {
+            ExplainCommand::Service { name, agent } => {
+                print!(
+                    "{}",
+                    inspect::explain_service(&agent.address()?, &name, agent.output).await?
+                );
+            }
+            ExplainCommand::Endpoint { ip, agent } => {
+                print!(
+                    "{}",
+                    inspect::explain_endpoint(&agent.address()?, &ip, agent.output).await?
+                );
+            }
+        },
+        Command::Bpf { map, agent } => {
+            print!(
+                "{}",
+                inspect::bpf(&agent.address()?, &map, agent.output).await?
+            );
+        }
+        Command::Observe {
+            agent,
+            verdict,
+            cluster,
+            identity,
+            count,
+        } => {
+            let filter = inspect::EventFilter {
+                verdict,
+                cluster,
+                identity,
+            };
+            let addr = agent.address()?;
+            tokio::select! {
+                r = inspect::observe(&addr, &filter, agent.output, count) => r?,
+                r = shutdown_signal() => r?,
+            }
+        }
+    }
+    Ok(true)
+}
+
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -106,14 +444,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Apiserver { config } => apiserver(config).await,
-            Command::Agent { config, datapath } => agent(config, datapath).await,
-        }
-    });
+    let result = runtime.block_on(run(cli.command));
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE

@@ -1,7 +1,9 @@
 //! The agent's admin endpoint (plain HTTP, bind it to loopback): `/healthz`, `/readyz` (the
 //! first snapshot is in the datapath), `/metrics`, `/status`, and the explanations:
 //! `/explain/service/{namespace}/{name}` (each backend, in or out, and why) and
-//! `/explain/endpoint/{ip}` (each policy entry with the rules that produced it).
+//! `/explain/endpoint/{ip}` (each policy entry with the rules that produced it); `/services`
+//! (every local service, merged); `/maps/{services|backends|ipcache|endpoints|policy}` (the
+//! datapath's maps, decoded); `/events` (live verdict events as JSON lines, eBPF only).
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -169,6 +171,118 @@ async fn explain_endpoint(State(s): State<Arc<Shared>>, Path(ip): Path<String>) 
     }
 }
 
+async fn services(State(s): State<Arc<Shared>>) -> Response {
+    let plans: Vec<crate::merge::ServicePlan> = s
+        .view
+        .lock()
+        .as_ref()
+        .map(|v| v.service_names().filter_map(|n| merge(v, n)).collect())
+        .unwrap_or_default();
+    json(&plans)
+}
+
+fn proto_name(p: clustermesh_bpf::Proto) -> &'static str {
+    match p {
+        clustermesh_bpf::Proto::Tcp => "TCP",
+        clustermesh_bpf::Proto::Udp => "UDP",
+    }
+}
+
+async fn maps(State(s): State<Arc<Shared>>, Path(map): Path<String>) -> Response {
+    let snap = match s.datapath.snapshot() {
+        Ok(snap) => snap,
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading the maps failed: {e}\n"),
+            )
+                .into_response();
+        }
+    };
+    let rows: Vec<serde_json::Value> = match map.as_str() {
+        "services" => snap
+            .services
+            .iter()
+            .map(|(k, ids)| {
+                serde_json::json!({"vip": k.vip.to_string(), "port": k.port,
+                    "proto": proto_name(k.proto), "backends": ids})
+            })
+            .collect(),
+        "backends" => snap
+            .backends
+            .iter()
+            .map(|(id, b)| {
+                serde_json::json!({"id": id, "ip": b.ip.to_string(), "port": b.port,
+                    "proto": proto_name(b.proto), "state": format!("{:?}", b.state).to_lowercase(),
+                    "clusterId": b.cluster_id})
+            })
+            .collect(),
+        "ipcache" => snap
+            .ipcache
+            .iter()
+            .map(|(p, v)| {
+                serde_json::json!({"prefix": format!("{}/{}", p.addr, p.len), "identity": v.identity,
+                    "nodeIp": v.node_ip.map(|n| n.to_string()), "clusterId": v.cluster_id})
+            })
+            .collect(),
+        "endpoints" => snap
+            .endpoints
+            .iter()
+            .map(|(ip, e)| {
+                serde_json::json!({"ip": ip.to_string(), "endpointId": e.endpoint_id,
+                    "identity": e.identity, "clusterId": e.cluster_id,
+                    "enforceIngress": e.flags.enforce_ingress, "enforceEgress": e.flags.enforce_egress,
+                    "auditIngress": e.flags.audit_ingress, "auditEgress": e.flags.audit_egress})
+            })
+            .collect(),
+        "policy" => snap
+            .policy
+            .iter()
+            .map(|(k, v)| {
+                serde_json::json!({"endpointId": k.endpoint_id, "identity": k.identity,
+                    "port": k.port.map(|(p, _)| p), "proto": k.port.map(|(_, p)| proto_name(p)),
+                    "direction": format!("{:?}", k.direction).to_lowercase(),
+                    "verdict": format!("{:?}", v.verdict).to_lowercase(), "ruleId": v.rule_id})
+            })
+            .collect(),
+        other => {
+            return (
+                StatusCode::NOT_FOUND,
+                format!("no map {other:?} (services, backends, ipcache, endpoints, policy)\n"),
+            )
+                .into_response();
+        }
+    };
+    json(&rows)
+}
+
+async fn events(State(s): State<Arc<Shared>>) -> Response {
+    let Some(tx) = &s.events else {
+        return (
+            StatusCode::NOT_IMPLEMENTED,
+            "the userspace datapath produces no verdict events\n",
+        )
+            .into_response();
+    };
+    let rx = tx.subscribe();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(line) => {
+                    return Some((Ok::<_, std::convert::Infallible>(line.to_string()), rx));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    (
+        [("content-type", "application/x-ndjson")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
+}
+
 /// The admin routes.
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -178,5 +292,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/status", get(status))
         .route("/explain/service/{namespace}/{name}", get(explain_service))
         .route("/explain/endpoint/{ip}", get(explain_endpoint))
+        .route("/services", get(services))
+        .route("/maps/{map}", get(maps))
+        .route("/events", get(events))
         .with_state(shared)
 }

@@ -109,6 +109,10 @@ pub struct Shared {
     pub status: Mutex<AgentStatus>,
     /// Metrics.
     pub metrics: Metrics,
+    /// The datapath (for `/maps`).
+    pub datapath: Arc<dyn Datapath>,
+    /// Verdict events as JSON lines (eBPF datapath only), for `/events`.
+    pub events: Option<tokio::sync::broadcast::Sender<Arc<str>>>,
 }
 
 /// A running agent.
@@ -174,7 +178,18 @@ pub async fn start(config: Config, kind: DatapathKind) -> Result<Running, StartE
         },
     };
     let reconciler = Reconciler::adopt(Arc::clone(&plane.dp))?;
+    let events = match &plane.kernel {
+        Some(k) => {
+            let stream = k.events()?;
+            let (tx, _) = tokio::sync::broadcast::channel(4096);
+            tokio::spawn(forward_events(stream, tx.clone()));
+            Some(tx)
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
+        datapath: Arc::clone(&plane.dp),
+        events,
         view: Mutex::new(None),
         desired: Mutex::new(Desired::default()),
         status: Mutex::new(AgentStatus {
@@ -220,6 +235,41 @@ pub async fn start(config: Config, kind: DatapathKind) -> Result<Running, StartE
         task,
         admin_task,
     })
+}
+
+/// Forwards the datapath's verdict events to `/events` subscribers as JSON lines.
+async fn forward_events(
+    stream: clustermesh_bpf::EventStream,
+    tx: tokio::sync::broadcast::Sender<Arc<str>>,
+) {
+    use futures::StreamExt;
+    let mut stream = std::pin::pin!(stream.into_stream());
+    while let Some(e) = stream.next().await {
+        let line = serde_json::json!({
+            "timeNs": e.time_ns,
+            "direction": match e.direction {
+                clustermesh_bpf::Direction::Ingress => "ingress",
+                clustermesh_bpf::Direction::Egress => "egress",
+            },
+            "verdict": match e.verdict {
+                clustermesh_bpf::EventVerdict::Allowed => "allowed",
+                clustermesh_bpf::EventVerdict::Denied => "denied",
+                clustermesh_bpf::EventVerdict::Audited => "audited",
+            },
+            "src": e.src_ip.to_string(),
+            "dst": e.dst_ip.to_string(),
+            "srcIdentity": e.src_identity,
+            "dstIdentity": e.dst_identity,
+            "srcCluster": e.src_cluster,
+            "dstCluster": e.dst_cluster,
+            "dport": e.dport,
+            "proto": e.proto,
+            "endpoint": e.endpoint_id,
+            "rule": e.rule_id,
+        });
+        // No subscriber is fine: events are live only.
+        let _ = tx.send(Arc::from(format!("{line}\n")));
+    }
 }
 
 /// The loop's state across sessions.

@@ -83,6 +83,9 @@ pub struct RemoteStatus {
     pub rejected: BTreeMap<String, u64>,
     /// Full snapshots applied (1 after the first sync; resumes do not add to it).
     pub full_syncs: u64,
+    /// Kinds whose sync canary is written in the cache (all at once: one stream carries
+    /// every kind).
+    pub synced: Vec<String>,
     /// Why the remote is refused (name, ID or mesh size mismatch), if it is.
     pub refused: Option<String>,
 }
@@ -496,7 +499,12 @@ async fn session(
             Some(Ev::Synced(_)) => {
                 if let Some(stage) = staging.take() {
                     cache.replace(stage).await?;
-                    status.lock().full_syncs += 1;
+                    let mut st = status.lock();
+                    st.full_syncs += 1;
+                    st.synced = ExportKind::ALL
+                        .iter()
+                        .map(|k| k.segment().to_owned())
+                        .collect();
                 }
                 status.lock().ready = true;
                 staleness.lock().set_synced(true, Instant::now());

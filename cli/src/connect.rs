@@ -1,0 +1,139 @@
+//! `clustermesh connect DIR_A DIR_B` and `disconnect`: each cluster gets the other as a
+//! remote — its Export address, its CA, and a `remote-<us>` client certificate minted by its
+//! CA — as one file in the remotes directory, which a running apiserver picks up without a
+//! restart. Every check runs before anything is written, so a refusal changes nothing; a
+//! second run finds everything in place and changes nothing either.
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use clustermesh_certs::ClientIdentity;
+
+use crate::clusterdir::{ClusterDir, write_atomic};
+
+/// What connecting changed.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The remote was written (new or changed).
+    Written,
+    /// Everything was already in place.
+    Unchanged,
+}
+
+fn refuse_pair(a: &ClusterDir, b: &ClusterDir) -> anyhow::Result<()> {
+    let (ca, cb) = (&a.apiserver.cluster, &b.apiserver.cluster);
+    if ca.name == cb.name {
+        bail!(
+            "refusing to connect: both directories are cluster {:?}; cluster names must be unique in a mesh",
+            ca.name.as_str()
+        );
+    }
+    if ca.id == cb.id {
+        bail!(
+            "refusing to connect: {} and {} both have cluster ID {}; give one another ID (clustermesh certs init --id)",
+            ca.name,
+            cb.name,
+            ca.id
+        );
+    }
+    if ca.max_connected_clusters != cb.max_connected_clusters {
+        bail!(
+            "refusing to connect: {} uses maxConnectedClusters {} and {} uses {}; it must be equal across the mesh",
+            ca.name,
+            ca.max_connected_clusters,
+            cb.name,
+            cb.max_connected_clusters
+        );
+    }
+    for d in [a, b] {
+        d.remotes_dir()?;
+        let export: std::net::SocketAddr =
+            d.apiserver.listen.export.parse().with_context(|| {
+                format!(
+                    "refusing to connect: {}'s listen.export {:?} is not an address peers can dial",
+                    d.name(),
+                    d.apiserver.listen.export
+                )
+            })?;
+        if export.ip().is_unspecified() || export.port() == 0 {
+            bail!(
+                "refusing to connect: {} listens on {export}, which peers cannot dial; set listen.export in {} to its reachable address and port",
+                d.name(),
+                d.apiserver_config().display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The remote file `us` keeps for `peer`.
+fn entry(peer: &ClusterDir) -> String {
+    let name = peer.name();
+    format!(
+        "# written by clustermesh connect\nname: {name}\nid: {}\naddress: \"{}\"\nca: {name}/ca.pem\ncert: {name}/client.pem\nkey: {name}/client-key.pem\n",
+        peer.apiserver.cluster.id, peer.apiserver.listen.export
+    )
+}
+
+/// Makes `us` import `peer`.
+fn add_remote(us: &ClusterDir, peer: &ClusterDir) -> anyhow::Result<Outcome> {
+    let remotes = us.remotes_dir()?;
+    let file = remotes.join(format!("{}.yaml", peer.name()));
+    let certs = remotes.join(peer.name().as_str());
+    let peer_ca = peer.ca()?;
+    let text = entry(peer);
+    let in_place = std::fs::read_to_string(&file).is_ok_and(|t| t == text)
+        && std::fs::read_to_string(certs.join("ca.pem"))
+            .is_ok_and(|t| t == peer_ca.cert().cert_pem)
+        && certs.join("client.pem").exists()
+        && certs.join("client-key.pem").exists();
+    if in_place {
+        return Ok(Outcome::Unchanged);
+    }
+    std::fs::create_dir_all(&certs).with_context(|| format!("creating {}", certs.display()))?;
+    // The peer's CA certificate only: its key never leaves the peer's directory.
+    std::fs::write(certs.join("ca.pem"), &peer_ca.cert().cert_pem)
+        .with_context(|| format!("writing {}/ca.pem", certs.display()))?;
+    peer_ca
+        .client_cert(&ClientIdentity::Remote(us.name().clone()))?
+        .write(&certs, "client")?;
+    // The remote file last, so that the apiserver never reads it before its certificates.
+    write_atomic(&file, &text)?;
+    Ok(Outcome::Written)
+}
+
+/// Removes `peer` from `us`; whether there was anything to remove.
+fn remove_remote(us: &ClusterDir, peer: &str) -> anyhow::Result<bool> {
+    let remotes = us.remotes_dir()?;
+    let file = remotes.join(format!("{peer}.yaml"));
+    let certs = remotes.join(peer);
+    let existed = file.exists() || certs.exists();
+    if file.exists() {
+        std::fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
+    }
+    if certs.exists() {
+        std::fs::remove_dir_all(&certs).with_context(|| format!("removing {}", certs.display()))?;
+    }
+    Ok(existed)
+}
+
+/// Connects two cluster directories; what changed on each side.
+pub(crate) fn connect(a: &Path, b: &Path) -> anyhow::Result<(Outcome, Outcome)> {
+    let (a, b) = (ClusterDir::open(a)?, ClusterDir::open(b)?);
+    refuse_pair(&a, &b)?;
+    // Both CAs must be usable before either side is touched.
+    a.ca()?;
+    b.ca()?;
+    Ok((add_remote(&a, &b)?, add_remote(&b, &a)?))
+}
+
+/// Disconnects two cluster directories; whether each side had the other.
+pub(crate) fn disconnect(a: &Path, b: &Path) -> anyhow::Result<(bool, bool)> {
+    let (a, b) = (ClusterDir::open(a)?, ClusterDir::open(b)?);
+    a.remotes_dir()?;
+    b.remotes_dir()?;
+    Ok((
+        remove_remote(&a, b.name().as_str())?,
+        remove_remote(&b, a.name().as_str())?,
+    ))
+}

@@ -1,0 +1,407 @@
+//! Inspection: the merged view of every cluster as the local apiserver serves it to its
+//! agents (`services`, `identities`, `endpoints`), the agent's explanations (`explain`), the
+//! datapath's maps (`bpf`), and live verdict events (`observe`).
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, bail};
+use clustermesh_proto::Object;
+use clustermesh_proto::client::{ClientTls, connect, server_name};
+use clustermesh_proto::v1::{self, watch_event::Event as Ev};
+use serde_json::{Value, json};
+
+use crate::clusterdir::ClusterDir;
+use crate::output::{Format, get_json, get_lines, table, yes};
+
+/// Every object of `kinds` the local apiserver serves its agents (a snapshot, up to
+/// `Synced`), through the agents' `local-<cluster>` certificate.
+pub(crate) async fn snapshot(dir: &ClusterDir, kinds: &[v1::Kind]) -> anyhow::Result<Vec<Object>> {
+    let agent = clustermesh_agent::Config::load(&dir.agent_config())?;
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+    };
+    let tls = ClientTls {
+        ca_pem: read(&agent.apiserver.ca)?,
+        cert_pem: read(&agent.apiserver.cert)?,
+        key_pem: read(&agent.apiserver.key)?,
+        server_name: server_name(dir.name().as_str()),
+    };
+    let mut client = connect(&agent.apiserver.address, &tls)
+        .await
+        .with_context(|| format!("connecting to the apiserver at {}", agent.apiserver.address))?;
+    let mut stream = client
+        .watch(v1::WatchRequest {
+            kinds: kinds.iter().map(|k| *k as i32).collect(),
+            since_revision: 0,
+        })
+        .await
+        .context("watching the apiserver")?
+        .into_inner();
+    let mut out = Vec::new();
+    loop {
+        let event = tokio::time::timeout(std::time::Duration::from_secs(30), stream.message())
+            .await
+            .context("the apiserver sent nothing for 30 s")??
+            .context("the apiserver ended the stream before its snapshot was complete")?;
+        match event.event {
+            Some(Ev::Upsert(u)) => match Object::try_from(&u) {
+                Ok(o) => out.push(o),
+                Err(e) => eprintln!("warning: skipping an object the apiserver sent: {e}"),
+            },
+            Some(Ev::Synced(_)) => return Ok(out),
+            Some(Ev::Reset(_)) => out.clear(),
+            _ => {}
+        }
+    }
+}
+
+/// `clustermesh services`: every service of every cluster, merged by namespace and name.
+pub(crate) async fn services(dir: &ClusterDir, format: Format) -> anyhow::Result<String> {
+    let objects = snapshot(
+        dir,
+        &[
+            v1::Kind::Services,
+            v1::Kind::RemoteCache,
+            v1::Kind::ClusterStatus,
+        ],
+    )
+    .await?;
+    let mut withdrawn = BTreeMap::new();
+    let mut by_name: BTreeMap<(String, String), Vec<clustermesh_model::service::ClusterService>> =
+        BTreeMap::new();
+    for o in objects {
+        match o {
+            Object::Service(s) => by_name
+                .entry((s.namespace.clone(), s.name.clone()))
+                .or_default()
+                .push(s),
+            Object::ClusterStatus(st) => {
+                withdrawn.insert(st.cluster.to_string(), st.withdrawn);
+            }
+            _ => {}
+        }
+    }
+    let local = dir.name().to_string();
+    if format == Format::Json {
+        let list: Vec<Value> = by_name
+            .iter()
+            .map(|((ns, name), defs)| {
+                json!({"namespace": ns, "name": name, "clusters": defs.iter().map(|d| json!({
+                    "cluster": d.cluster.as_str(),
+                    "global": d.include_external,
+                    "shared": d.shared,
+                    "affinity": d.affinity.as_str(),
+                    "frontends": d.frontends.keys().map(ToString::to_string).collect::<Vec<_>>(),
+                    "backends": d.backends.len(),
+                    "withdrawn": withdrawn.get(d.cluster.as_str()).copied().unwrap_or(false),
+                })).collect::<Vec<_>>()})
+            })
+            .collect();
+        return Ok(serde_json::to_string_pretty(&list)? + "\n");
+    }
+    let rows: Vec<Vec<String>> = by_name
+        .iter()
+        .map(|((ns, name), defs)| {
+            let local_def = defs.iter().find(|d| d.cluster.as_str() == local);
+            let backends: Vec<String> = defs
+                .iter()
+                .map(|d| {
+                    let mark = if withdrawn.get(d.cluster.as_str()) == Some(&true) {
+                        " (withdrawn)"
+                    } else {
+                        ""
+                    };
+                    format!("{}:{}{mark}", d.cluster, d.backends.len())
+                })
+                .collect();
+            vec![
+                format!("{ns}/{name}"),
+                local_def.map_or("-".to_owned(), |d| {
+                    d.frontends
+                        .keys()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                }),
+                local_def.map_or("-".to_owned(), |d| yes(d.include_external)),
+                local_def.map_or("-".to_owned(), |d| d.affinity.as_str().to_owned()),
+                backends.join(" "),
+            ]
+        })
+        .collect();
+    Ok(table(
+        &[
+            "SERVICE",
+            "VIPS",
+            "GLOBAL",
+            "AFFINITY",
+            "BACKENDS PER CLUSTER",
+        ],
+        &rows,
+    ))
+}
+
+/// `clustermesh identities`.
+pub(crate) async fn identities(dir: &ClusterDir, format: Format) -> anyhow::Result<String> {
+    let objects = snapshot(dir, &[v1::Kind::Identities, v1::Kind::RemoteCache]).await?;
+    let mut rows = Vec::new();
+    let mut list = Vec::new();
+    for o in objects {
+        if let Object::Identity {
+            cluster,
+            id,
+            labels,
+        } = o
+        {
+            let labels = labels.to_kvstore_string();
+            list.push(json!({"id": id.get(), "cluster": cluster.as_str(), "labels": labels}));
+            rows.push(vec![id.to_string(), cluster.to_string(), labels]);
+        }
+    }
+    if format == Format::Json {
+        return Ok(serde_json::to_string_pretty(&list)? + "\n");
+    }
+    Ok(table(&["IDENTITY", "CLUSTER", "LABELS"], &rows))
+}
+
+/// `clustermesh endpoints`.
+pub(crate) async fn endpoints(dir: &ClusterDir, format: Format) -> anyhow::Result<String> {
+    let objects = snapshot(dir, &[v1::Kind::Ipcache, v1::Kind::RemoteCache]).await?;
+    let mut rows = Vec::new();
+    let mut list = Vec::new();
+    for o in objects {
+        if let Object::IpCache { cluster, entry } = o {
+            let pod = format!("{}/{}", entry.namespace, entry.pod_name);
+            let host = entry.host_ip.map_or("-".to_owned(), |h| h.to_string());
+            list.push(
+                json!({"ip": entry.ip.to_string(), "cluster": cluster.as_str(),
+                "identity": entry.identity.get(), "pod": pod, "hostIp": host}),
+            );
+            rows.push(vec![
+                entry.ip.to_string(),
+                cluster.to_string(),
+                entry.identity.to_string(),
+                pod,
+                host,
+            ]);
+        }
+    }
+    if format == Format::Json {
+        return Ok(serde_json::to_string_pretty(&list)? + "\n");
+    }
+    Ok(table(
+        &["IP", "CLUSTER", "IDENTITY", "POD", "NODE IP"],
+        &rows,
+    ))
+}
+
+/// `clustermesh explain service NS/NAME`, from the agent.
+pub(crate) async fn explain_service(
+    agent: &str,
+    name: &str,
+    format: Format,
+) -> anyhow::Result<String> {
+    let Some((ns, svc)) = name.split_once('/') else {
+        bail!("name the service as NAMESPACE/NAME, e.g. prod/web");
+    };
+    let plan = get_json(agent, &format!("/explain/service/{ns}/{svc}")).await?;
+    if format == Format::Json {
+        return Ok(serde_json::to_string_pretty(&plan)? + "\n");
+    }
+    let mut out = format!(
+        "service {ns}/{svc}: global {}, affinity {}\n",
+        yes(plan["global"] == true),
+        plan["affinity"].as_str().unwrap_or("none")
+    );
+    let mut rows = Vec::new();
+    for f in plan["frontends"].as_array().into_iter().flatten() {
+        let frontend = format!(
+            "{}:{}/{} ({})",
+            f["vip"].as_str().unwrap_or("?"),
+            f["port"],
+            f["proto"].as_str().unwrap_or("?"),
+            f["port_name"].as_str().unwrap_or("")
+        );
+        for c in f["candidates"].as_array().into_iter().flatten() {
+            let reason = c["reason"].as_str().unwrap_or("?");
+            let selected = matches!(reason, "selected" | "kept-last-backends");
+            rows.push(vec![
+                frontend.clone(),
+                c["cluster"].as_str().unwrap_or("?").to_owned(),
+                match c["port"].as_u64() {
+                    Some(p) => format!("{}:{p}", c["ip"].as_str().unwrap_or("?")),
+                    None => c["ip"].as_str().unwrap_or("?").to_owned(),
+                },
+                if selected { "in" } else { "out" }.to_owned(),
+                reason.to_owned(),
+            ]);
+        }
+    }
+    for s in plan["skipped"].as_array().into_iter().flatten() {
+        out.push_str(&format!("skipped: {}\n", s.as_str().unwrap_or("")));
+    }
+    out.push_str(&table(
+        &["FRONTEND", "CLUSTER", "BACKEND", "IN/OUT", "WHY"],
+        &rows,
+    ));
+    Ok(out)
+}
+
+/// `clustermesh explain endpoint IP`, from the agent.
+pub(crate) async fn explain_endpoint(
+    agent: &str,
+    ip: &str,
+    format: Format,
+) -> anyhow::Result<String> {
+    let e = get_json(agent, &format!("/explain/endpoint/{ip}")).await?;
+    if format == Format::Json {
+        return Ok(serde_json::to_string_pretty(&e)? + "\n");
+    }
+    let flag = |enforce: &str, audit: &str| {
+        if e[enforce] == true {
+            "enforced"
+        } else if e[audit] == true {
+            "audited"
+        } else {
+            "open"
+        }
+    };
+    let mut out = format!(
+        "endpoint {ip} ({}), identity {}: ingress {}, egress {}\nselected by: {}\n",
+        e["pod"].as_str().unwrap_or("?"),
+        e["identity"],
+        flag("enforce_ingress", "audit_ingress"),
+        flag("enforce_egress", "audit_egress"),
+        e["selected_by"]
+            .as_array()
+            .map(|a| a
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(", "))
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "no rule".to_owned()),
+    );
+    let rows: Vec<Vec<String>> = e["entries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|x| {
+            vec![
+                x["direction"].as_str().unwrap_or("?").to_owned(),
+                match x["identity"].as_u64() {
+                    Some(0) => "any".to_owned(),
+                    Some(id) => id.to_string(),
+                    None => "?".to_owned(),
+                },
+                x["cluster"].as_str().unwrap_or("-").to_owned(),
+                x["port"].as_str().unwrap_or("?").to_owned(),
+                x["verdict"].as_str().unwrap_or("?").to_owned(),
+                x["rules"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_str)
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    })
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["DIRECTION", "PEER", "CLUSTER", "PORT", "VERDICT", "RULES"],
+        &rows,
+    ));
+    for n in e["notes"].as_array().into_iter().flatten() {
+        out.push_str(&format!("note: {}\n", n.as_str().unwrap_or("")));
+    }
+    Ok(out)
+}
+
+/// `clustermesh bpf MAP`: the datapath's map, decoded by the agent.
+pub(crate) async fn bpf(agent: &str, map: &str, format: Format) -> anyhow::Result<String> {
+    let rows = get_json(agent, &format!("/maps/{map}")).await?;
+    if format == Format::Json {
+        return Ok(serde_json::to_string_pretty(&rows)? + "\n");
+    }
+    let list = rows.as_array().cloned().unwrap_or_default();
+    let Some(first) = list.first().and_then(Value::as_object) else {
+        return Ok(format!("{map}: empty\n"));
+    };
+    let headers: Vec<String> = first.keys().cloned().collect();
+    let cell = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    };
+    let body: Vec<Vec<String>> = list
+        .iter()
+        .map(|r| headers.iter().map(|h| cell(&r[h])).collect())
+        .collect();
+    let upper: Vec<String> = headers.iter().map(|h| h.to_uppercase()).collect();
+    let refs: Vec<&str> = upper.iter().map(String::as_str).collect();
+    Ok(table(&refs, &body))
+}
+
+/// What `observe` keeps.
+#[derive(Debug, Default)]
+pub(crate) struct EventFilter {
+    /// `allowed`, `denied` or `audited`.
+    pub(crate) verdict: Option<String>,
+    /// A cluster ID on either side.
+    pub(crate) cluster: Option<u64>,
+    /// An identity on either side.
+    pub(crate) identity: Option<u64>,
+}
+
+impl EventFilter {
+    fn keeps(&self, e: &Value) -> bool {
+        self.verdict.as_deref().is_none_or(|v| e["verdict"] == v)
+            && self
+                .cluster
+                .is_none_or(|c| e["srcCluster"] == c || e["dstCluster"] == c)
+            && self
+                .identity
+                .is_none_or(|i| e["srcIdentity"] == i || e["dstIdentity"] == i)
+    }
+}
+
+/// `clustermesh observe`: live verdict events until interrupted (or `limit` events).
+pub(crate) async fn observe(
+    agent: &str,
+    filter: &EventFilter,
+    format: Format,
+    limit: Option<usize>,
+) -> anyhow::Result<()> {
+    let mut seen = 0usize;
+    get_lines(agent, "/events", |line| {
+        let Ok(e) = serde_json::from_str::<Value>(line) else {
+            return true;
+        };
+        if !filter.keeps(&e) {
+            return true;
+        }
+        if format == Format::Json {
+            println!("{line}");
+        } else {
+            println!(
+                "{:<8} {:<7} {} (identity {}, cluster {}) -> {}:{} (identity {}, cluster {}) proto {} rule {}",
+                e["verdict"].as_str().unwrap_or("?"),
+                e["direction"].as_str().unwrap_or("?"),
+                e["src"].as_str().unwrap_or("?"),
+                e["srcIdentity"],
+                e["srcCluster"],
+                e["dst"].as_str().unwrap_or("?"),
+                e["dport"],
+                e["dstIdentity"],
+                e["dstCluster"],
+                e["proto"],
+                e["rule"],
+            );
+        }
+        seen += 1;
+        limit.is_none_or(|l| seen < l)
+    })
+    .await
+}

@@ -1,0 +1,98 @@
+//! `clustermesh status`: this cluster's apiserver and each remote it imports, from the
+//! apiserver's `/status` on its health port. Exit code 1 when the apiserver or any remote is
+//! not ready.
+
+use anyhow::Context;
+use serde_json::Value;
+
+use crate::output::{Format, get_json, table, yes};
+
+/// Whether everything is ready, and the text to print.
+pub(crate) async fn status(health: &str, format: Format) -> anyhow::Result<(bool, String)> {
+    let s = get_json(health, "/status")
+        .await
+        .with_context(|| format!("asking the apiserver at {health} (is it running?)"))?;
+    let remotes = s["remotes"].as_array().cloned().unwrap_or_default();
+    let all_ready = s["ready"] == true
+        && remotes
+            .iter()
+            .all(|r| r["ready"] == true && r["connected"] == true);
+    let text = match format {
+        Format::Json => serde_json::to_string_pretty(&s)? + "\n",
+        Format::Table => render(&s, &remotes),
+    };
+    Ok((all_ready, text))
+}
+
+fn count(r: &Value, kind: &str) -> String {
+    r["counts"][kind].as_u64().unwrap_or(0).to_string()
+}
+
+fn render(s: &Value, remotes: &[Value]) -> String {
+    let mut out = format!(
+        "cluster {} (id {}): apiserver {}\n",
+        s["cluster"].as_str().unwrap_or("?"),
+        s["id"].as_u64().map_or("?".to_owned(), |i| i.to_string()),
+        if s["ready"] == true {
+            "ready"
+        } else {
+            "NOT READY (first sync not done)"
+        }
+    );
+    if remotes.is_empty() {
+        out.push_str("no remote clusters (connect one with `clustermesh connect`)\n");
+        return out;
+    }
+    let rows: Vec<Vec<String>> = remotes
+        .iter()
+        .map(|r| {
+            let synced: Vec<&str> = r["synced"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            vec![
+                r["name"].as_str().unwrap_or("?").to_owned(),
+                yes(r["connected"] == true),
+                yes(r["ready"] == true),
+                if synced.is_empty() {
+                    "-".to_owned()
+                } else {
+                    synced.join(",")
+                },
+                count(r, "nodes"),
+                count(r, "ip"),
+                count(r, "identities"),
+                count(r, "services"),
+                r["failures"].as_u64().unwrap_or(0).to_string(),
+                format!(
+                    "{:.1}s",
+                    r["secondsSinceLastMessage"].as_f64().unwrap_or(0.0)
+                ),
+                yes(r["withdrawn"] == true),
+                r["refused"]
+                    .as_str()
+                    .map(|x| format!("refused: {x}"))
+                    .or_else(|| r["lastFailure"].as_str().map(str::to_owned))
+                    .unwrap_or_else(|| "-".to_owned()),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "REMOTE",
+            "CONNECTED",
+            "READY",
+            "SYNCED",
+            "NODES",
+            "ENDPOINTS",
+            "IDENTITIES",
+            "SERVICES",
+            "FAILURES",
+            "LAST MESSAGE",
+            "WITHDRAWN",
+            "LAST FAILURE",
+        ],
+        &rows,
+    ));
+    out
+}

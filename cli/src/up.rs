@@ -1,0 +1,434 @@
+//! `clustermesh up`: a local multi-cluster mesh on the embedded store. N cluster directories
+//! in a data directory (reused by a second run), connected in a full mesh over real mTLS on
+//! loopback addresses, the example scenario loaded, one apiserver and one agent process per
+//! cluster; progress until everything is ready, then a live view until Ctrl-C, then a clean
+//! shutdown of every process.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, IsTerminal};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clustermesh_model::cluster::{ClusterName, MaxConnectedClusters};
+use serde_json::Value;
+
+use crate::clusterdir::{ClusterDir, InitOptions, write_atomic};
+use crate::output::{get, get_json, table};
+
+/// The example scenario, built into the binary so that `up` works from anywhere.
+const SCENARIO: [(&str, &str); 3] = [
+    ("c1", include_str!("../../examples/mesh/c1.yaml")),
+    ("c2", include_str!("../../examples/mesh/c2.yaml")),
+    ("c3", include_str!("../../examples/mesh/c3.yaml")),
+];
+
+/// `up`'s options.
+pub(crate) struct UpOptions {
+    /// Number of clusters.
+    pub(crate) clusters: u32,
+    /// The data directory.
+    pub(crate) dir: PathBuf,
+    /// `userspace` or `bpf`.
+    pub(crate) datapath: clustermesh_agent::DatapathKind,
+    /// The first three octets of the loopback addresses (cluster i listens on
+    /// `<prefix>.<10 + i>`).
+    pub(crate) ip_prefix: String,
+}
+
+struct Member {
+    dir: ClusterDir,
+    health: String,
+    admin: String,
+    apiserver: Option<Child>,
+    agent: Option<Child>,
+}
+
+fn spawn(exe: &Path, args: &[&str], config: &Path, log: &Path) -> anyhow::Result<Child> {
+    let mut child = Command::new(exe)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?)
+        .spawn()
+        .with_context(|| format!("starting {} {args:?}", exe.display()))?;
+    // The first line says it serves; after it the child prints nothing more on stdout.
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("piped stdout")?).read_line(&mut line)?;
+    if line.is_empty() {
+        let _ = child.wait();
+        bail!(
+            "clustermesh {} exited at start; its log {} says:\n{}",
+            args.join(" "),
+            log.display(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+    Ok(child)
+}
+
+/// SIGTERM to every child, then waits up to 10 s before SIGKILL.
+async fn stop_all(children: Vec<&mut Child>) {
+    for c in &children {
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut children = children;
+    while !children.is_empty() && Instant::now() < deadline {
+        children.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+fn addr(prefix: &str, host: u32, port: u16) -> anyhow::Result<SocketAddr> {
+    let ip: IpAddr = format!("{prefix}.{host}")
+        .parse()
+        .with_context(|| format!("--ip-prefix {prefix:?} does not make an IPv4 address"))?;
+    if !ip.is_loopback() {
+        bail!("--ip-prefix must be in 127.0.0.0/8: up only uses loopback addresses");
+    }
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// Prepares the cluster directories (creating or reusing them), connects them and loads the
+/// scenario.
+fn prepare(o: &UpOptions) -> anyhow::Result<Vec<Member>> {
+    if o.clusters < 2 || o.clusters > 50 {
+        bail!("--clusters must be between 2 and 50");
+    }
+    std::fs::create_dir_all(&o.dir).with_context(|| format!("creating {}", o.dir.display()))?;
+    let datapath = match o.datapath {
+        clustermesh_agent::DatapathKind::Bpf => "bpf",
+        clustermesh_agent::DatapathKind::Userspace => "userspace",
+    };
+    let mut members = Vec::new();
+    for i in 1..=o.clusters {
+        let name = format!("c{i}");
+        let path = o.dir.join(&name);
+        let dir = if path.join("apiserver.yaml").exists() {
+            ClusterDir::open(&path)?
+        } else {
+            ClusterDir::init(
+                &path,
+                &InitOptions {
+                    name: ClusterName::new(name.as_str())?,
+                    id: i,
+                    mode: MaxConnectedClusters::C255,
+                    export: addr(&o.ip_prefix, 10 + i, 2379)?,
+                    health: addr(&o.ip_prefix, 10 + i, 9880)?,
+                    agent_admin: addr(&o.ip_prefix, 10 + i, 9891)?,
+                    node: format!("{name}-node"),
+                    datapath,
+                },
+            )?
+        };
+        let health = dir.apiserver.listen.health.clone();
+        let admin = dir.agent_admin()?;
+        members.push(Member {
+            dir,
+            health,
+            admin,
+            apiserver: None,
+            agent: None,
+        });
+    }
+    for i in 0..members.len() {
+        for j in i + 1..members.len() {
+            crate::connect::connect(&members[i].dir.path, &members[j].dir.path)?;
+        }
+    }
+    for m in &members {
+        if let Some((_, text)) = SCENARIO.iter().find(|(c, _)| *c == m.dir.name().as_str()) {
+            let file = m
+                .dir
+                .apiserver
+                .source
+                .manifest_dir
+                .join("example-mesh.yaml");
+            if std::fs::read_to_string(&file).ok().as_deref() != Some(*text) {
+                write_atomic(&file, text)?;
+            }
+        }
+    }
+    Ok(members)
+}
+
+async fn cluster_state(m: &Member) -> (bool, usize, usize, bool, Value) {
+    let status = get_json(&m.health, "/status").await.ok();
+    let (api_ready, remotes_ready, remotes) = match &status {
+        Some(s) => {
+            let r = s["remotes"].as_array().cloned().unwrap_or_default();
+            (
+                s["ready"] == true,
+                r.iter().filter(|x| x["ready"] == true).count(),
+                r.len(),
+            )
+        }
+        None => (false, 0, 0),
+    };
+    let agent_ready = matches!(get(&m.admin, "/readyz").await, Ok((200, _)));
+    let agent = get_json(&m.admin, "/status").await.unwrap_or(Value::Null);
+    (api_ready, remotes_ready, remotes, agent_ready, agent)
+}
+
+/// The merged global services of one agent: `ns/name` -> backends (`ip:port@cluster`).
+pub(crate) async fn merged_services(admin: &str) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+    let plans = get_json(admin, "/services").await?;
+    let mut out = BTreeMap::new();
+    for p in plans.as_array().into_iter().flatten() {
+        let name = format!(
+            "{}/{}",
+            p["namespace"].as_str().unwrap_or("?"),
+            p["name"].as_str().unwrap_or("?")
+        );
+        let mut backends: Vec<String> = p["frontends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|f| f["backends"].as_array().cloned().unwrap_or_default())
+            .map(|b| {
+                format!(
+                    "{}:{}@c{}",
+                    b["ip"].as_str().unwrap_or("?"),
+                    b["port"],
+                    b["cluster_id"]
+                )
+            })
+            .collect();
+        backends.sort();
+        backends.dedup();
+        out.insert(name, backends);
+    }
+    Ok(out)
+}
+
+async fn render(members: &[Member]) -> String {
+    let mut rows = Vec::new();
+    let mut services: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for m in members {
+        let (api, rr, rn, agent_ready, agent) = cluster_state(m).await;
+        rows.push(vec![
+            m.dir.name().to_string(),
+            if api { "ready" } else { "starting" }.to_owned(),
+            format!("{rr}/{rn}"),
+            if agent_ready { "ready" } else { "starting" }.to_owned(),
+            agent["maps"]["services"].to_string(),
+            agent["maps"]["ipcache"].to_string(),
+            agent["maps"]["policy"].to_string(),
+        ]);
+        if let Ok(merged) = merged_services(&m.admin).await {
+            for (svc, backends) in merged {
+                services.entry(svc).or_default().push(format!(
+                    "{}: {}",
+                    m.dir.name(),
+                    if backends.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        backends.join(" ")
+                    }
+                ));
+            }
+        }
+    }
+    let mut out = table(
+        &[
+            "CLUSTER",
+            "APISERVER",
+            "REMOTES READY",
+            "AGENT",
+            "FRONTENDS",
+            "IPCACHE",
+            "POLICY ENTRIES",
+        ],
+        &rows,
+    );
+    out.push('\n');
+    let svc_rows: Vec<Vec<String>> = services
+        .into_iter()
+        .flat_map(|(svc, per)| {
+            per.into_iter()
+                .enumerate()
+                .map(move |(i, line)| {
+                    let (cluster, backends) = line.split_once(": ").unwrap_or(("?", ""));
+                    vec![
+                        if i == 0 { svc.clone() } else { String::new() },
+                        cluster.to_owned(),
+                        backends.to_owned(),
+                    ]
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    out.push_str(&table(
+        &["SERVICE", "AGENT OF", "BACKENDS (ip:port@cluster)"],
+        &svc_rows,
+    ));
+    out
+}
+
+async fn all_ready(members: &[Member]) -> bool {
+    for m in members {
+        let (api, rr, rn, agent, _) = cluster_state(m).await;
+        if !(api && agent && rr == rn && rn + 1 == members.len()) {
+            return false;
+        }
+    }
+    true
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// Runs the mesh until SIGINT or SIGTERM.
+pub(crate) async fn up(o: UpOptions) -> anyhow::Result<()> {
+    let mut members = prepare(&o)?;
+    let exe = std::env::current_exe().context("finding the clustermesh binary")?;
+    let datapath = match o.datapath {
+        clustermesh_agent::DatapathKind::Bpf => "bpf",
+        clustermesh_agent::DatapathKind::Userspace => "userspace",
+    };
+    println!(
+        "starting {} clusters in {} ({} datapath)",
+        members.len(),
+        o.dir.display(),
+        datapath
+    );
+    let started = (|| {
+        for m in &mut members {
+            let log = m.dir.path.join("apiserver.log");
+            m.apiserver = Some(spawn(
+                &exe,
+                &["apiserver"],
+                &m.dir.apiserver_config(),
+                &log,
+            )?);
+            println!(
+                "{}: apiserver on {} (health {}), log {}",
+                m.dir.name(),
+                m.dir.apiserver.listen.export,
+                m.health,
+                log.display()
+            );
+        }
+        for m in &mut members {
+            let log = m.dir.path.join("agent.log");
+            m.agent = Some(spawn(
+                &exe,
+                &["agent", "--datapath", datapath],
+                &m.dir.agent_config(),
+                &log,
+            )?);
+            println!(
+                "{}: agent admin on {}, log {}",
+                m.dir.name(),
+                m.admin,
+                log.display()
+            );
+        }
+        anyhow::Ok(())
+    })();
+    let result = match started {
+        Ok(()) => run(&mut members).await,
+        Err(e) => Err(e),
+    };
+    println!("stopping every process");
+    let children: Vec<&mut Child> = members
+        .iter_mut()
+        .flat_map(|m| [m.agent.as_mut(), m.apiserver.as_mut()])
+        .flatten()
+        .collect();
+    stop_all(children).await;
+    println!("stopped");
+    result
+}
+
+async fn run(members: &mut [Member]) -> anyhow::Result<()> {
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    let tty = std::io::stdout().is_terminal();
+    let begin = Instant::now();
+    let mut last = String::new();
+    // Progress until every apiserver, remote and agent is ready.
+    loop {
+        if all_ready(members).await {
+            println!(
+                "mesh ready: {} clusters connected in a full mesh after {:.1} s",
+                members.len(),
+                begin.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        let mut line = Vec::new();
+        for m in members.iter() {
+            let (api, rr, rn, agent, _) = cluster_state(m).await;
+            line.push(format!(
+                "{}: apiserver {}, remotes {rr}/{rn}, agent {}",
+                m.dir.name(),
+                if api { "ready" } else { "starting" },
+                if agent { "ready" } else { "starting" }
+            ));
+        }
+        let line = line.join(" | ");
+        if line != last {
+            println!("{line}");
+            last = line;
+        }
+        exited(members)?;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(300)) => {}
+            _ = &mut stop => return Ok(()),
+        }
+    }
+    // The live view.
+    let mut shown = String::new();
+    loop {
+        let view = render(members).await;
+        if tty {
+            print!("\x1b[2J\x1b[H{view}\n(Ctrl-C stops the mesh)\n");
+        } else if view != shown {
+            println!("{view}");
+        }
+        shown = view;
+        exited(members)?;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = &mut stop => return Ok(()),
+        }
+    }
+}
+
+/// Fails when a process of the mesh has exited on its own.
+fn exited(members: &mut [Member]) -> anyhow::Result<()> {
+    for m in members.iter_mut() {
+        for (what, child) in [("apiserver", &mut m.apiserver), ("agent", &mut m.agent)] {
+            if let Some(c) = child
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                *child = None;
+                bail!(
+                    "{}'s {what} exited ({status}); see {}",
+                    m.dir.name(),
+                    m.dir.path.join(format!("{what}.log")).display()
+                );
+            }
+        }
+    }
+    Ok(())
+}

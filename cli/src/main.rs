@@ -162,6 +162,9 @@ enum Command {
         /// The configuration file (YAML; see docs/CONFIG.md).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Stop when the parent process goes away (used by `up`).
+        #[arg(long, hide = true)]
+        exit_with_parent: bool,
     },
     /// Run a node's agent: watch the local apiserver, merge every cluster's state and program
     /// the datapath (eBPF maps, or the same maps in memory).
@@ -173,6 +176,9 @@ enum Command {
         /// overrides the file's `datapath`.
         #[arg(long, value_name = "KIND")]
         datapath: Option<clustermesh_agent::DatapathKind>,
+        /// Stop when the parent process goes away (used by `up`).
+        #[arg(long, hide = true)]
+        exit_with_parent: bool,
     },
 }
 
@@ -237,7 +243,30 @@ async fn shutdown_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn apiserver(config: PathBuf) -> anyhow::Result<()> {
+/// Resolves when the parent process is gone (the process was re-parented).
+async fn parent_gone() {
+    let parent = std::os::unix::process::parent_id();
+    while std::os::unix::process::parent_id() == parent {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// A stop signal, or the parent's exit when asked to follow it.
+async fn stop_requested(exit_with_parent: bool) -> anyhow::Result<()> {
+    if exit_with_parent {
+        tokio::select! {
+            r = shutdown_signal() => r,
+            () = parent_gone() => {
+                tracing::warn!("the parent process is gone; stopping");
+                Ok(())
+            }
+        }
+    } else {
+        shutdown_signal().await
+    }
+}
+
+async fn apiserver(config: PathBuf, exit_with_parent: bool) -> anyhow::Result<()> {
     let config = clustermesh_apiserver::Config::load(&config)?;
     let running = clustermesh_apiserver::start(config)
         .await
@@ -246,7 +275,7 @@ async fn apiserver(config: PathBuf) -> anyhow::Result<()> {
         "export listening on {}, health on {}",
         running.export_addr, running.health_addr
     );
-    shutdown_signal().await?;
+    stop_requested(exit_with_parent).await?;
     tracing::info!("shutting down");
     running.stop().await.context("stopping the apiserver")?;
     Ok(())
@@ -255,6 +284,7 @@ async fn apiserver(config: PathBuf) -> anyhow::Result<()> {
 async fn agent(
     config: PathBuf,
     datapath: Option<clustermesh_agent::DatapathKind>,
+    exit_with_parent: bool,
 ) -> anyhow::Result<()> {
     let config = clustermesh_agent::Config::load(&config)?;
     let kind = datapath.unwrap_or(config.datapath);
@@ -262,7 +292,7 @@ async fn agent(
         .await
         .context("starting the agent")?;
     println!("agent admin on {}", running.admin_addr);
-    shutdown_signal().await?;
+    stop_requested(exit_with_parent).await?;
     tracing::info!("shutting down; the datapath stays pinned");
     running.stop().await;
     Ok(())
@@ -271,8 +301,15 @@ async fn agent(
 /// Runs a command; `Ok(false)` for an answer that is not a success (e.g. not ready).
 async fn run(command: Command) -> anyhow::Result<bool> {
     match command {
-        Command::Apiserver { config } => apiserver(config).await?,
-        Command::Agent { config, datapath } => agent(config, datapath).await?,
+        Command::Apiserver {
+            config,
+            exit_with_parent,
+        } => apiserver(config, exit_with_parent).await?,
+        Command::Agent {
+            config,
+            datapath,
+            exit_with_parent,
+        } => agent(config, datapath, exit_with_parent).await?,
         Command::Up {
             clusters,
             dir,

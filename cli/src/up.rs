@@ -18,6 +18,15 @@ use serde_json::Value;
 use crate::clusterdir::{ClusterDir, InitOptions, write_atomic};
 use crate::output::{get, get_json, table};
 
+/// Prints a line; a closed stdout (the terminal or pipe went away) must not stop the
+/// shutdown of the mesh, so write errors are ignored.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// The example scenario, built into the binary so that `up` works from anywhere.
 const SCENARIO: [(&str, &str); 3] = [
     ("c1", include_str!("../../examples/mesh/c1.yaml")),
@@ -275,10 +284,16 @@ async fn render(members: &[Member]) -> String {
     out
 }
 
+/// Every apiserver ready with every remote imported, and every agent holding the state of
+/// every remote (it has seen each remote's ready status, which its apiserver publishes after
+/// that remote's snapshot is in the cache, so the snapshot reached the agent first).
 async fn all_ready(members: &[Member]) -> bool {
     for m in members {
-        let (api, rr, rn, agent, _) = cluster_state(m).await;
-        if !(api && agent && rr == rn && rn + 1 == members.len()) {
+        let (api, rr, rn, agent, status) = cluster_state(m).await;
+        let remotes_seen = status["clusters"]
+            .as_array()
+            .is_some_and(|c| c.len() + 1 == members.len() && c.iter().all(|s| s["ready"] == true));
+        if !(api && agent && rr == rn && rn + 1 == members.len() && remotes_seen) {
             return false;
         }
     }
@@ -304,7 +319,7 @@ pub(crate) async fn up(o: UpOptions) -> anyhow::Result<()> {
         clustermesh_agent::DatapathKind::Bpf => "bpf",
         clustermesh_agent::DatapathKind::Userspace => "userspace",
     };
-    println!(
+    say!(
         "starting {} clusters in {} ({} datapath)",
         members.len(),
         o.dir.display(),
@@ -315,11 +330,11 @@ pub(crate) async fn up(o: UpOptions) -> anyhow::Result<()> {
             let log = m.dir.path.join("apiserver.log");
             m.apiserver = Some(spawn(
                 &exe,
-                &["apiserver"],
+                &["apiserver", "--exit-with-parent"],
                 &m.dir.apiserver_config(),
                 &log,
             )?);
-            println!(
+            say!(
                 "{}: apiserver on {} (health {}), log {}",
                 m.dir.name(),
                 m.dir.apiserver.listen.export,
@@ -331,11 +346,11 @@ pub(crate) async fn up(o: UpOptions) -> anyhow::Result<()> {
             let log = m.dir.path.join("agent.log");
             m.agent = Some(spawn(
                 &exe,
-                &["agent", "--datapath", datapath],
+                &["agent", "--exit-with-parent", "--datapath", datapath],
                 &m.dir.agent_config(),
                 &log,
             )?);
-            println!(
+            say!(
                 "{}: agent admin on {}, log {}",
                 m.dir.name(),
                 m.admin,
@@ -348,14 +363,14 @@ pub(crate) async fn up(o: UpOptions) -> anyhow::Result<()> {
         Ok(()) => run(&mut members).await,
         Err(e) => Err(e),
     };
-    println!("stopping every process");
+    say!("stopping every process");
     let children: Vec<&mut Child> = members
         .iter_mut()
         .flat_map(|m| [m.agent.as_mut(), m.apiserver.as_mut()])
         .flatten()
         .collect();
     stop_all(children).await;
-    println!("stopped");
+    say!("stopped");
     result
 }
 
@@ -368,7 +383,7 @@ async fn run(members: &mut [Member]) -> anyhow::Result<()> {
     // Progress until every apiserver, remote and agent is ready.
     loop {
         if all_ready(members).await {
-            println!(
+            say!(
                 "mesh ready: {} clusters connected in a full mesh after {:.1} s",
                 members.len(),
                 begin.elapsed().as_secs_f64()
@@ -387,7 +402,7 @@ async fn run(members: &mut [Member]) -> anyhow::Result<()> {
         }
         let line = line.join(" | ");
         if line != last {
-            println!("{line}");
+            say!("{line}");
             last = line;
         }
         exited(members)?;
@@ -401,9 +416,9 @@ async fn run(members: &mut [Member]) -> anyhow::Result<()> {
     loop {
         let view = render(members).await;
         if tty {
-            print!("\x1b[2J\x1b[H{view}\n(Ctrl-C stops the mesh)\n");
+            say!("\x1b[2J\x1b[H{view}\n(Ctrl-C stops the mesh)");
         } else if view != shown {
-            println!("{view}");
+            say!("{view}");
         }
         shown = view;
         exited(members)?;

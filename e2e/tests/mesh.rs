@@ -11,6 +11,10 @@
     clippy::unwrap_used,
     reason = "test code: a panic is the failure report"
 )]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a synchronous test: no async runtime to block"
+)]
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -149,6 +153,23 @@ fn global_service_policy_and_failover_across_two_clusters() {
         ([("b-web".to_owned(), 3)].into(), 0),
         "{lines:?}"
     );
+    // `clustermesh observe` sees the drops live, with both identities and clusters.
+    let observer = std::process::Command::new(binary("clustermesh"))
+        .args([
+            "observe",
+            "--agent",
+            &agent.admin,
+            "--verdict",
+            "denied",
+            "--count",
+            "1",
+            "-o",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     let lines = topo.probe(
         "a-other",
         false,
@@ -162,6 +183,16 @@ fn global_service_policy_and_failover_across_two_clusters() {
         ],
     );
     assert_eq!(tally(&lines), (Default::default(), 3), "{lines:?}");
+    let out = observer.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let event: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(event["src"], "10.244.1.21", "{event}");
+    assert_eq!(event["dst"], "10.244.2.10");
+    assert_eq!(
+        (event["srcCluster"].clone(), event["dstCluster"].clone()),
+        (1.into(), 2.into())
+    );
+    assert_eq!(event["dport"], 8080);
     let explain = agent.get("/explain/endpoint/10.244.2.10");
     assert_eq!(explain["enforce_ingress"], true, "{explain}");
 

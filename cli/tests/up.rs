@@ -1,0 +1,268 @@
+//! `clustermesh up`: three clusters reach all-ready, their agents' merged services are what
+//! the example scenario defines (with the reasons for each affinity case), the inspection
+//! commands work on the cluster directories it keeps, Ctrl-C stops every process, and a
+//! second run reuses the data directory.
+
+#![allow(clippy::unwrap_used, reason = "tests")]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a synchronous test polling processes; no runtime to block"
+)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_clustermesh");
+
+/// `up`, interrupted when dropped (a failing test leaves nothing running).
+struct Up(Option<Child>);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            interrupt(c);
+        }
+    }
+}
+
+fn start_up(dir: &Path) -> (Up, mpsc::Receiver<String>) {
+    let mut child = Command::new(BIN)
+        .args(["up", "--clusters", "3", "--ip-prefix", "127.0.77", "--dir"])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (Up(Some(child)), rx)
+}
+
+fn wait_line(rx: &mpsc::Receiver<String>, prefix: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => {
+                let done = line.starts_with(prefix);
+                seen.push(line);
+                if done {
+                    return seen;
+                }
+            }
+            Err(e) => panic!("no {prefix:?} line ({e}); output so far: {seen:#?}"),
+        }
+    }
+}
+
+fn cm(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "clustermesh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&cm(args)).unwrap()
+}
+
+/// Processes whose command line names `dir`.
+fn processes_of(dir: &Path) -> Vec<String> {
+    let needle = dir.display().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(&needle) {
+                out.push(cmd);
+            }
+        }
+    }
+    out
+}
+
+fn interrupt(mut child: Child) {
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "up exited with {status}");
+}
+
+/// `explain service` of `cluster`'s agent: selected backends and every candidate's reason.
+fn explain(data: &Path, cluster: &str, svc: &str) -> (Vec<String>, BTreeMap<String, String>) {
+    let dir = data.join(cluster);
+    let plan = json(&[
+        "explain",
+        "service",
+        svc,
+        "--dir",
+        dir.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    let f = &plan["frontends"][0];
+    let mut backends: Vec<String> = f["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["ip"].as_str().unwrap().to_owned())
+        .collect();
+    backends.sort();
+    let reasons = f["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["ip"].as_str().unwrap().to_owned(),
+                c["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    (backends, reasons)
+}
+
+#[test]
+fn up_runs_the_example_mesh_and_stops_cleanly() {
+    let data = tempfile::tempdir().unwrap();
+    let (mut up, rx) = start_up(data.path());
+    let progress = wait_line(&rx, "mesh ready: 3 clusters");
+    assert!(
+        progress[0].starts_with("starting 3 clusters"),
+        "{progress:?}"
+    );
+
+    // What each agent programs, per examples/README.md.
+    let web = ["10.1.0.10", "10.1.0.11", "10.2.0.10", "10.3.0.10"];
+    for c in ["c1", "c2", "c3"] {
+        let (backends, reasons) = explain(data.path(), c, "shop/web");
+        assert_eq!(backends, web, "{c} shop/web");
+        assert_eq!(reasons["10.3.0.11"], "unhealthy");
+    }
+    let (backends, reasons) = explain(data.path(), "c1", "shop/cart");
+    assert_eq!(backends, ["10.1.0.20"]);
+    assert_eq!(
+        (reasons["10.2.0.20"].as_str(), reasons["10.3.0.20"].as_str()),
+        ("affinity-local", "affinity-local")
+    );
+    assert_eq!(explain(data.path(), "c2", "shop/cart").0, ["10.2.0.20"]);
+    assert_eq!(
+        explain(data.path(), "c3", "shop/cart").0,
+        ["10.1.0.20", "10.2.0.20", "10.3.0.20"]
+    );
+    let (backends, reasons) = explain(data.path(), "c1", "shop/payments");
+    assert_eq!(backends, ["10.2.0.30", "10.3.0.30"]);
+    assert_eq!(reasons["10.1.0.30"], "affinity-remote");
+    for c in ["c2", "c3"] {
+        assert_eq!(
+            explain(data.path(), c, "shop/payments").0,
+            ["10.1.0.30", "10.2.0.30", "10.3.0.30"]
+        );
+    }
+    let (backends, reasons) = explain(data.path(), "c1", "shop/inventory");
+    assert_eq!(backends, ["10.1.0.40"]);
+    assert!(
+        !reasons.contains_key("10.2.0.40"),
+        "c2 does not export a service that is not shared: {reasons:?}"
+    );
+    assert_eq!(
+        explain(data.path(), "c2", "shop/inventory").0,
+        ["10.1.0.40", "10.2.0.40"]
+    );
+
+    // The inspection commands on the directories up keeps.
+    let c1 = data.path().join("c1");
+    let c1 = c1.to_str().unwrap();
+    let table = cm(&["explain", "service", "shop/cart", "--dir", c1]);
+    assert!(
+        table.contains("affinity-local") && table.contains("FRONTEND"),
+        "{table}"
+    );
+    let ep = json(&[
+        "explain",
+        "endpoint",
+        "10.1.0.30",
+        "--dir",
+        c1,
+        "-o",
+        "json",
+    ]);
+    let clusters: Vec<&str> = ep["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["cluster"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        clusters,
+        ["c1", "c2", "c3"],
+        "one frontend identity per cluster: {ep}"
+    );
+    let endpoints = json(&["endpoints", "--dir", c1, "-o", "json"]);
+    assert_eq!(endpoints.as_array().unwrap().len(), 6 + 5 + 5);
+    let services = cm(&["services", "--dir", c1]);
+    assert!(
+        services.contains("shop/web") && services.contains("c2:1") && services.contains("c3:2"),
+        "{services}"
+    );
+    let identities = json(&["identities", "--dir", c1, "-o", "json"]);
+    assert!(
+        identities
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["cluster"] == "c3")
+    );
+    let frontends = json(&["bpf", "services", "--dir", c1, "-o", "json"]);
+    assert_eq!(frontends.as_array().unwrap().len(), 4);
+    assert!(cm(&["status", "--dir", c1]).contains("apiserver ready"));
+
+    interrupt(up.0.take().unwrap());
+    assert_eq!(
+        processes_of(data.path()),
+        Vec::<String>::new(),
+        "processes left behind"
+    );
+
+    // A second run reuses the data directory (same CA).
+    let ca = std::fs::read(data.path().join("c1/certs/ca.pem")).unwrap();
+    let (mut up, rx) = start_up(data.path());
+    wait_line(&rx, "mesh ready: 3 clusters");
+    assert_eq!(
+        std::fs::read(data.path().join("c1/certs/ca.pem")).unwrap(),
+        ca
+    );
+    interrupt(up.0.take().unwrap());
+    assert_eq!(processes_of(data.path()), Vec::<String>::new());
+
+    // Even when up itself is killed (SIGKILL: no cleanup), its processes follow it.
+    let (mut up, rx) = start_up(data.path());
+    wait_line(&rx, "mesh ready: 3 clusters");
+    let mut child = up.0.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let t = std::time::Instant::now();
+    while !processes_of(data.path()).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "orphans: {:?}",
+            processes_of(data.path())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -329,7 +329,34 @@ pub(crate) async fn bpf(agent: &str, map: &str, format: Format) -> anyhow::Resul
     let Some(first) = list.first().and_then(Value::as_object) else {
         return Ok(format!("{map}: empty\n"));
     };
-    let headers: Vec<String> = first.keys().cloned().collect();
+    // Key columns first, in the order of the map's key and value (docs/DATAPATH.md).
+    let order: &[&str] = match map {
+        "services" => &["vip", "port", "proto", "backends"],
+        "backends" => &["id", "ip", "port", "proto", "state", "clusterId"],
+        "ipcache" => &["prefix", "identity", "nodeIp", "clusterId"],
+        "endpoints" => &["ip", "endpointId", "identity", "clusterId"],
+        "policy" => &[
+            "endpointId",
+            "identity",
+            "port",
+            "proto",
+            "direction",
+            "verdict",
+            "ruleId",
+        ],
+        _ => &[],
+    };
+    let mut headers: Vec<String> = order
+        .iter()
+        .filter(|k| first.contains_key(**k))
+        .map(|k| (*k).to_owned())
+        .collect();
+    headers.extend(
+        first
+            .keys()
+            .filter(|k| !order.contains(&k.as_str()))
+            .cloned(),
+    );
     let cell = |v: &Value| match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".to_owned(),

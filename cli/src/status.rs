@@ -24,6 +24,16 @@ pub(crate) async fn status(health: &str, format: Format) -> anyhow::Result<(bool
     Ok((all_ready, text))
 }
 
+/// `"(12s ago) "` for a Unix time.
+fn ago(unix: Option<u64>) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    unix.map_or_else(String::new, |t| {
+        format!("({}s ago) ", now.saturating_sub(t))
+    })
+}
+
 fn count(r: &Value, kind: &str) -> String {
     r["counts"][kind].as_u64().unwrap_or(0).to_string()
 }
@@ -72,7 +82,11 @@ fn render(s: &Value, remotes: &[Value]) -> String {
                 r["refused"]
                     .as_str()
                     .map(|x| format!("refused: {x}"))
-                    .or_else(|| r["lastFailure"].as_str().map(str::to_owned))
+                    .or_else(|| {
+                        r["lastFailure"]
+                            .as_str()
+                            .map(|f| format!("{}{f}", ago(r["lastFailureTime"].as_u64())))
+                    })
                     .unwrap_or_else(|| "-".to_owned()),
             ]
         })

@@ -352,7 +352,13 @@ impl Loop {
         )
         .await
         .map_err(|_| "connecting timed out".to_owned())?
-        .map_err(|e| format!("connecting to {}: {e:?}", self.config.apiserver.address))?;
+        .map_err(|e| {
+            format!(
+                "connecting to {}: {}",
+                self.config.apiserver.address,
+                clustermesh_proto::client::error_chain(&e)
+            )
+        })?;
         let cc = client
             .get_cluster_config(v1::GetClusterConfigRequest {})
             .await

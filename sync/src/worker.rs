@@ -386,7 +386,7 @@ async fn session(
     )
     .await
     .map_err(|_| SessionError::Connect("timed out".into()))?
-    .map_err(|e| SessionError::Connect(format!("{e:?}")))?;
+    .map_err(|e| SessionError::Connect(clustermesh_proto::client::error_chain(&e)))?;
     let config = client
         .get_cluster_config(v1::GetClusterConfigRequest {})
         .await?

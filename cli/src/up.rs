@@ -155,6 +155,11 @@ fn prepare(o: &UpOptions) -> anyhow::Result<Vec<Member>> {
             crate::connect::connect(&members[i].dir.path, &members[j].dir.path)?;
         }
     }
+    if o.datapath == clustermesh_agent::DatapathKind::Bpf {
+        for m in &members {
+            bpf_section(m, &o.ip_prefix)?;
+        }
+    }
     for m in &members {
         if let Some((_, text)) = SCENARIO.iter().find(|(c, _)| *c == m.dir.name().as_str()) {
             let file = m
@@ -169,6 +174,50 @@ fn prepare(o: &UpOptions) -> anyhow::Result<Vec<Member>> {
         }
     }
     Ok(members)
+}
+
+/// The cgroup v2 mount.
+fn cgroup2() -> anyhow::Result<PathBuf> {
+    std::fs::read_to_string("/proc/mounts")
+        .context("reading /proc/mounts")?
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some("cgroup2"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .map(PathBuf::from)
+        .context("no cgroup v2 is mounted; the eBPF datapath needs one (mount -t cgroup2 none /sys/fs/cgroup)")
+}
+
+/// On the eBPF datapath each cluster's agent gets a cgroup of its own for socket load
+/// balancing (run a client in it: `echo $$ > <cgroup>/cgroup.procs`), so that the clusters'
+/// identical VIPs do not meet, and nothing else on the machine is affected. Maps and links are
+/// pinned under `/sys/fs/bpf/clustermesh-up/<ip prefix, dashed>/`, where the next run adopts them;
+/// removing that directory (and the cgroups) cleans up.
+fn bpf_section(m: &Member, prefix: &str) -> anyhow::Result<()> {
+    let cgroup = cgroup2()?
+        .join("clustermesh-up")
+        .join(prefix)
+        .join(m.dir.name().as_str());
+    // bpffs refuses dots in names.
+    let root = Path::new("/sys/fs/bpf/clustermesh-up").join(prefix.replace('.', "-"));
+    std::fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+    let path = m.dir.agent_config();
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with("bpf:"))
+        .map(str::to_owned)
+        .collect();
+    lines.push(format!(
+        "bpf: {{root: {}, cgroup: {}}}",
+        root.display(),
+        cgroup.display()
+    ));
+    let new = lines.join("\n") + "\n";
+    if new != text {
+        write_atomic(&path, &new)?;
+    }
+    Ok(())
 }
 
 async fn cluster_state(m: &Member) -> (bool, usize, usize, bool, Value) {

@@ -23,8 +23,12 @@ struct Up(Option<Child>);
 
 impl Drop for Up {
     fn drop(&mut self) {
-        if let Some(c) = self.0.take() {
-            interrupt(c);
+        // No assertion here: a panic while unwinding would abort and leave processes behind.
+        if let Some(mut c) = self.0.take() {
+            let _ = Command::new("kill")
+                .args(["-INT", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
         }
     }
 }
@@ -265,4 +269,71 @@ fn up_runs_the_example_mesh_and_stops_cleanly() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn up_on_the_ebpf_datapath_programs_kernel_maps() {
+    // Root, bpffs and cgroup v2 are required (CI runs as root); without them up fails loudly.
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "up",
+            "--clusters",
+            "2",
+            "--datapath",
+            "bpf",
+            "--ip-prefix",
+            "127.0.78",
+            "--dir",
+        ])
+        .arg(data.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let up = Up(Some(child));
+    wait_line(&rx, "mesh ready: 2 clusters");
+    let c1 = data.path().join("c1");
+    let frontends = json(&[
+        "bpf",
+        "services",
+        "--dir",
+        c1.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    assert_eq!(frontends.as_array().unwrap().len(), 4, "{frontends}");
+    let pins = Path::new("/sys/fs/bpf/clustermesh-up/127-0-78/c1/c1-node");
+    assert!(
+        pins.join("cm_services").exists(),
+        "maps pinned under {}",
+        pins.display()
+    );
+    drop(up);
+    assert_eq!(processes_of(data.path()), Vec::<String>::new());
+    // Clean the kernel state this test made: pins (detaching the programs), then cgroups.
+    std::fs::remove_dir_all("/sys/fs/bpf/clustermesh-up/127-0-78").unwrap();
+    let cgroup2 = std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some("cgroup2"))
+        .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        .unwrap();
+    let base = Path::new(&cgroup2).join("clustermesh-up/127.0.78");
+    for c in ["c1", "c2"] {
+        std::fs::remove_dir(base.join(c)).unwrap();
+    }
+    std::fs::remove_dir(&base).unwrap();
+    // The parents, unless another mesh uses them.
+    let _ = std::fs::remove_dir("/sys/fs/bpf/clustermesh-up");
+    let _ = std::fs::remove_dir(Path::new(&cgroup2).join("clustermesh-up"));
 }

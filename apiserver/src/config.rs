@@ -98,7 +98,23 @@ pub enum StoreConfig {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SourceConfig {
     /// A directory of Kubernetes manifests, watched for changes.
-    pub manifest_dir: PathBuf,
+    #[serde(default)]
+    pub manifest_dir: Option<PathBuf>,
+    /// The cluster's Kubernetes API.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesSource>,
+}
+
+/// How to reach the Kubernetes API (in-cluster credentials when nothing is set).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubernetesSource {
+    /// A kubeconfig file; absent: the in-cluster service account, or `$KUBECONFIG`.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context (default: its current context).
+    #[serde(default)]
+    pub context: Option<String>,
 }
 
 /// Listen addresses.
@@ -284,7 +300,20 @@ impl Config {
                 *p = base.join(&*p);
             }
         };
-        abs(&mut c.source.manifest_dir);
+        match (&mut c.source.manifest_dir, &mut c.source.kubernetes) {
+            (Some(dir), None) => abs(dir),
+            (None, Some(k)) => {
+                if let Some(p) = &mut k.kubeconfig {
+                    abs(p);
+                }
+            }
+            _ => {
+                return Err(ConfigError::Parse {
+                    path: String::new(),
+                    reason: "source needs exactly one of manifestDir and kubernetes".into(),
+                });
+            }
+        }
         abs(&mut c.tls.ca);
         abs(&mut c.tls.cert);
         abs(&mut c.tls.key);
@@ -335,9 +364,23 @@ tls: {ca: certs/ca.pem, cert: certs/server.pem, key: /abs/server-key.pem}
         assert!(
             matches!(&c.store, StoreConfig::Sled { path } if path == Path::new("/etc/cm/data/store"))
         );
-        assert_eq!(c.source.manifest_dir, Path::new("/etc/cm/manifests"));
+        assert_eq!(
+            c.source.manifest_dir.as_deref(),
+            Some(Path::new("/etc/cm/manifests"))
+        );
         assert_eq!(c.tls.key, Path::new("/abs/server-key.pem"));
         assert_eq!((c.identity_grace_seconds, c.heartbeat_millis), (30, 1000));
+        let kube = GOOD.replace(
+            "{manifestDir: manifests}",
+            "{kubernetes: {kubeconfig: kube/config, context: east}}",
+        );
+        let c = Config::parse(&kube, Path::new("/etc/cm")).unwrap();
+        let k = c.source.kubernetes.unwrap();
+        assert_eq!(
+            k.kubeconfig.as_deref(),
+            Some(Path::new("/etc/cm/kube/config"))
+        );
+        assert_eq!(k.context.as_deref(), Some("east"));
         let etcd = GOOD.replace(
             "{backend: sled, path: data/store}",
             "{backend: etcd, endpoints: [\"http://127.0.0.1:2379\"], maxTxnOps: 4096}",
@@ -363,6 +406,17 @@ tls: {ca: certs/ca.pem, cert: certs/server.pem, key: /abs/server-key.pem}
                 "unknown field",
             ),
             (GOOD.replace("tls:", "tlz:"), "unknown field"),
+            (
+                GOOD.replace("{manifestDir: manifests}", "{}"),
+                "exactly one of manifestDir and kubernetes",
+            ),
+            (
+                GOOD.replace(
+                    "{manifestDir: manifests}",
+                    "{manifestDir: m, kubernetes: {}}",
+                ),
+                "exactly one of manifestDir and kubernetes",
+            ),
             (
                 GOOD.replace(
                     "{backend: sled, path: data/store}",

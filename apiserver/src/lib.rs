@@ -24,4 +24,4 @@ pub mod source;
 pub mod writer;
 
 pub use config::Config;
-pub use server::{Running, start};
+pub use server::{Running, start, start_with};

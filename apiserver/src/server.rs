@@ -67,6 +67,9 @@ pub enum ServeError {
     /// Writing the cluster config failed.
     #[error("writing the cluster config failed")]
     Write(#[from] writer::WriteError),
+    /// The Kubernetes API client could not be configured.
+    #[error("configuring the Kubernetes client failed: {0}")]
+    Kubernetes(String),
 }
 
 /// A running apiserver.
@@ -144,8 +147,43 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
+/// The Kubernetes client of a `kubernetes` source: the kubeconfig file and context when set,
+/// else the in-cluster service account (or `$KUBECONFIG`).
+async fn kube_client(k: &crate::config::KubernetesSource) -> Result<kube::Client, ServeError> {
+    let err = |e: &dyn std::fmt::Display| ServeError::Kubernetes(e.to_string());
+    let options = kube::config::KubeConfigOptions {
+        context: k.context.clone(),
+        ..Default::default()
+    };
+    let config = match &k.kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path).map_err(|e| err(&e))?;
+            kube::Config::from_custom_kubeconfig(file, &options)
+                .await
+                .map_err(|e| err(&e))?
+        }
+        None if k.context.is_some() => kube::Config::from_kubeconfig(&options)
+            .await
+            .map_err(|e| err(&e))?,
+        None => kube::Config::infer().await.map_err(|e| err(&e))?,
+    };
+    kube::Client::try_from(config).map_err(|e| err(&e))
+}
+
 /// Starts the apiserver: binds both listeners, then runs until [`Running::stop`].
 pub async fn start(config: Config) -> Result<Running, ServeError> {
+    let client = match &config.source.kubernetes {
+        Some(k) => Some(kube_client(k).await?),
+        None => None,
+    };
+    start_with(config, client).await
+}
+
+/// [`start`] with a given Kubernetes client for a `kubernetes` source (tests pass a mock).
+pub async fn start_with(
+    config: Config,
+    client: Option<kube::Client>,
+) -> Result<Running, ServeError> {
     let cluster = config.cluster.name.clone();
     let id = config.cluster_id()?;
     let mode = config.cluster.max_connected_clusters;
@@ -235,10 +273,23 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             other.to_string(),
         )),
     })?;
+    let input = match (&config.source.manifest_dir, client) {
+        (Some(dir), _) => Input::Dir(dir.clone()),
+        (None, Some(client)) => {
+            let (tx, rx) = watch::channel(None);
+            tokio::spawn(crate::source::kubernetes::run(client, tx, stop_rx.clone()));
+            Input::Kube(rx)
+        }
+        (None, None) => {
+            return Err(ServeError::Kubernetes(
+                "a kubernetes source needs a client".into(),
+            ));
+        }
+    };
     let source = SourceLoop {
         cluster,
         id,
-        dir: config.source.manifest_dir.clone(),
+        input,
         writer,
         allocator,
         metrics: Arc::clone(&metrics),
@@ -328,10 +379,18 @@ async fn supervise_remotes(
     }
 }
 
+/// Where the source loop reads from.
+enum Input {
+    /// A manifest directory, polled.
+    Dir(std::path::PathBuf),
+    /// The Kubernetes source's complete snapshots.
+    Kube(watch::Receiver<Option<manifest::Loaded>>),
+}
+
 struct SourceLoop {
     cluster: ClusterName,
     id: ClusterId,
-    dir: std::path::PathBuf,
+    input: Input,
     writer: StateWriter,
     allocator: IdentityAllocator,
     metrics: Arc<Metrics>,
@@ -342,27 +401,49 @@ impl SourceLoop {
         let mut last = None;
         let mut synced = false;
         let mut in_use: BTreeSet<clustermesh_model::labels::LabelSet> = BTreeSet::new();
+        // A Kubernetes snapshot not yet written (a failed write is retried on the next tick).
+        let mut pending: Option<manifest::Loaded> = None;
+        // The Kubernetes source published (seen by the wait below, which marks it read).
+        let mut kube_changed = false;
         loop {
-            match manifest::fingerprint(&self.dir) {
-                Ok(fp) if last.as_ref() != Some(&fp) => match self.reconcile().await {
+            let loaded = match &mut self.input {
+                Input::Dir(dir) => match manifest::fingerprint(dir) {
+                    Ok(fp) if last.as_ref() != Some(&fp) => {
+                        last = Some(fp);
+                        Some(manifest::load_dir(dir))
+                    }
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "the manifest directory cannot be read; keeping the current state");
+                        None
+                    }
+                },
+                Input::Kube(rx) => {
+                    if std::mem::take(&mut kube_changed) || rx.has_changed().unwrap_or(false) {
+                        pending = rx.borrow_and_update().clone();
+                    }
+                    pending.clone()
+                }
+            };
+            if let Some(loaded) = loaded {
+                match self.reconcile(&loaded).await {
                     Ok(labels) => {
                         in_use = labels;
-                        last = Some(fp);
+                        pending = None;
                         if !synced {
                             self.writer.write_canaries(&self.cluster).await?;
                             self.metrics.set_ready();
                             synced = true;
-                            tracing::info!("initial sync of the manifest directory is complete");
+                            tracing::info!("initial sync of the source is complete");
                         }
                     }
                     // Retried on the next tick.
                     Err(e) => {
+                        if matches!(self.input, Input::Dir(_)) {
+                            last = None;
+                        }
                         tracing::warn!(error = %e, "writing the desired state failed; retrying")
                     }
-                },
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(dir = %self.dir.display(), error = %e, "the manifest directory cannot be read; keeping the current state")
                 }
             }
             let refs: BTreeSet<_> = in_use.iter().collect();
@@ -376,8 +457,19 @@ impl SourceLoop {
             self.metrics
                 .identities
                 .set(i64::try_from(self.allocator.identities().len()).unwrap_or(i64::MAX));
+            let changed = async {
+                match &mut self.input {
+                    Input::Kube(rx) => {
+                        if rx.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    Input::Dir(_) => std::future::pending::<()>().await,
+                }
+            };
             tokio::select! {
                 () = tokio::time::sleep(POLL_INTERVAL) => {}
+                () = changed => kube_changed = true,
                 _ = stop.wait_for(|s| *s) => return Ok(()),
             }
         }
@@ -385,11 +477,11 @@ impl SourceLoop {
 
     async fn reconcile(
         &mut self,
+        loaded: &manifest::Loaded,
     ) -> Result<
         BTreeSet<clustermesh_model::labels::LabelSet>,
         Box<dyn std::error::Error + Send + Sync>,
     > {
-        let loaded = manifest::load_dir(&self.dir);
         let desired = DesiredState::compute(&self.cluster, self.id, &loaded.objects);
         let problems: Vec<_> = loaded.problems.iter().chain(&desired.problems).collect();
         for p in &problems {
@@ -424,7 +516,7 @@ impl SourceLoop {
             put = stats.put,
             deleted = stats.deleted,
             problems = problems.len(),
-            "applied the manifest directory"
+            "applied the source"
         );
         Ok(desired.label_sets().into_iter().cloned().collect())
     }

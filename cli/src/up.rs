@@ -162,12 +162,13 @@ fn prepare(o: &UpOptions) -> anyhow::Result<Vec<Member>> {
     }
     for m in &members {
         if let Some((_, text)) = SCENARIO.iter().find(|(c, _)| *c == m.dir.name().as_str()) {
-            let file = m
-                .dir
-                .apiserver
-                .source
-                .manifest_dir
-                .join("example-mesh.yaml");
+            let Some(manifests) = &m.dir.apiserver.source.manifest_dir else {
+                bail!(
+                    "{} reads no manifest directory; up needs its clusters on manifests",
+                    m.dir.apiserver_config().display()
+                );
+            };
+            let file = manifests.join("example-mesh.yaml");
             if std::fs::read_to_string(&file).ok().as_deref() != Some(*text) {
                 write_atomic(&file, text)?;
             }

@@ -150,7 +150,11 @@ fn insert<K: Ord + std::fmt::Debug, V>(
     Ok(())
 }
 
-fn add_document(value: serde_json::Value, objects: &mut SourceObjects) -> Result<(), String> {
+/// Adds one document (a Kubernetes object as JSON, with `apiVersion` and `kind`).
+pub(crate) fn add_document(
+    value: serde_json::Value,
+    objects: &mut SourceObjects,
+) -> Result<(), String> {
     let api = value
         .get("apiVersion")
         .and_then(|v| v.as_str())

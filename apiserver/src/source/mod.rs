@@ -11,6 +11,7 @@ use clustermesh_model::policy::NetworkPolicy;
 use clustermesh_model::service::BackendConditions;
 
 pub mod k8s;
+pub mod kubernetes;
 pub mod manifest;
 
 /// A namespaced name.

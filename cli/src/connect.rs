@@ -66,37 +66,48 @@ fn refuse_pair(a: &ClusterDir, b: &ClusterDir) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The remote file `us` keeps for `peer`.
+/// The remote file `us` keeps for `peer`. Every file of a remotes directory is flat (no
+/// subdirectory), so that `kubectl create secret generic --from-file=<dir>/remotes` carries
+/// it into a cluster as is.
 fn entry(peer: &ClusterDir) -> String {
     let name = peer.name();
     format!(
-        "# written by clustermesh connect\nname: {name}\nid: {}\naddress: \"{}\"\nca: {name}/ca.pem\ncert: {name}/client.pem\nkey: {name}/client-key.pem\n",
+        "# written by clustermesh connect\nname: {name}\nid: {}\naddress: \"{}\"\nca: {name}-ca.pem\ncert: {name}-client.pem\nkey: {name}-client-key.pem\n",
         peer.apiserver.cluster.id, peer.apiserver.listen.export
     )
+}
+
+/// The certificate files of `peer` in a remotes directory.
+fn files_of(remotes: &Path, peer: &str) -> [std::path::PathBuf; 3] {
+    [
+        remotes.join(format!("{peer}-ca.pem")),
+        remotes.join(format!("{peer}-client.pem")),
+        remotes.join(format!("{peer}-client-key.pem")),
+    ]
 }
 
 /// Makes `us` import `peer`.
 fn add_remote(us: &ClusterDir, peer: &ClusterDir) -> anyhow::Result<Outcome> {
     let remotes = us.remotes_dir()?;
     let file = remotes.join(format!("{}.yaml", peer.name()));
-    let certs = remotes.join(peer.name().as_str());
+    let [ca, cert, key] = files_of(remotes, peer.name().as_str());
     let peer_ca = peer.ca()?;
     let text = entry(peer);
     let in_place = std::fs::read_to_string(&file).is_ok_and(|t| t == text)
-        && std::fs::read_to_string(certs.join("ca.pem"))
-            .is_ok_and(|t| t == peer_ca.cert().cert_pem)
-        && certs.join("client.pem").exists()
-        && certs.join("client-key.pem").exists();
+        && std::fs::read_to_string(&ca).is_ok_and(|t| t == peer_ca.cert().cert_pem)
+        && cert.exists()
+        && key.exists();
     if in_place {
         return Ok(Outcome::Unchanged);
     }
-    std::fs::create_dir_all(&certs).with_context(|| format!("creating {}", certs.display()))?;
+    std::fs::create_dir_all(remotes).with_context(|| format!("creating {}", remotes.display()))?;
     // The peer's CA certificate only: its key never leaves the peer's directory.
-    std::fs::write(certs.join("ca.pem"), &peer_ca.cert().cert_pem)
-        .with_context(|| format!("writing {}/ca.pem", certs.display()))?;
-    peer_ca
-        .client_cert(&ClientIdentity::Remote(us.name().clone()))?
-        .write(&certs, "client")?;
+    std::fs::write(&ca, &peer_ca.cert().cert_pem)
+        .with_context(|| format!("writing {}", ca.display()))?;
+    let client = peer_ca.client_cert(&ClientIdentity::Remote(us.name().clone()))?;
+    std::fs::write(&cert, &client.cert_pem)
+        .with_context(|| format!("writing {}", cert.display()))?;
+    std::fs::write(&key, &client.key_pem).with_context(|| format!("writing {}", key.display()))?;
     // The remote file last, so that the apiserver never reads it before its certificates.
     write_atomic(&file, &text)?;
     Ok(Outcome::Written)
@@ -106,13 +117,13 @@ fn add_remote(us: &ClusterDir, peer: &ClusterDir) -> anyhow::Result<Outcome> {
 fn remove_remote(us: &ClusterDir, peer: &str) -> anyhow::Result<bool> {
     let remotes = us.remotes_dir()?;
     let file = remotes.join(format!("{peer}.yaml"));
-    let certs = remotes.join(peer);
-    let existed = file.exists() || certs.exists();
-    if file.exists() {
-        std::fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
-    }
-    if certs.exists() {
-        std::fs::remove_dir_all(&certs).with_context(|| format!("removing {}", certs.display()))?;
+    let mut existed = false;
+    // The remote file first: the apiserver stops the remote before its certificates go.
+    for f in std::iter::once(file).chain(files_of(remotes, peer)) {
+        if f.exists() {
+            existed = true;
+            std::fs::remove_file(&f).with_context(|| format!("removing {}", f.display()))?;
+        }
     }
     Ok(existed)
 }

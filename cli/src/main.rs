@@ -162,6 +162,9 @@ enum Command {
         /// The configuration file (YAML; see docs/CONFIG.md).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Only check the configuration file, print `ok` and exit.
+        #[arg(long)]
+        check: bool,
         /// Stop when the parent process goes away (used by `up`).
         #[arg(long, hide = true)]
         exit_with_parent: bool,
@@ -176,6 +179,13 @@ enum Command {
         /// overrides the file's `datapath`.
         #[arg(long, value_name = "KIND")]
         datapath: Option<clustermesh_agent::DatapathKind>,
+        /// This node's name, overriding the file's `nodeName` (a DaemonSet passes
+        /// `spec.nodeName` here).
+        #[arg(long, value_name = "NAME")]
+        node_name: Option<String>,
+        /// Only check the configuration file, print `ok` and exit.
+        #[arg(long)]
+        check: bool,
         /// Stop when the parent process goes away (used by `up`).
         #[arg(long, hide = true)]
         exit_with_parent: bool,
@@ -284,9 +294,16 @@ async fn apiserver(config: PathBuf, exit_with_parent: bool) -> anyhow::Result<()
 async fn agent(
     config: PathBuf,
     datapath: Option<clustermesh_agent::DatapathKind>,
+    node_name: Option<String>,
     exit_with_parent: bool,
 ) -> anyhow::Result<()> {
-    let config = clustermesh_agent::Config::load(&config)?;
+    let mut config = clustermesh_agent::Config::load(&config)?;
+    if let Some(n) = node_name {
+        if n.is_empty() {
+            anyhow::bail!("--node-name must not be empty");
+        }
+        config.node_name = n;
+    }
     let kind = datapath.unwrap_or(config.datapath);
     let running = clustermesh_agent::start(config, kind)
         .await
@@ -301,15 +318,26 @@ async fn agent(
 /// Runs a command; `Ok(false)` for an answer that is not a success (e.g. not ready).
 async fn run(command: Command) -> anyhow::Result<bool> {
     match command {
+        Command::Apiserver { config, check, .. } if check => {
+            clustermesh_apiserver::Config::load(&config)?;
+            println!("ok");
+        }
+        Command::Agent { config, check, .. } if check => {
+            clustermesh_agent::Config::load(&config)?;
+            println!("ok");
+        }
         Command::Apiserver {
             config,
             exit_with_parent,
+            ..
         } => apiserver(config, exit_with_parent).await?,
         Command::Agent {
             config,
             datapath,
+            node_name,
             exit_with_parent,
-        } => agent(config, datapath, exit_with_parent).await?,
+            ..
+        } => agent(config, datapath, node_name, exit_with_parent).await?,
         Command::Up {
             clusters,
             dir,

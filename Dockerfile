@@ -1,0 +1,17 @@
+# The clustermesh image the Helm chart runs (apiserver and agent in one binary).
+# Not built by CI: this workplace has no container engine. Build it where one runs:
+#   docker build -t ghcr.io/clustermesh/clustermesh:0.1.0 .
+FROM rust:1.95-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends \
+      protobuf-compiler clang llvm libbpf-dev && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p clustermesh
+
+FROM debian:bookworm-slim
+# iproute2 and util-linux (nsenter): the agent finds endpoint interfaces with `ip route get`.
+RUN apt-get update && apt-get install -y --no-install-recommends iproute2 util-linux ca-certificates \
+      && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/clustermesh /usr/local/bin/clustermesh
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/clustermesh"]

@@ -281,6 +281,8 @@ struct Loop {
     /// The view being staged (before a `Synced`); the view in force is in `shared`.
     staging: Option<View>,
     pending: Dirty,
+    /// When to retry a failed datapath write.
+    retry_at: Option<Instant>,
     last_revision: i64,
     attached: BTreeMap<Ipv4Addr, Attachment>,
 }
@@ -300,6 +302,7 @@ async fn run(
         shared,
         staging: None,
         pending: Dirty::default(),
+        retry_at: None,
         last_revision: 0,
         attached: BTreeMap::new(),
     };
@@ -339,6 +342,9 @@ fn new_backoff() -> impl Iterator<Item = Duration> {
         .without_max_times()
         .build()
 }
+
+/// Delay before a failed datapath write is retried (with a full comparison).
+const RETRY: Duration = Duration::from_secs(1);
 
 /// Silence after which the local apiserver is considered gone (it heartbeats every second by
 /// default).
@@ -403,21 +409,29 @@ impl Loop {
         let max_debounce = Duration::from_millis(self.config.max_debounce_millis);
         let mut first_pending: Option<Instant> = None;
         let mut quiet_until = Instant::now();
+        let mut last_message = Instant::now();
         loop {
-            let deadline = match first_pending {
-                Some(first) => quiet_until.min(first + max_debounce),
-                None => Instant::now() + SILENCE,
+            let silence_at = last_message + SILENCE;
+            let deadline = match (first_pending, self.retry_at) {
+                (Some(first), _) => quiet_until.min(first + max_debounce),
+                (None, Some(retry)) => retry.min(silence_at),
+                (None, None) => silence_at,
             };
             let msg = tokio::select! {
                 m = stream.message() => m,
                 () = tokio::time::sleep_until(deadline) => {
-                    if first_pending.take().is_some() {
+                    let now = Instant::now();
+                    if first_pending.take().is_some() || self.retry_at.is_some_and(|r| r <= now) {
                         self.flush().await;
+                        continue;
+                    }
+                    if now < silence_at {
                         continue;
                     }
                     return Err(format!("no message from the local apiserver for {SILENCE:?}"));
                 }
             };
+            last_message = Instant::now();
             let event = match msg {
                 Ok(Some(e)) => e,
                 Ok(None) => return Err("the local apiserver closed the stream".into()),
@@ -483,9 +497,10 @@ impl Loop {
         self.shared.status.lock().synced = true;
     }
 
-    /// Writes what the pending changes touched.
+    /// Writes what the pending changes touched (everything, when retrying a failed pass).
     async fn flush(&mut self) {
         let dirty = std::mem::take(&mut self.pending);
+        let full = self.retry_at.take().is_some();
         let (result, policy_changed) = {
             let view = self.shared.view.lock();
             let Some(view) = view.as_ref() else {
@@ -493,10 +508,14 @@ impl Loop {
             };
             let mut desired = self.shared.desired.lock();
             let changed = desired.update(view, &dirty);
+            let scope = if full {
+                Scope::Full
+            } else {
+                Scope::Changed(&changed)
+            };
             (
-                self.reconciler
-                    .reconcile(&desired, Scope::Changed(&changed), true),
-                changed.policy,
+                self.reconciler.reconcile(&desired, scope, true),
+                changed.policy || full,
             )
         };
         self.after_pass(result, policy_changed).await;
@@ -515,11 +534,9 @@ impl Loop {
             }
             Err(e) => {
                 m.reconcile_errors.inc();
-                tracing::error!(error = %e, "writing the datapath failed; the next pass retries");
+                tracing::error!(error = %e, "writing the datapath failed; a full pass retries in 1 s");
                 self.shared.status.lock().last_error = Some(format!("datapath: {e}"));
-                // Compare everything next time.
-                self.pending.all_services = true;
-                self.pending.policy = true;
+                self.retry_at = Some(Instant::now() + RETRY);
             }
         }
         if endpoints_changed || self.attached.values().any(|a| a.error.is_some()) {

@@ -270,3 +270,68 @@ fn incremental_passes_end_where_a_full_pass_does() {
         assert_eq!(desired, Desired::from_view(&v), "desired after step {i}");
     }
 }
+
+/// The in-memory datapath, failing its first ipcache write.
+#[derive(Default)]
+struct FailsOnce {
+    inner: UserspaceDatapath,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl Datapath for FailsOnce {
+    fn upsert_backends(&self, b: &[(BackendId, Backend)]) -> clustermesh_bpf::Result<()> {
+        self.inner.upsert_backends(b)
+    }
+    fn delete_backends(&self, ids: &[BackendId]) -> clustermesh_bpf::Result<()> {
+        self.inner.delete_backends(ids)
+    }
+    fn upsert_service(&self, k: ServiceKey, b: &[BackendId]) -> clustermesh_bpf::Result<()> {
+        self.inner.upsert_service(k, b)
+    }
+    fn delete_service(&self, k: ServiceKey) -> clustermesh_bpf::Result<()> {
+        self.inner.delete_service(k)
+    }
+    fn upsert_ipcache(&self, e: &[(Prefix, IpCacheValue)]) -> clustermesh_bpf::Result<()> {
+        if !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(clustermesh_bpf::Error::Missing(
+                "cm_ipcache (injected failure)",
+            ));
+        }
+        self.inner.upsert_ipcache(e)
+    }
+    fn delete_ipcache(&self, p: &[Prefix]) -> clustermesh_bpf::Result<()> {
+        self.inner.delete_ipcache(p)
+    }
+    fn upsert_endpoints(&self, e: &[(Ipv4Addr, Endpoint)]) -> clustermesh_bpf::Result<()> {
+        self.inner.upsert_endpoints(e)
+    }
+    fn delete_endpoints(&self, ips: &[Ipv4Addr]) -> clustermesh_bpf::Result<()> {
+        self.inner.delete_endpoints(ips)
+    }
+    fn upsert_policy(&self, e: &[(PolicyKey, PolicyValue)]) -> clustermesh_bpf::Result<()> {
+        self.inner.upsert_policy(e)
+    }
+    fn delete_policy(&self, k: &[PolicyKey]) -> clustermesh_bpf::Result<()> {
+        self.inner.delete_policy(k)
+    }
+    fn snapshot(&self) -> clustermesh_bpf::Result<Snapshot> {
+        self.inner.snapshot()
+    }
+}
+
+#[test]
+fn a_failed_write_is_healed_by_the_next_full_pass() {
+    let dp = Arc::new(FailsOnce::default());
+    let mut r = Reconciler::adopt(dp.clone()).unwrap();
+    let desired = Desired::from_view(&populated());
+    assert!(r.reconcile(&desired, Scope::Full, true).is_err());
+    assert!(dp.snapshot().unwrap().ipcache.is_empty());
+    // What the failed pass did not write is not believed written: the retry writes it all.
+    r.reconcile(&desired, Scope::Full, true).unwrap();
+    let fresh = Arc::new(UserspaceDatapath::new());
+    Reconciler::adopt(fresh.clone())
+        .unwrap()
+        .reconcile(&desired, Scope::Full, true)
+        .unwrap();
+    assert_eq!(resolved(dp.as_ref()), resolved(fresh.as_ref()));
+}

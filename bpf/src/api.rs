@@ -95,6 +95,14 @@ pub enum Proto {
 }
 
 impl Proto {
+    /// The upper-case name, as Kubernetes spells it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+        }
+    }
+
     /// The IANA number.
     pub const fn number(self) -> u8 {
         match self {

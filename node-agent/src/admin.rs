@@ -181,13 +181,6 @@ async fn services(State(s): State<Arc<Shared>>) -> Response {
     json(&plans)
 }
 
-fn proto_name(p: clustermesh_bpf::Proto) -> &'static str {
-    match p {
-        clustermesh_bpf::Proto::Tcp => "TCP",
-        clustermesh_bpf::Proto::Udp => "UDP",
-    }
-}
-
 async fn maps(State(s): State<Arc<Shared>>, Path(map): Path<String>) -> Response {
     let snap = match s.datapath.snapshot() {
         Ok(snap) => snap,
@@ -205,7 +198,7 @@ async fn maps(State(s): State<Arc<Shared>>, Path(map): Path<String>) -> Response
             .iter()
             .map(|(k, ids)| {
                 serde_json::json!({"vip": k.vip.to_string(), "port": k.port,
-                    "proto": proto_name(k.proto), "backends": ids})
+                    "proto": k.proto.name(), "backends": ids})
             })
             .collect(),
         "backends" => snap
@@ -213,7 +206,7 @@ async fn maps(State(s): State<Arc<Shared>>, Path(map): Path<String>) -> Response
             .iter()
             .map(|(id, b)| {
                 serde_json::json!({"id": id, "ip": b.ip.to_string(), "port": b.port,
-                    "proto": proto_name(b.proto), "state": format!("{:?}", b.state).to_lowercase(),
+                    "proto": b.proto.name(), "state": format!("{:?}", b.state).to_lowercase(),
                     "clusterId": b.cluster_id})
             })
             .collect(),
@@ -240,7 +233,7 @@ async fn maps(State(s): State<Arc<Shared>>, Path(map): Path<String>) -> Response
             .iter()
             .map(|(k, v)| {
                 serde_json::json!({"endpointId": k.endpoint_id, "identity": k.identity,
-                    "port": k.port.map(|(p, _)| p), "proto": k.port.map(|(_, p)| proto_name(p)),
+                    "port": k.port.map(|(p, _)| p), "proto": k.port.map(|(_, p)| p.name()),
                     "direction": format!("{:?}", k.direction).to_lowercase(),
                     "verdict": format!("{:?}", v.verdict).to_lowercase(), "ruleId": v.rule_id})
             })

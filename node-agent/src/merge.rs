@@ -39,10 +39,7 @@ pub struct BackendAddr {
 }
 
 fn ser_proto<S: serde::Serializer>(p: &Proto, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(match p {
-        Proto::Tcp => "TCP",
-        Proto::Udp => "UDP",
-    })
+    s.serialize_str(p.name())
 }
 
 /// Why a candidate backend is in or out of a frontend.

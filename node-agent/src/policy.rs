@@ -413,7 +413,7 @@ fn resolve_endpoint(
             cluster: view.identity(key.identity).map(|i| i.cluster.to_string()),
             port: key.port.map_or_else(
                 || "any".to_owned(),
-                |(p, proto)| format!("{p}/{}", if proto == Proto::Tcp { "TCP" } else { "UDP" }),
+                |(p, proto)| format!("{p}/{}", proto.name()),
             ),
             verdict: match verdict {
                 Verdict::Allow => "allow",

@@ -207,6 +207,10 @@ fn default_drain() -> u64 {
     30
 }
 
+fn default_true() -> bool {
+    true
+}
+
 fn default_grace() -> u64 {
     30
 }
@@ -251,6 +255,10 @@ pub struct Config {
     /// Seconds a removed remote's cached state is kept before it is deleted.
     #[serde(default = "default_drain")]
     pub remote_drain_grace_seconds: u64,
+    /// Whether a namespace without the `clustermesh.cilium.io/global` annotation is exported
+    /// to other clusters (default true: everything is).
+    #[serde(default = "default_true")]
+    pub global_namespaces_by_default: bool,
     /// The staleness contract.
     #[serde(default)]
     pub staleness: StalenessSection,

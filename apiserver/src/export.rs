@@ -55,6 +55,36 @@ impl Default for ExportSettings {
     }
 }
 
+/// Which namespaces are exported to other clusters: a namespace's
+/// `clustermesh.cilium.io/global` annotation, else the configured default. Nodes are always
+/// exported; identities, ipcache entries and services only from exported namespaces. Local
+/// agents always see everything.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NamespaceFilter {
+    /// Whether a namespace without the annotation is exported.
+    pub default_global: bool,
+    /// Namespaces whose annotation says otherwise than the default.
+    pub exceptions: std::collections::BTreeSet<String>,
+}
+
+impl NamespaceFilter {
+    /// Every namespace exported.
+    pub fn all() -> Self {
+        Self {
+            default_global: true,
+            exceptions: std::collections::BTreeSet::new(),
+        }
+    }
+
+    /// Whether objects of `namespace` are exported (objects without a namespace are).
+    pub fn exports(&self, namespace: Option<&str>) -> bool {
+        match namespace {
+            None | Some("") => true,
+            Some(ns) => self.default_global != self.exceptions.contains(ns),
+        }
+    }
+}
+
 /// The Export service of one cluster.
 #[derive(Clone)]
 pub struct ExportService {
@@ -69,6 +99,8 @@ struct Inner {
     config: ClusterConfig,
     settings: ExportSettings,
     metrics: Arc<Metrics>,
+    /// The exported namespaces; a change resets remote streams.
+    namespaces: tokio::sync::watch::Receiver<NamespaceFilter>,
 }
 
 impl ExportService {
@@ -81,6 +113,7 @@ impl ExportService {
         settings: ExportSettings,
         metrics: Arc<Metrics>,
         shutdown: tokio::sync::watch::Receiver<bool>,
+        namespaces: tokio::sync::watch::Receiver<NamespaceFilter>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -90,6 +123,7 @@ impl ExportService {
                 config,
                 settings,
                 metrics,
+                namespaces,
             }),
         }
     }
@@ -160,6 +194,16 @@ enum Translated {
 
 fn parse_json<T: serde::de::DeserializeOwned>(value: &[u8]) -> Result<T, String> {
     serde_json::from_slice(value).map_err(|e| e.to_string())
+}
+
+/// The namespace an exported object belongs to (nodes belong to none).
+fn namespace_of(object: &Object) -> Option<&str> {
+    match object {
+        Object::Service(s) => Some(s.namespace.as_str()),
+        Object::IpCache { entry, .. } => Some(entry.namespace.as_str()),
+        Object::Identity { labels, .. } => labels.namespace(),
+        _ => None,
+    }
 }
 
 fn decode(local: &ClusterName, key: &Key, value: &[u8]) -> Result<Option<Object>, String> {
@@ -256,6 +300,12 @@ impl Inner {
         match decode(&self.cluster, &key, value) {
             Ok(Some(Object::Service(s))) if remote && !(s.include_external && s.shared) => {
                 // Not exported: a peer that had it (it was global and shared before) drops it.
+                delete_of(&self.cluster, &key).map_or(Translated::Skip, Translated::Delete)
+            }
+            Ok(Some(object))
+                if remote && !self.namespaces.borrow().exports(namespace_of(&object)) =>
+            {
+                // Its namespace is not global: a peer that had it drops it.
                 delete_of(&self.cluster, &key).map_or(Translated::Skip, Translated::Delete)
             }
             Ok(Some(object)) => Translated::Upsert(v1::Upsert::from(&object)),
@@ -422,6 +472,8 @@ async fn follow(
     };
     let mut last = from;
     let mut shutdown = inner.shutdown.clone();
+    let mut namespaces = inner.namespaces.clone();
+    namespaces.mark_unchanged();
     // A heartbeat goes out when nothing was *sent* for the interval, however busy the store
     // is with keys this client does not watch.
     let mut beat_at = tokio::time::Instant::now() + inner.settings.heartbeat;
@@ -431,6 +483,15 @@ async fn follow(
             () = async { let _ = shutdown.wait_for(|s| *s).await; } => {
                 let _ = tx.send(Err(Status::unavailable("the apiserver is shutting down"))).await;
                 return Stop::Gone;
+            }
+            Ok(()) = namespaces.changed(), if remote => {
+                let reset = Ev::Reset(v1::Reset {
+                    reason: "the exported namespaces changed; a new snapshot follows".into(),
+                });
+                return match send(inner, tx, last, reset).await {
+                    Ok(()) => Stop::Resnapshot,
+                    Err(stop) => stop,
+                };
             }
             next = tokio::time::timeout_at(beat_at, watch.next()) => next,
         };

@@ -18,7 +18,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::config::{Config, StoreConfig};
 use crate::desired::DesiredState;
-use crate::export::{ExportService, ExportSettings};
+use crate::export::{ExportService, ExportSettings, NamespaceFilter};
 use crate::identity::IdentityAllocator;
 use crate::metrics::{self, Metrics};
 use crate::remotes::RemoteSet;
@@ -230,6 +230,10 @@ pub async fn start_with(
         buffer: config.export_buffer_events.max(1),
         lag_timeout: Duration::from_millis(config.export_lag_timeout_millis.max(1)),
     };
+    let (namespaces_tx, namespaces_rx) = watch::channel(NamespaceFilter {
+        default_global: config.global_namespaces_by_default,
+        exceptions: BTreeSet::new(),
+    });
     let service = ExportService::new(
         Arc::clone(&store),
         cluster.clone(),
@@ -237,6 +241,7 @@ pub async fn start_with(
         settings,
         Arc::clone(&metrics),
         stop_rx.clone(),
+        namespaces_rx,
     );
     let grpc = Server::builder()
         .tls_config(tls)?
@@ -290,6 +295,7 @@ pub async fn start_with(
         cluster,
         id,
         input,
+        namespaces: namespaces_tx,
         writer,
         allocator,
         metrics: Arc::clone(&metrics),
@@ -391,6 +397,8 @@ struct SourceLoop {
     cluster: ClusterName,
     id: ClusterId,
     input: Input,
+    /// The exported namespaces, for the Export server.
+    namespaces: watch::Sender<NamespaceFilter>,
     writer: StateWriter,
     allocator: IdentityAllocator,
     metrics: Arc<Metrics>,
@@ -496,6 +504,20 @@ impl SourceLoop {
         let ipcache = desired.ipcache(&loaded.objects, self.allocator.identities());
         let kv = writer::encode(&self.cluster, &desired, &ipcache)?;
         let stats = self.writer.apply(&kv).await?;
+        // Namespaces whose annotation differs from the default; a change resets the remote
+        // Export streams (after the store holds the new state).
+        self.namespaces.send_if_modified(|f| {
+            let exceptions: BTreeSet<String> = loaded
+                .objects
+                .namespaces
+                .values()
+                .filter(|n| n.global.is_some_and(|g| g != f.default_global))
+                .map(|n| n.name.clone())
+                .collect();
+            let changed = exceptions != f.exceptions;
+            f.exceptions = exceptions;
+            changed
+        });
         self.metrics
             .store_writes
             .inc_by(u64::try_from(stats.put + stats.deleted).unwrap_or(u64::MAX));

@@ -405,3 +405,89 @@ async fn a_slow_watcher_is_reset_without_slowing_the_others() {
     assert!(resets >= 1, "the reset was not counted");
     running.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_global_namespaces_are_exported_and_a_change_resets_remote_streams() {
+    let ns = |name: &str, global: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, annotations: {{clustermesh.cilium.io/global: \"{global}\"}}}}\n"
+        )
+    };
+    let dev = "---\napiVersion: v1\nkind: Service\nmetadata: {name: tool, namespace: dev, annotations: {service.cilium.io/global: \"true\"}}\nspec: {clusterIP: 10.96.0.20, ports: [{name: http, port: 80}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: tool-0, namespace: dev, labels: {app: tool}}\nstatus: {podIP: 10.1.0.9}\n";
+    // Not global by default; prod opts in, dev does not say.
+    let cluster = TestCluster::with_settings("c1", 1, None, "globalNamespacesByDefault: false\n");
+    cluster.write_manifest(
+        "all.yaml",
+        &format!("{SERVICES}{}{dev}", ns("prod", "true")),
+    );
+    let running = cluster.start().await;
+    let kinds = [Kind::Services, Kind::Identities, Kind::Ipcache];
+    let mut remote = cluster
+        .client(&running, &ClientIdentity::Remote(c("c2")))
+        .await;
+    let mut s = remote.watch(watch(&kinds, 0)).await.unwrap().into_inner();
+    let (objects, _) = snapshot(&mut s).await;
+    let n = names(&objects);
+    let (ids, rest): (Vec<_>, Vec<_>) = n.iter().partition(|x| x.starts_with("Identities/"));
+    assert_eq!(
+        rest,
+        ["Ipcache/10.1.0.5", "Services/prod/web"],
+        "dev stays home"
+    );
+    assert_eq!(ids.len(), 1, "only prod's identity: {n:?}");
+    let prod_labels = objects.iter().find_map(|o| match o {
+        Object::Identity { labels, .. } => labels.namespace().map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(prod_labels.as_deref(), Some("prod"));
+    // Local agents see every namespace.
+    let mut local = cluster
+        .client(&running, &ClientIdentity::Local(c("c1")))
+        .await;
+    let mut l = local.watch(watch(&kinds, 0)).await.unwrap().into_inner();
+    let (objects, _) = snapshot(&mut l).await;
+    assert!(names(&objects).contains(&"Services/dev/tool".to_owned()));
+    assert!(names(&objects).contains(&"Ipcache/10.1.0.9".to_owned()));
+
+    // dev opts in: the remote stream is reset and its new snapshot has dev's objects.
+    cluster.write_manifest(
+        "all.yaml",
+        &format!("{SERVICES}{}{}{dev}", ns("prod", "true"), ns("dev", "true")),
+    );
+    let reset = loop {
+        match next(&mut s).await.event {
+            Some(Ev::Reset(r)) => break r,
+            Some(Ev::Heartbeat(_)) => {}
+            other => panic!("expected a Reset, got {other:?}"),
+        }
+    };
+    assert!(reset.reason.contains("namespaces"), "{}", reset.reason);
+    let (objects, _) = snapshot(&mut s).await;
+    let n = names(&objects);
+    assert!(n.contains(&"Services/dev/tool".to_owned()), "{n:?}");
+    assert!(n.contains(&"Ipcache/10.1.0.9".to_owned()), "{n:?}");
+    assert_eq!(n.iter().filter(|x| x.starts_with("Identities/")).count(), 2);
+
+    // A value that is neither true nor false: the Namespace is reported and not used.
+    cluster.write_manifest(
+        "all.yaml",
+        &format!(
+            "{SERVICES}{}{}{dev}",
+            ns("prod", "true"),
+            ns("dev", "maybe")
+        ),
+    );
+    let mut problems = String::new();
+    for _ in 0..100 {
+        problems = running.metrics.render();
+        if problems.contains("clustermesh_source_problems 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        problems.contains("clustermesh_source_problems 1"),
+        "{problems}"
+    );
+    running.stop().await.unwrap();
+}

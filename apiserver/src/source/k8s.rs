@@ -59,9 +59,28 @@ fn ip(s: &str) -> Result<IpAddr, Problem> {
 pub fn namespace_info(ns: &Namespace) -> Result<NamespaceInfo, Problem> {
     let n = ns.metadata.name.clone().ok_or("metadata.name is missing")?;
     names::check_dns_label("namespace", &n).map_err(|e| e.to_string())?;
+    let global = match ns
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(super::GLOBAL_NAMESPACE_ANNOTATION))
+    {
+        None => None,
+        Some(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => {
+                return Err(format!(
+                    "annotation {}: {v:?} is neither \"true\" nor \"false\"",
+                    super::GLOBAL_NAMESPACE_ANNOTATION
+                ));
+            }
+        },
+    };
     Ok(NamespaceInfo {
         name: n,
         labels: ns.metadata.labels.clone().unwrap_or_default(),
+        global,
     })
 }
 

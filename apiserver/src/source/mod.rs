@@ -24,7 +24,12 @@ pub struct NamespaceInfo {
     pub name: String,
     /// Its labels.
     pub labels: BTreeMap<String, String>,
+    /// Its `clustermesh.cilium.io/global` annotation, when set to true or false.
+    pub global: Option<bool>,
 }
+
+/// The namespace annotation that exports a namespace (`"true"`) or keeps it home (`"false"`).
+pub const GLOBAL_NAMESPACE_ANNOTATION: &str = "clustermesh.cilium.io/global";
 
 /// A pod, as far as identities and the ipcache care.
 #[derive(Debug, Clone, PartialEq, Eq)]

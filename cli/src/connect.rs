@@ -20,60 +20,104 @@ pub(crate) enum Outcome {
     Unchanged,
 }
 
-fn refuse_pair(a: &ClusterDir, b: &ClusterDir) -> anyhow::Result<()> {
-    let (ca, cb) = (&a.apiserver.cluster, &b.apiserver.cluster);
-    if ca.name == cb.name {
+/// What the checks of a pair look at, wherever a cluster is described (a directory, or a
+/// Kubernetes cluster's objects).
+pub(crate) struct PeerInfo<'a> {
+    pub(crate) name: &'a clustermesh_model::ClusterName,
+    pub(crate) id: u32,
+    pub(crate) mode: clustermesh_model::MaxConnectedClusters,
+    /// The Export address peers dial.
+    pub(crate) export: &'a str,
+    /// Where to change the address, for the message.
+    pub(crate) fix_at: String,
+}
+
+/// Refuses a pair that cannot form a mesh; every check runs before anything is written.
+pub(crate) fn check_pair(a: &PeerInfo<'_>, b: &PeerInfo<'_>) -> anyhow::Result<()> {
+    if a.name == b.name {
         bail!(
-            "refusing to connect: both directories are cluster {:?}; cluster names must be unique in a mesh",
-            ca.name.as_str()
+            "refusing to connect: both are cluster {:?}; cluster names must be unique in a mesh",
+            a.name.as_str()
         );
     }
-    if ca.id == cb.id {
+    if a.id == b.id {
         bail!(
             "refusing to connect: {} and {} both have cluster ID {}; give one another ID (clustermesh certs init --id)",
-            ca.name,
-            cb.name,
-            ca.id
+            a.name,
+            b.name,
+            a.id
         );
     }
-    if ca.max_connected_clusters != cb.max_connected_clusters {
+    if a.mode != b.mode {
         bail!(
             "refusing to connect: {} uses maxConnectedClusters {} and {} uses {}; it must be equal across the mesh",
-            ca.name,
-            ca.max_connected_clusters,
-            cb.name,
-            cb.max_connected_clusters
+            a.name,
+            a.mode,
+            b.name,
+            b.mode
         );
     }
-    for d in [a, b] {
-        d.remotes_dir()?;
-        let export: std::net::SocketAddr =
-            d.apiserver.listen.export.parse().with_context(|| {
-                format!(
-                    "refusing to connect: {}'s listen.export {:?} is not an address peers can dial",
-                    d.name(),
-                    d.apiserver.listen.export
-                )
-            })?;
+    for p in [a, b] {
+        let undialable = || {
+            anyhow::anyhow!(
+                "refusing to connect: {}'s Export address {:?} is not an address peers can dial (HOST:PORT)",
+                p.name,
+                p.export
+            )
+        };
+        let Ok(export) = p.export.parse::<std::net::SocketAddr>() else {
+            // A host name (a load balancer's DNS name) and a port.
+            let (host, port) = p.export.rsplit_once(':').ok_or_else(undialable)?;
+            if host.is_empty()
+                || host.contains(['/', ' '])
+                || !port.parse::<u16>().is_ok_and(|p| p > 0)
+            {
+                return Err(undialable());
+            }
+            continue;
+        };
         if export.ip().is_unspecified() || export.port() == 0 {
             bail!(
-                "refusing to connect: {} listens on {export}, which peers cannot dial; set listen.export in {} to its reachable address and port",
-                d.name(),
-                d.apiserver_config().display()
+                "refusing to connect: {} listens on {export}, which peers cannot dial; set its reachable address and port ({})",
+                p.name,
+                p.fix_at
             );
         }
     }
     Ok(())
 }
 
-/// The remote file `us` keeps for `peer`. Every file of a remotes directory is flat (no
-/// subdirectory), so that `kubectl create secret generic --from-file=<dir>/remotes` carries
-/// it into a cluster as is.
-fn entry(peer: &ClusterDir) -> String {
-    let name = peer.name();
+fn dir_info(d: &ClusterDir) -> PeerInfo<'_> {
+    PeerInfo {
+        name: &d.apiserver.cluster.name,
+        id: d.apiserver.cluster.id,
+        mode: d.apiserver.cluster.max_connected_clusters,
+        export: &d.apiserver.listen.export,
+        fix_at: format!("listen.export in {}", d.apiserver_config().display()),
+    }
+}
+
+fn refuse_pair(a: &ClusterDir, b: &ClusterDir) -> anyhow::Result<()> {
+    for d in [a, b] {
+        d.remotes_dir()?;
+    }
+    check_pair(&dir_info(a), &dir_info(b))
+}
+
+/// The remote file a cluster keeps for `peer` (named `name`, with `id`, dialled at
+/// `address`). Every file of a remotes directory is flat (no subdirectory), so that
+/// `kubectl create secret generic --from-file=<dir>/remotes` carries it into a cluster as is.
+pub(crate) fn entry_text(name: &str, id: u32, address: &str) -> String {
     format!(
-        "# written by clustermesh connect\nname: {name}\nid: {}\naddress: \"{}\"\nca: {name}-ca.pem\ncert: {name}-client.pem\nkey: {name}-client-key.pem\n",
-        peer.apiserver.cluster.id, peer.apiserver.listen.export
+        "# written by clustermesh connect\nname: {name}\nid: {id}\naddress: \"{address}\"\nca: {name}-ca.pem\ncert: {name}-client.pem\nkey: {name}-client-key.pem\n"
+    )
+}
+
+fn entry(peer: &ClusterDir) -> String {
+    entry_text(
+        peer.name().as_str(),
+        peer.apiserver.cluster.id,
+        &peer.apiserver.listen.export,
     )
 }
 

@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand};
 mod clusterdir;
 mod connect;
 mod inspect;
+mod kube_connect;
 mod output;
 mod status;
 mod up;
@@ -91,13 +92,18 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
-    /// Connect two cluster directories: each imports the other. Running it again changes
-    /// nothing; a running apiserver picks the change up without a restart.
+    /// Connect two clusters: each imports the other. Two cluster directories, or (kube mode)
+    /// two kubeconfig contexts of clusters installed with the Helm chart. Running it again
+    /// changes nothing; a running apiserver picks the change up without a restart.
     Connect {
         /// One cluster directory.
-        a: PathBuf,
+        #[arg(required_unless_present = "context", conflicts_with = "context")]
+        a: Option<PathBuf>,
         /// The other.
-        b: PathBuf,
+        #[arg(required_unless_present = "context")]
+        b: Option<PathBuf>,
+        #[command(flatten)]
+        kube: KubeConnectArgs,
     },
     /// Undo `connect`: each stops importing the other (cached state is dropped after the
     /// apiserver's drain grace period).
@@ -190,6 +196,36 @@ enum Command {
         #[arg(long, hide = true)]
         exit_with_parent: bool,
     },
+}
+
+/// `connect` in kube mode.
+#[derive(clap::Args)]
+struct KubeConnectArgs {
+    /// The kubeconfig context of one cluster.
+    #[arg(long, requires = "destination_context")]
+    context: Option<String>,
+    /// The kubeconfig context of the other.
+    #[arg(long)]
+    destination_context: Option<String>,
+    /// The namespace of the chart's release (both clusters).
+    #[arg(long, default_value = "clustermesh")]
+    namespace: String,
+    /// The chart's release name (both clusters).
+    #[arg(long, default_value = "mesh")]
+    release: String,
+    /// The Secret with each cluster's ca.pem and ca-key.pem.
+    #[arg(long, default_value = "clustermesh-ca")]
+    ca_secret: String,
+    /// The remotes Secret the apiserver mounts (the chart's remotes.secretName).
+    #[arg(long, default_value = "clustermesh-remotes")]
+    remotes_secret: String,
+    /// The Export address the other cluster dials to reach --context's cluster (default: its
+    /// Export Service's load balancer).
+    #[arg(long)]
+    address: Option<String>,
+    /// The same for --destination-context's cluster.
+    #[arg(long)]
+    destination_address: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -394,7 +430,47 @@ async fn run(command: Command) -> anyhow::Result<bool> {
                 dir.display()
             );
         }
-        Command::Connect { a, b } => {
+        Command::Connect {
+            kube:
+                KubeConnectArgs {
+                    context: Some(ctx_a),
+                    destination_context: Some(ctx_b),
+                    namespace,
+                    release,
+                    ca_secret,
+                    remotes_secret,
+                    address,
+                    destination_address,
+                },
+            ..
+        } => {
+            let placement = |address: Option<String>| kube_connect::Placement {
+                namespace: namespace.clone(),
+                release: release.clone(),
+                ca_secret: ca_secret.clone(),
+                remotes_secret: remotes_secret.clone(),
+                address,
+            };
+            let (x, y) = kube_connect::connect(
+                (kube_connect::client_for(&ctx_a).await?, placement(address)),
+                (
+                    kube_connect::client_for(&ctx_b).await?,
+                    placement(destination_address),
+                ),
+            )
+            .await?;
+            let say = |o: &connect::Outcome| match o {
+                connect::Outcome::Written => "added",
+                connect::Outcome::Unchanged => "already there, unchanged",
+            };
+            println!("{ctx_a}: remote {ctx_b} {}", say(&x));
+            println!("{ctx_b}: remote {ctx_a} {}", say(&y));
+        }
+        Command::Connect {
+            a: Some(a),
+            b: Some(b),
+            ..
+        } => {
             let (x, y) = connect::connect(&a, &b)?;
             let say = |o: &connect::Outcome| match o {
                 connect::Outcome::Written => "added",
@@ -402,6 +478,11 @@ async fn run(command: Command) -> anyhow::Result<bool> {
             };
             println!("{}: remote {} {}", a.display(), b.display(), say(&x));
             println!("{}: remote {} {}", b.display(), a.display(), say(&y));
+        }
+        Command::Connect { .. } => {
+            bail!(
+                "say which clusters: two cluster directories, or --context and --destination-context"
+            )
         }
         Command::Disconnect { a, b } => {
             let (x, y) = connect::disconnect(&a, &b)?;

@@ -71,6 +71,7 @@ impl fmt::Display for Direction {
 
 /// A `matchExpressions` operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum SelectorOperator {
     /// The label's value is one of the values.
     In,
@@ -90,6 +91,7 @@ impl fmt::Display for SelectorOperator {
 
 /// One `matchExpressions` entry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SelectorRequirement {
     /// `[source:]key`.
@@ -104,6 +106,7 @@ pub struct SelectorRequirement {
 /// A label selector over security labels. Keys are `key` (any source) or `source:key`. An
 /// empty selector selects everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointSelector {
@@ -197,6 +200,7 @@ impl EndpointSelector {
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
 )]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "UPPERCASE")]
 pub enum PolicyProtocol {
     /// TCP.
@@ -212,6 +216,7 @@ pub enum PolicyProtocol {
 
 /// One `toPorts[].ports[]` entry. `port` is a number or a named port, as in Cilium.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PortProtocol {
     /// The port: a number, or the name of a container port.
@@ -247,6 +252,7 @@ impl PortProtocol {
 
 /// One `toPorts` entry.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PortRule {
     /// The ports; all must be valid.
@@ -258,6 +264,7 @@ pub struct PortRule {
 
 /// An `ingress` or `ingressDeny` rule: from these peers, to these ports.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase")]
 pub struct IngressRule {
@@ -271,6 +278,7 @@ pub struct IngressRule {
 
 /// An `egress` or `egressDeny` rule: to these peers, on these ports.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase")]
 pub struct EgressRule {
@@ -284,6 +292,7 @@ pub struct EgressRule {
 
 /// One policy spec: which endpoints it selects and what it allows or denies.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyRule {
@@ -341,6 +350,7 @@ impl PolicyRule {
 /// A CiliumNetworkPolicy (namespaced) or CiliumClusterwideNetworkPolicy (no namespace), as
 /// kept in the local-only policy prefix.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkPolicy {
     /// The namespace; `None` for a clusterwide policy.

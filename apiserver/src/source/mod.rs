@@ -10,6 +10,7 @@ use clustermesh_model::ip::Protocol;
 use clustermesh_model::policy::NetworkPolicy;
 use clustermesh_model::service::BackendConditions;
 
+pub mod crd;
 pub mod k8s;
 pub mod kubernetes;
 pub mod manifest;

@@ -2,8 +2,10 @@
 # Not built by CI: this workplace has no container engine. Build it where one runs:
 #   docker build -t ghcr.io/clustermesh/clustermesh:0.1.0 .
 FROM rust:1.95-bookworm AS build
+# The build's Debian packages, the same list as scripts/deps (which the README names).
 RUN apt-get update && apt-get install -y --no-install-recommends \
-      protobuf-compiler clang llvm libbpf-dev && rm -rf /var/lib/apt/lists/*
+      protobuf-compiler libprotobuf-dev clang llvm libbpf-dev linux-libc-dev \
+      && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p clustermesh

@@ -319,21 +319,34 @@ pub fn read_file(path: &Path) -> Result<String> {
     })
 }
 
+/// Writes a file with exactly `mode`, atomically: a temporary file created with that mode in
+/// the same directory, then a rename. A key that was once world-readable is replaced by a
+/// 0600 file, never truncated in place.
 fn write_file(path: &Path, contents: &str, mode: u32) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let io = |source| CertError::Io {
         what: "writing",
         path: path.display().to_string(),
         source,
     };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
-        .open(path)
+        .open(&tmp)
         .map_err(io)?;
-    std::io::Write::write_all(&mut f, contents.as_bytes()).map_err(io)
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io)?;
+    std::io::Write::write_all(&mut f, contents.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io)
 }
 
 #[cfg(test)]

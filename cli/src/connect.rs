@@ -130,6 +130,13 @@ fn files_of(remotes: &Path, peer: &str) -> [std::path::PathBuf; 3] {
     ]
 }
 
+/// The key exists and only its owner can read it (a key left world-readable by an older
+/// version is rewritten).
+fn key_is_private(key: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(key).is_ok_and(|m| m.permissions().mode() & 0o077 == 0)
+}
+
 /// Makes `us` import `peer`.
 fn add_remote(us: &ClusterDir, peer: &ClusterDir) -> anyhow::Result<Outcome> {
     let remotes = us.remotes_dir()?;
@@ -140,7 +147,7 @@ fn add_remote(us: &ClusterDir, peer: &ClusterDir) -> anyhow::Result<Outcome> {
     let in_place = std::fs::read_to_string(&file).is_ok_and(|t| t == text)
         && std::fs::read_to_string(&ca).is_ok_and(|t| t == peer_ca.cert().cert_pem)
         && cert.exists()
-        && key.exists();
+        && key_is_private(&key);
     if in_place {
         return Ok(Outcome::Unchanged);
     }
@@ -149,9 +156,8 @@ fn add_remote(us: &ClusterDir, peer: &ClusterDir) -> anyhow::Result<Outcome> {
     std::fs::write(&ca, &peer_ca.cert().cert_pem)
         .with_context(|| format!("writing {}", ca.display()))?;
     let client = peer_ca.client_cert(&ClientIdentity::Remote(us.name().clone()))?;
-    std::fs::write(&cert, &client.cert_pem)
-        .with_context(|| format!("writing {}", cert.display()))?;
-    std::fs::write(&key, &client.key_pem).with_context(|| format!("writing {}", key.display()))?;
+    // `<peer>-client.pem` and `<peer>-client-key.pem`, the key 0600.
+    client.write(remotes, &format!("{}-client", peer.name()))?;
     // The remote file last, so that the apiserver never reads it before its certificates.
     write_atomic(&file, &text)?;
     Ok(Outcome::Written)

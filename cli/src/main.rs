@@ -29,8 +29,36 @@ use output::Format;
 #[derive(Parser)]
 #[command(name = "clustermesh", version, about)]
 struct Cli {
+    /// Log format on stderr: `text` (colours only when stderr is a terminal) or `json` (one
+    /// object per line). The level is set with RUST_LOG (default `info`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `fields`, `target`, `span`).
+    Json,
+}
+
+/// Logs go to stderr; `RUST_LOG` filters them (default `info`). Colour codes only reach a
+/// terminal: a log file or `kubectl logs` gets plain text.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 /// Where an inspection command finds the node's agent.
@@ -565,12 +593,8 @@ async fn run(command: Command) -> anyhow::Result<bool> {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
     // The one crypto provider of the process: ring (no aws-lc, no openssl).
     if rustls::crypto::ring::default_provider()
         .install_default()
@@ -579,7 +603,6 @@ fn main() -> std::process::ExitCode {
         eprintln!("error: a rustls crypto provider was already installed");
         return std::process::ExitCode::FAILURE;
     }
-    let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

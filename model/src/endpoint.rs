@@ -56,7 +56,11 @@ pub struct IpCacheEntry {
     #[serde(rename = "ID")]
     pub identity: Identity,
     /// The IP of the node the pod runs on.
-    #[serde(rename = "HostIP", default)]
+    #[serde(
+        rename = "HostIP",
+        default,
+        deserialize_with = "crate::gozero::empty_ip_as_none"
+    )]
     pub host_ip: Option<IpAddr>,
     /// The pod's namespace.
     #[serde(rename = "K8sNamespace", default)]
@@ -65,7 +69,11 @@ pub struct IpCacheEntry {
     #[serde(rename = "K8sPodName", default)]
     pub pod_name: String,
     /// The pod's named ports.
-    #[serde(rename = "NamedPorts", default)]
+    #[serde(
+        rename = "NamedPorts",
+        default,
+        deserialize_with = "crate::gozero::null_as_default"
+    )]
     pub named_ports: Vec<NamedPort>,
 }
 

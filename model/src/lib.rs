@@ -17,6 +17,7 @@
 
 pub mod cluster;
 pub mod endpoint;
+pub mod gozero;
 pub mod identity;
 pub mod ip;
 pub mod keys;

@@ -61,13 +61,21 @@ pub struct Node {
     #[serde(rename = "ClusterID")]
     pub cluster_id: ClusterId,
     /// The node's addresses.
-    #[serde(rename = "IPAddresses", default)]
+    #[serde(
+        rename = "IPAddresses",
+        default,
+        deserialize_with = "crate::gozero::null_as_default"
+    )]
     pub addresses: Vec<NodeAddress>,
     /// The pod CIDR the node allocates IPv4 addresses from.
     #[serde(rename = "IPv4AllocCIDR", default)]
     pub ipv4_alloc_cidr: Option<IpPrefix>,
     /// The node's Kubernetes labels.
-    #[serde(rename = "Labels", default)]
+    #[serde(
+        rename = "Labels",
+        default,
+        deserialize_with = "crate::gozero::null_as_default"
+    )]
     pub labels: BTreeMap<String, String>,
 }
 

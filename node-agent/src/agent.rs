@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::admin::{self, Metrics};
-use crate::attach::route_interface;
+use crate::attach::{InterfacePolicy, endpoint_interface};
 use crate::config::{Config, DatapathKind};
 use crate::desired::Desired;
 use crate::reconcile::{Reconciler, Scope};
@@ -44,6 +44,12 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The configuration cannot be used.
+    #[error("{0}")]
+    Config(String),
+    /// A filesystem the eBPF datapath needs is not mounted and could not be.
+    #[error("{0}")]
+    Mount(String),
     /// The datapath could not be loaded or attached.
     #[error("the datapath failed to start")]
     Datapath(#[from] clustermesh_bpf::Error),
@@ -147,6 +153,7 @@ struct Plane {
     dp: Arc<dyn Datapath>,
     kernel: Option<Arc<KernelDatapath>>,
     endpoint_netns: Option<PathBuf>,
+    interfaces: InterfacePolicy,
 }
 
 /// Starts the agent.
@@ -157,8 +164,17 @@ pub async fn start(config: Config, kind: DatapathKind) -> Result<Running, StartE
         key_pem: read(&config.apiserver.key)?,
         server_name: server_name(config.cluster.as_str()),
     };
+    tracing::info!(
+        cluster = %config.cluster,
+        node = %config.node_name,
+        datapath = ?kind,
+        apiserver = %config.apiserver.address,
+        "agent starting"
+    );
     let plane = match kind {
         DatapathKind::Bpf => {
+            crate::mounts::ensure_bpffs(&config.bpf.root).map_err(StartError::Mount)?;
+            crate::mounts::ensure_cgroup2(&config.bpf.cgroup).map_err(StartError::Mount)?;
             let k = Arc::new(KernelDatapath::load(&KernelConfig {
                 bpf_root: config.bpf.root.clone(),
                 cluster: config.cluster.to_string(),
@@ -169,12 +185,15 @@ pub async fn start(config: Config, kind: DatapathKind) -> Result<Running, StartE
                 dp: Arc::clone(&k) as Arc<dyn Datapath>,
                 kernel: Some(k),
                 endpoint_netns: config.bpf.endpoint_netns.clone(),
+                interfaces: InterfacePolicy::new(&config.bpf.endpoint_interfaces)
+                    .map_err(StartError::Config)?,
             }
         }
         DatapathKind::Userspace => Plane {
             dp: Arc::new(UserspaceDatapath::new()),
             kernel: None,
             endpoint_netns: None,
+            interfaces: InterfacePolicy::default(),
         },
     };
     let reconciler = Reconciler::adopt(Arc::clone(&plane.dp))?;
@@ -327,6 +346,7 @@ async fn run(
             backoff = new_backoff();
         }
         let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+        tracing::info!(after = ?delay, "reconnecting to the local apiserver");
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             _ = stop.wait_for(|s| *s) => return,
@@ -405,6 +425,11 @@ impl Loop {
             .map_err(|e| e.message().to_owned())?
             .into_inner();
         self.shared.status.lock().connected = true;
+        tracing::info!(
+            address = %self.config.apiserver.address,
+            since_revision = since,
+            "connected to the local apiserver"
+        );
         let debounce = Duration::from_millis(self.config.debounce_millis);
         let max_debounce = Duration::from_millis(self.config.max_debounce_millis);
         let mut first_pending: Option<Instant> = None;
@@ -490,11 +515,22 @@ impl Loop {
     async fn install(&mut self, view: View) {
         let desired = Desired::from_view(&view);
         let result = self.reconciler.reconcile(&desired, Scope::Full, true);
+        tracing::info!(
+            identities = view.identities().len(),
+            ipcache = view.ipcache_len(),
+            services = view.service_names().count(),
+            nodes = view.nodes().len(),
+            policies = view.policies().len(),
+            "snapshot of the local apiserver applied"
+        );
         *self.shared.view.lock() = Some(view);
         *self.shared.desired.lock() = desired;
         self.pending = Dirty::default();
         self.after_pass(result, true).await;
-        self.shared.status.lock().synced = true;
+        let first = !std::mem::replace(&mut self.shared.status.lock().synced, true);
+        if first {
+            tracing::info!("ready: the datapath holds the first complete snapshot");
+        }
     }
 
     /// Writes what the pending changes touched (everything, when retrying a failed pass).
@@ -578,12 +614,17 @@ impl Loop {
             if self.attached.get(&ip).is_some_and(|a| a.error.is_none()) {
                 continue;
             }
-            let result = match route_interface(netns.as_deref(), ip).await {
+            let result = match endpoint_interface(netns.as_deref(), ip, &self.plane.interfaces)
+                .await
+            {
                 Ok(ifname) => match kernel.attach_endpoint(netns.as_deref(), &ifname) {
-                    Ok(()) => Attachment {
-                        interface: Some(ifname),
-                        error: None,
-                    },
+                    Ok(()) => {
+                        tracing::info!(%ip, interface = %ifname, "policy programs attached to the endpoint's interface");
+                        Attachment {
+                            interface: Some(ifname),
+                            error: None,
+                        }
+                    }
                     Err(e) => Attachment {
                         interface: Some(ifname),
                         error: Some(format!("{e}")),

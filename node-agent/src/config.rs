@@ -79,6 +79,11 @@ pub struct BpfSection {
     /// to them (default: the agent's own).
     #[serde(default)]
     pub endpoint_netns: Option<PathBuf>,
+    /// Interface-name patterns (glob, e.g. `lxc*`) accepted as endpoints' host-side
+    /// interfaces besides veths. The interface of a default route and any route through a
+    /// gateway are refused whatever the patterns say.
+    #[serde(default)]
+    pub endpoint_interfaces: Vec<String>,
 }
 
 impl Default for BpfSection {
@@ -87,6 +92,7 @@ impl Default for BpfSection {
             root: default_bpf_root(),
             cgroup: default_cgroup(),
             endpoint_netns: None,
+            endpoint_interfaces: Vec::new(),
         }
     }
 }
@@ -174,6 +180,12 @@ impl Config {
                 reason: "maxDebounceMillis must not be below debounceMillis".into(),
             });
         }
+        if let Err(reason) = crate::attach::InterfacePolicy::new(&c.bpf.endpoint_interfaces) {
+            return Err(ConfigError::Parse {
+                path: String::new(),
+                reason: format!("bpf.endpointInterfaces: {reason}"),
+            });
+        }
         for p in [
             &mut c.apiserver.ca,
             &mut c.apiserver.cert,
@@ -213,6 +225,10 @@ mod tests {
             (format!("{GOOD}datapath: xdp\n"), "unknown variant"),
             (format!("{GOOD}colour: red\n"), "unknown field"),
             (format!("{GOOD}debounceMillis: 50\n"), "maxDebounceMillis"),
+            (
+                format!("{GOOD}bpf: {{endpointInterfaces: [\"lxc[\"]}}\n"),
+                "bpf.endpointInterfaces",
+            ),
         ];
         for (text, want) in cases {
             let err = Config::parse(&text, Path::new("/"))

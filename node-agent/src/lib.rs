@@ -13,6 +13,7 @@ pub mod attach;
 pub mod config;
 pub mod desired;
 pub mod merge;
+pub mod mounts;
 pub mod policy;
 pub mod reconcile;
 pub mod view;

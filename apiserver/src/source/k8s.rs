@@ -12,9 +12,12 @@ use clustermesh_model::service::BackendConditions;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 
-use super::{NamespaceInfo, NodeInfo, PodInfo, PortInfo, ServiceInfo, SliceEndpoint, SliceInfo};
+use super::{
+    NamespaceInfo, NodeInfo, PodInfo, PortInfo, ServiceInfo, SliceEndpoint, SliceInfo, TargetPort,
+};
 
 /// The label an EndpointSlice names its Service with.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -121,6 +124,16 @@ pub fn pod_info(pod: &Pod) -> Result<PodInfo, Problem> {
             .transpose()?,
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         named_ports,
+        ready: status
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True"),
+        terminal: status
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|p| p == "Succeeded" || p == "Failed"),
+        terminating: pod.metadata.deletion_timestamp.is_some(),
+        node_name: spec.and_then(|s| s.node_name.clone()),
     })
 }
 
@@ -144,10 +157,22 @@ pub fn service_info(svc: &Service) -> Result<ServiceInfo, Problem> {
         if !n.is_empty() {
             names::check_port_name(&n).map_err(|e| e.to_string())?;
         }
+        let target = match &p.target_port {
+            None => None,
+            Some(IntOrString::Int(t)) => Some(TargetPort::Number(port(*t)?)),
+            Some(IntOrString::String(t)) => match t.parse::<i32>() {
+                Ok(t) => Some(TargetPort::Number(port(t)?)),
+                Err(_) => {
+                    names::check_port_name(t).map_err(|e| e.to_string())?;
+                    Some(TargetPort::Name(t.clone()))
+                }
+            },
+        };
         ports.push(PortInfo {
             name: n,
             protocol: protocol(p.protocol.as_ref())?,
             port: port(p.port)?,
+            target,
         });
     }
     Ok(ServiceInfo {
@@ -162,6 +187,7 @@ pub fn service_info(svc: &Service) -> Result<ServiceInfo, Problem> {
         labels: svc.metadata.labels.clone().unwrap_or_default(),
         annotations: svc.metadata.annotations.clone().unwrap_or_default(),
         selector: spec.selector.unwrap_or_default(),
+        publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
     })
 }
 
@@ -181,6 +207,7 @@ pub fn slice_info(slice: &EndpointSlice) -> Result<SliceInfo, Problem> {
             name: p.name.clone().unwrap_or_default(),
             protocol: protocol(p.protocol.as_ref())?,
             port: port(n)?,
+            target: None,
         });
     }
     let mut endpoints = Vec::new();
@@ -214,13 +241,22 @@ pub fn slice_info(slice: &EndpointSlice) -> Result<SliceInfo, Problem> {
 
 /// A node.
 pub fn node_info(node: &Node) -> Result<NodeInfo, Problem> {
+    // A kubelet registers `Hostname` (and clouds add `InternalDNS`, `ExternalDNS`) beside
+    // the IP addresses: names are not addresses the mesh can use, so only the `...IP` types
+    // are taken, and they must be IPs.
     let mut addresses = Vec::new();
     for a in node
         .status
         .iter()
         .flat_map(|s| s.addresses.iter().flatten())
     {
-        addresses.push((a.type_.clone(), ip(&a.address)?));
+        if !a.type_.ends_with("IP") {
+            continue;
+        }
+        let addr = ip(&a.address).map_err(|e| format!("address of type {}: {e}", a.type_))?;
+        if !addresses.contains(&(a.type_.clone(), addr)) {
+            addresses.push((a.type_.clone(), addr));
+        }
     }
     Ok(NodeInfo {
         name: name(&node.metadata)?,

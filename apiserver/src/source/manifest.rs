@@ -101,6 +101,8 @@ pub fn load_dir(dir: &Path) -> Loaded {
             reason: format!("cannot be listed: {e}"),
         }),
     }
+    // Nobody else writes the EndpointSlices of Services with a selector here.
+    super::endpoints::derive_missing(&mut loaded.objects);
     loaded
 }
 

@@ -11,6 +11,7 @@ use clustermesh_model::policy::NetworkPolicy;
 use clustermesh_model::service::BackendConditions;
 
 pub mod crd;
+pub mod endpoints;
 pub mod k8s;
 pub mod kubernetes;
 pub mod manifest;
@@ -49,6 +50,14 @@ pub struct PodInfo {
     pub host_network: bool,
     /// Named container ports.
     pub named_ports: Vec<NamedPort>,
+    /// Its `Ready` condition is `True`.
+    pub ready: bool,
+    /// Its phase is `Succeeded` or `Failed`: it will not run again.
+    pub terminal: bool,
+    /// It has a deletion timestamp.
+    pub terminating: bool,
+    /// The node it is scheduled on.
+    pub node_name: Option<String>,
 }
 
 /// One port of a Service or an EndpointSlice.
@@ -60,6 +69,18 @@ pub struct PortInfo {
     pub protocol: Protocol,
     /// Port number.
     pub port: u16,
+    /// A Service port's `targetPort` (none: the same number as `port`; always none in an
+    /// EndpointSlice).
+    pub target: Option<TargetPort>,
+}
+
+/// A Service port's `targetPort`: a number, or the name of a container port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetPort {
+    /// A port number.
+    Number(u16),
+    /// A named container port, resolved per pod.
+    Name(String),
 }
 
 /// A Service.
@@ -79,6 +100,8 @@ pub struct ServiceInfo {
     pub annotations: BTreeMap<String, String>,
     /// Pod selector.
     pub selector: BTreeMap<String, String>,
+    /// `publishNotReadyAddresses`: not-ready pods are ready endpoints.
+    pub publish_not_ready: bool,
 }
 
 /// One endpoint of an EndpointSlice.

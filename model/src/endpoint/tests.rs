@@ -105,3 +105,22 @@ mod props {
         }
     }
 }
+
+#[test]
+fn go_zero_values_decode_as_empty_and_bad_ips_are_refused() {
+    let e: IpCacheEntry = serde_json::from_str(
+        r#"{"IP":"10.1.0.5","ID":65600,"HostIP":"","K8sNamespace":"prod","K8sPodName":"web-0","NamedPorts":null}"#,
+    )
+    .unwrap();
+    assert_eq!(e.host_ip, None);
+    assert!(e.named_ports.is_empty());
+    let e: IpCacheEntry = serde_json::from_str(r#"{"IP":"10.1.0.5","ID":65600}"#).unwrap();
+    assert_eq!(e.host_ip, None);
+    let err =
+        serde_json::from_str::<IpCacheEntry>(r#"{"IP":"10.1.0.5","ID":65600,"HostIP":"node-1"}"#)
+            .unwrap_err();
+    assert!(
+        err.to_string().contains("\"node-1\" is not an IP address"),
+        "{err}"
+    );
+}

@@ -87,3 +87,25 @@ mod props {
         }
     }
 }
+
+#[test]
+fn go_zero_values_decode_as_empty() {
+    // Cilium writes a nil map or slice as null.
+    let n: Node = serde_json::from_str(
+        r#"{"Name":"node-1","Cluster":"c1","ClusterID":1,"IPAddresses":[{"Type":"InternalIP","IP":"192.0.2.10"}],"Labels":null}"#,
+    )
+    .unwrap();
+    assert!(n.labels.is_empty());
+    assert_eq!(n.addresses.len(), 1);
+    let n: Node =
+        serde_json::from_str(r#"{"Name":"n","Cluster":"c1","ClusterID":1,"IPAddresses":null}"#)
+            .unwrap();
+    assert!(n.addresses.is_empty());
+    assert_eq!(
+        n.check_from_cluster(
+            &ClusterName::new("c1").unwrap(),
+            ClusterId::new(1, MaxConnectedClusters::C255).unwrap()
+        ),
+        Err(NodeError::NoAddress("n".into()))
+    );
+}

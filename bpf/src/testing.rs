@@ -198,6 +198,11 @@ impl Topology {
         topo
     }
 
+    /// The node namespace's name (for `ip -n`).
+    pub fn node_ns(&self) -> &str {
+        &self.node
+    }
+
     /// The node namespace's file, for attaching programs inside it.
     pub fn node_netns(&self) -> PathBuf {
         PathBuf::from("/var/run/netns").join(&self.node)

@@ -103,13 +103,35 @@ fn global_service_policy_and_failover_across_two_clusters() {
     b.write_manifest(
         "b.yaml",
         &format!(
-            "{SERVICE}{}{}{}{}{POLICY}",
+            "{SERVICE}{}{}{}{}{}{}{POLICY}",
             slice("10.244.2.10"),
             pod("b-web", "web", "10.244.2.10", "192.0.2.2"),
             pod("b-client", "client", "10.244.2.20", "192.0.2.2"),
+            pod("b-routed", "other", "10.244.9.9", "192.0.2.2"),
+            pod("b-dummy", "other", "10.244.8.8", "192.0.2.2"),
             node("b-node", "192.0.2.2"),
         ),
     );
+    // Two local endpoints whose routes do not lead to an endpoint's own interface: one
+    // through a gateway, one straight to a bridge (not a veth).
+    let ns = topo.node_ns();
+    for args in [
+        &["-n", ns, "link", "add", "cmbr0", "type", "bridge"][..],
+        &["-n", ns, "link", "set", "cmbr0", "up"],
+        &["-n", ns, "addr", "add", "10.250.0.1/24", "dev", "cmbr0"],
+        &[
+            "-n",
+            ns,
+            "route",
+            "add",
+            "10.244.9.0/24",
+            "via",
+            "10.250.0.254",
+        ],
+        &["-n", ns, "route", "add", "10.244.8.8/32", "dev", "cmbr0"],
+    ] {
+        clustermesh_bpf::testing::sh("ip", args);
+    }
     a.start();
     b.start();
     let agent = Agent::start(&b.agent_config("b-node", &topo));
@@ -127,6 +149,31 @@ fn global_service_policy_and_failover_across_two_clusters() {
             agent.log()
         );
     }
+    // The refused ones: a reason each, and nothing attached to the bridge.
+    let refused = |ip: &str| {
+        let e = agent.get("/status")["endpoints"][ip].clone();
+        assert!(e["interface"].is_null(), "{ip}: {e}");
+        e["error"].as_str().unwrap_or_default().to_owned()
+    };
+    let routed = refused("10.244.9.9");
+    assert!(
+        routed.contains("through the gateway 10.250.0.254 on cmbr0"),
+        "{routed}"
+    );
+    let dummy = refused("10.244.8.8");
+    assert!(
+        dummy.contains("cmbr0, which is a bridge interface, not a veth"),
+        "{dummy}"
+    );
+    let pins = topo.bpf_root().join("c2").join("b-node");
+    let pinned: Vec<String> = std::fs::read_dir(&pins)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    // The agent pins every link it makes: b-web's are there, none for the bridge.
+    let web_if = topo.pod("b-web").host_if.clone();
+    assert!(pinned.iter().any(|p| p.contains(&web_if)), "{pinned:?}");
+    assert!(!pinned.iter().any(|p| p.contains("cmbr0")), "{pinned:?}");
     let lines = topo.probe("b-client", true, &["tcp", "10.96.0.10:80", "--count", "60"]);
     let (names, failed) = tally(&lines);
     assert_eq!(failed, 0, "{lines:?}");

@@ -97,6 +97,9 @@ pub fn cgroup2_root() -> PathBuf {
 
 /// The bpffs mount, mounting /sys/fs/bpf when it is not.
 pub fn bpffs_root() -> PathBuf {
+    // Tests run in parallel threads: one check-and-mount at a time, or two bpffs would stack.
+    static MOUNTING: Mutex<()> = Mutex::new(());
+    let _guard = MOUNTING.lock();
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     if !mounts
         .lines()

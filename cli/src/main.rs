@@ -20,6 +20,7 @@ mod connect;
 mod inspect;
 mod kube_connect;
 mod output;
+mod playground;
 mod status;
 mod up;
 
@@ -114,6 +115,32 @@ enum Command {
         /// Loopback addresses to use: cluster i listens on <prefix>.<10+i>.
         #[arg(long, default_value = "127.0.0")]
         ip_prefix: String,
+    },
+    /// Run a program inside a pod of `up --datapath bpf` (its network namespace, and its
+    /// cluster's socket load-balancing cgroup), e.g.
+    /// `clustermesh exec --dir clustermesh-data/c1 shop/frontend-0 -- cm-netprobe tcp 10.96.0.12:80`.
+    Exec {
+        /// The pod's cluster directory.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The pod: NAMESPACE/NAME.
+        pod: String,
+        /// The program and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Remove what `up --datapath bpf` made for a mesh (pods, pins, cgroups).
+    #[command(hide = true)]
+    UpCleanup {
+        /// The mesh's --ip-prefix.
+        #[arg(long, default_value = "127.0.0")]
+        ip_prefix: String,
+        /// Its number of clusters.
+        #[arg(long, default_value_t = 3)]
+        clusters: u32,
+        /// Wait for stdin to close first (the watcher `up` starts).
+        #[arg(long)]
+        on_eof: bool,
     },
     /// Cluster certificates and directories.
     Certs {
@@ -380,7 +407,7 @@ async fn agent(
 }
 
 /// Runs a command; `Ok(false)` for an answer that is not a success (e.g. not ready).
-async fn run(command: Command) -> anyhow::Result<bool> {
+async fn run(command: Command, log_format: &'static str) -> anyhow::Result<bool> {
     match command {
         Command::Apiserver { config, check, .. } if check => {
             clustermesh_apiserver::Config::load(&config)?;
@@ -413,9 +440,21 @@ async fn run(command: Command) -> anyhow::Result<bool> {
                 dir,
                 datapath,
                 ip_prefix,
+                log_format,
             })
             .await?;
         }
+        Command::Exec { dir, pod, command } => {
+            let code = tokio::task::block_in_place(|| playground::exec(&dir, &pod, &command))?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+        }
+        Command::UpCleanup {
+            ip_prefix,
+            clusters,
+            on_eof,
+        } => tokio::task::block_in_place(|| up::cleanup_command(&ip_prefix, clusters, on_eof))?,
         Command::Certs {
             command:
                 CertsCommand::Init {
@@ -613,7 +652,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(cli.command));
+    let format = match cli.log_format {
+        LogFormat::Text => "text",
+        LogFormat::Json => "json",
+    };
+    let result = runtime.block_on(run(cli.command, format));
     match result {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => std::process::ExitCode::FAILURE,

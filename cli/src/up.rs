@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, IsTerminal};
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -45,6 +46,8 @@ pub(crate) struct UpOptions {
     /// The first three octets of the loopback addresses (cluster i listens on
     /// `<prefix>.<10 + i>`).
     pub(crate) ip_prefix: String,
+    /// `--log-format` of the apiservers and agents.
+    pub(crate) log_format: &'static str,
 }
 
 struct Member {
@@ -56,6 +59,12 @@ struct Member {
 }
 
 fn spawn(exe: &Path, args: &[&str], config: &Path, log: &Path) -> anyhow::Result<Child> {
+    // The previous run's log is kept as `<name>.log.1`.
+    if log.exists() {
+        let mut old = log.as_os_str().to_owned();
+        old.push(".1");
+        std::fs::rename(log, &old).with_context(|| format!("keeping {}", log.display()))?;
+    }
     let mut child = Command::new(exe)
         .args(args)
         .arg("--config")
@@ -188,18 +197,21 @@ fn cgroup2() -> anyhow::Result<PathBuf> {
         .context("no cgroup v2 is mounted; the eBPF datapath needs one (mount -t cgroup2 none /sys/fs/cgroup)")
 }
 
+/// The socket-LB cgroup of one cluster of the mesh.
+fn cgroup_of(prefix: &str, cluster: &str) -> anyhow::Result<PathBuf> {
+    Ok(cgroup2()?.join("clustermesh-up").join(prefix).join(cluster))
+}
+
 /// On the eBPF datapath each cluster's agent gets a cgroup of its own for socket load
 /// balancing (run a client in it: `echo $$ > <cgroup>/cgroup.procs`), so that the clusters'
 /// identical VIPs do not meet, and nothing else on the machine is affected. Maps and links are
-/// pinned under `/sys/fs/bpf/clustermesh-up/<ip prefix, dashed>/`, where the next run adopts them;
-/// removing that directory (and the cgroups) cleans up.
+/// pinned under `/sys/fs/bpf/clustermesh-up/<ip prefix, dashed>/`; the endpoints' interfaces
+/// are in the playground's node namespace. `up` removes all of it when it stops.
 fn bpf_section(m: &Member, prefix: &str) -> anyhow::Result<()> {
-    let cgroup = cgroup2()?
-        .join("clustermesh-up")
-        .join(prefix)
-        .join(m.dir.name().as_str());
+    let cgroup = cgroup_of(prefix, m.dir.name().as_str())?;
+    let names = crate::playground::Names::new(prefix);
     // bpffs refuses dots in names.
-    let root = Path::new("/sys/fs/bpf/clustermesh-up").join(prefix.replace('.', "-"));
+    let root = names.bpf_root();
     std::fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
     let path = m.dir.agent_config();
     let text =
@@ -210,9 +222,10 @@ fn bpf_section(m: &Member, prefix: &str) -> anyhow::Result<()> {
         .map(str::to_owned)
         .collect();
     lines.push(format!(
-        "bpf: {{root: {}, cgroup: {}}}",
+        "bpf: {{root: {}, cgroup: {}, endpointNetns: /var/run/netns/{}}}",
         root.display(),
-        cgroup.display()
+        cgroup.display(),
+        names.node_ns()
     ));
     let new = lines.join("\n") + "\n";
     if new != text {
@@ -361,14 +374,179 @@ async fn shutdown_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The kernel side of `up --datapath bpf`: the playground's pods and servers, and the watcher
+/// that cleans up if `up` dies without doing so.
+struct Kernel {
+    names: crate::playground::Names,
+    cgroups: Vec<PathBuf>,
+    servers: Vec<Child>,
+    watcher: Option<(Child, std::process::ChildStdin)>,
+}
+
+impl Kernel {
+    /// Tells the watcher about a process it must see gone before it cleans up.
+    fn watch_pid(&mut self, child: &Child) {
+        use std::io::Write as _;
+        if let Some((_, stdin)) = &mut self.watcher {
+            let _ = writeln!(stdin, "pid {}", child.id());
+        }
+    }
+
+    /// After every process stopped: removes the pods, pins and cgroups, then lets the watcher
+    /// go.
+    fn stop(mut self) {
+        use std::io::Write as _;
+        for c in &mut self.servers {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for p in crate::playground::cleanup(&self.names, &self.cgroups) {
+            say!("cleanup: {p}");
+        }
+        if let Some((mut child, mut stdin)) = self.watcher.take() {
+            let _ = writeln!(stdin, "done");
+            drop(stdin);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Prepares the eBPF playground: leftovers of an earlier run removed, bpffs mounted once for
+/// every agent, the watcher started, then the pods built.
+fn kernel(o: &UpOptions, members: &[Member], exe: &Path) -> anyhow::Result<Kernel> {
+    let names = crate::playground::Names::new(&o.ip_prefix);
+    let cgroups = members
+        .iter()
+        .map(|m| cgroup_of(&o.ip_prefix, m.dir.name().as_str()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    clustermesh_agent::mounts::ensure_bpffs(&names.bpf_root()).map_err(anyhow::Error::msg)?;
+    for cg in &cgroups {
+        std::fs::create_dir_all(cg).with_context(|| format!("creating {}", cg.display()))?;
+    }
+    // The watcher is in a process group of its own: Ctrl-C or a kill of up's group does not
+    // reach it; it acts when its stdin closes without a "done" (up died).
+    let mut watcher = Command::new(exe)
+        .args([
+            "up-cleanup",
+            "--ip-prefix",
+            &o.ip_prefix,
+            "--clusters",
+            &members.len().to_string(),
+            "--on-eof",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .context("starting the cleanup watcher")?;
+    let stdin = watcher.stdin.take().context("the watcher's stdin")?;
+    let mut k = Kernel {
+        names,
+        cgroups,
+        servers: Vec::new(),
+        watcher: Some((watcher, stdin)),
+    };
+    let probe = exe.with_file_name("cm-netprobe");
+    if !probe.is_file() {
+        k.stop();
+        bail!(
+            "{} is missing: build it beside clustermesh (cargo build --release -p clustermesh -p clustermesh-bpf, as scripts/up does)",
+            probe.display()
+        );
+    }
+    let scenario: Vec<crate::playground::ClusterPods<'_>> = members
+        .iter()
+        .filter_map(|m| {
+            let name = m.dir.name().as_str();
+            SCENARIO.iter().find(|(c, _)| *c == name).map(|(c, text)| {
+                crate::playground::ClusterPods {
+                    cluster: c,
+                    dir: &m.dir.path,
+                    manifest: text,
+                }
+            })
+        })
+        .collect();
+    match crate::playground::build(&k.names, &scenario, &probe) {
+        Ok(servers) => {
+            k.servers = servers;
+            Ok(k)
+        }
+        Err(e) => {
+            k.stop();
+            Err(e.context("building the playground's pods"))
+        }
+    }
+}
+
+/// `up-cleanup`: removes a mesh's pods, pins and cgroups. With `on_eof`, first waits for its
+/// stdin to close: `done` as the last line means `up` cleaned up itself; otherwise `up` died,
+/// and the processes it named (`pid N` lines) are waited for (then killed) before cleaning up.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the watcher process does nothing else; it runs inside block_in_place"
+)]
+pub(crate) fn cleanup_command(ip_prefix: &str, clusters: u32, on_eof: bool) -> anyhow::Result<()> {
+    if on_eof {
+        let mut pids = Vec::new();
+        let mut last = String::new();
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if let Some(pid) = line.strip_prefix("pid ") {
+                pids.push(pid.trim().to_owned());
+            }
+            last = line;
+        }
+        if last == "done" {
+            return Ok(());
+        }
+        let alive = |pid: &String| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| !r.trim_start().starts_with('Z'))
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pids.iter().any(alive) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for pid in pids.iter().filter(|p| alive(p)) {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let names = crate::playground::Names::new(ip_prefix);
+    let cgroups = (1..=clusters)
+        .map(|i| cgroup_of(ip_prefix, &format!("c{i}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let problems = crate::playground::cleanup(&names, &cgroups);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        bail!("cleanup left: {}", problems.join("; "))
+    }
+}
+
 /// Runs the mesh until SIGINT or SIGTERM.
 pub(crate) async fn up(o: UpOptions) -> anyhow::Result<()> {
+    let bpf = o.datapath == clustermesh_agent::DatapathKind::Bpf;
+    if bpf {
+        // Whatever an earlier run of this mesh left behind (a kill -9 of up and its watcher).
+        let names = crate::playground::Names::new(&o.ip_prefix);
+        let cgroups = (1..=o.clusters.min(50))
+            .map(|i| cgroup_of(&o.ip_prefix, &format!("c{i}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        crate::playground::cleanup(&names, &cgroups);
+    }
     let mut members = prepare(&o)?;
     let exe = std::env::current_exe().context("finding the clustermesh binary")?;
-    let datapath = match o.datapath {
-        clustermesh_agent::DatapathKind::Bpf => "bpf",
-        clustermesh_agent::DatapathKind::Userspace => "userspace",
+    let mut kernel = if bpf {
+        Some(kernel(&o, &members, &exe)?)
+    } else {
+        None
     };
+    let datapath = if bpf { "bpf" } else { "userspace" };
     say!(
         "starting {} clusters in {} ({} datapath)",
         members.len(),
@@ -378,12 +556,21 @@ pub(crate) async fn up(o: UpOptions) -> anyhow::Result<()> {
     let started = (|| {
         for m in &mut members {
             let log = m.dir.path.join("apiserver.log");
-            m.apiserver = Some(spawn(
+            let child = spawn(
                 &exe,
-                &["apiserver", "--exit-with-parent"],
+                &[
+                    "apiserver",
+                    "--exit-with-parent",
+                    "--log-format",
+                    o.log_format,
+                ],
                 &m.dir.apiserver_config(),
                 &log,
-            )?);
+            )?;
+            if let Some(k) = &mut kernel {
+                k.watch_pid(&child);
+            }
+            m.apiserver = Some(child);
             say!(
                 "{}: apiserver on {} (health {}), log {}",
                 m.dir.name(),
@@ -394,17 +581,39 @@ pub(crate) async fn up(o: UpOptions) -> anyhow::Result<()> {
         }
         for m in &mut members {
             let log = m.dir.path.join("agent.log");
-            m.agent = Some(spawn(
+            let child = spawn(
                 &exe,
-                &["agent", "--exit-with-parent", "--datapath", datapath],
+                &[
+                    "agent",
+                    "--exit-with-parent",
+                    "--datapath",
+                    datapath,
+                    "--log-format",
+                    o.log_format,
+                ],
                 &m.dir.agent_config(),
                 &log,
-            )?);
+            )?;
+            if let Some(k) = &mut kernel {
+                k.watch_pid(&child);
+            }
+            m.agent = Some(child);
             say!(
                 "{}: agent admin on {}, log {}",
                 m.dir.name(),
                 m.admin,
                 log.display()
+            );
+        }
+        if let Some(k) = &kernel {
+            say!(
+                "pods: {} network namespaces behind {} (clustermesh exec --dir {} NS/POD -- cm-netprobe tcp VIP:PORT)",
+                k.servers.len(),
+                k.names.node_ns(),
+                members
+                    .first()
+                    .map(|m| m.dir.path.display().to_string())
+                    .unwrap_or_default()
             );
         }
         anyhow::Ok(())
@@ -420,6 +629,10 @@ pub(crate) async fn up(o: UpOptions) -> anyhow::Result<()> {
         .flatten()
         .collect();
     stop_all(children).await;
+    if let Some(k) = kernel {
+        tokio::task::block_in_place(|| k.stop());
+        say!("removed the pods, pins and cgroups");
+    }
     say!("stopped");
     result
 }

@@ -271,10 +271,93 @@ fn up_runs_the_example_mesh_and_stops_cleanly() {
     }
 }
 
-#[test]
-fn up_on_the_ebpf_datapath_programs_kernel_maps() {
-    // Root, bpffs and cgroup v2 are required (CI runs as root); without them up fails loudly.
-    let data = tempfile::tempdir().unwrap();
+/// What the machine's kernel and host namespace hold that `up --datapath bpf` could change:
+/// BPF link IDs, the bpffs tree, the cgroup v2 tree, network namespaces and the host's
+/// interfaces.
+#[derive(Debug, PartialEq, Eq)]
+struct HostState {
+    links: Vec<u64>,
+    bpffs: Vec<String>,
+    cgroups: Vec<String>,
+    netns: Vec<String>,
+    host_interfaces: Vec<String>,
+}
+
+fn tree(root: &Path, dirs_only: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if is_dir {
+                stack.push(p.clone());
+            }
+            if is_dir || !dirs_only {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn out_of(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(out.status.success(), "{program} {args:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn cgroup2_root() -> std::path::PathBuf {
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some("cgroup2"))
+        .and_then(|l| l.split_whitespace().nth(1).map(std::path::PathBuf::from))
+        .expect("a cgroup v2 mount")
+}
+
+fn host_state() -> HostState {
+    let links: serde_json::Value =
+        serde_json::from_str(&out_of("bpftool", &["-j", "link", "show"])).unwrap();
+    let mut links: Vec<u64> = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["id"].as_u64().unwrap())
+        .collect();
+    links.sort_unstable();
+    let ifaces: serde_json::Value =
+        serde_json::from_str(&out_of("ip", &["-j", "link", "show"])).unwrap();
+    let mut host_interfaces: Vec<String> = ifaces
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["ifname"].as_str().unwrap().to_owned())
+        .collect();
+    host_interfaces.sort();
+    let mut netns: Vec<String> = out_of("ip", &["netns", "list"])
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .filter(|n| n.starts_with("cmup-127-0-78-"))
+        .collect();
+    netns.sort();
+    HostState {
+        links,
+        bpffs: tree(Path::new("/sys/fs/bpf"), false)
+            .into_iter()
+            .filter(|p| p.contains("clustermesh-up"))
+            .collect(),
+        cgroups: tree(&cgroup2_root(), true)
+            .into_iter()
+            .filter(|p| p.contains("clustermesh-up"))
+            .collect(),
+        netns,
+        host_interfaces,
+    }
+}
+
+fn start_bpf_mesh(data: &Path) -> (Up, mpsc::Receiver<String>) {
     let mut child = Command::new(BIN)
         .args([
             "up",
@@ -286,7 +369,7 @@ fn up_on_the_ebpf_datapath_programs_kernel_maps() {
             "127.0.78",
             "--dir",
         ])
-        .arg(data.path())
+        .arg(data)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -300,17 +383,39 @@ fn up_on_the_ebpf_datapath_programs_kernel_maps() {
             }
         }
     });
-    let up = Up(Some(child));
+    (Up(Some(child)), rx)
+}
+
+/// Waits until the host state is `want` again (the cleanup runs as `up` stops).
+fn wait_state(want: &HostState, what: &str) {
+    let t = std::time::Instant::now();
+    loop {
+        let now = host_state();
+        if &now == want {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{what}: the host is not as before:\nbefore {want:#?}\nnow {now:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn up_on_the_ebpf_datapath_programs_kernel_maps() {
+    // Root and cgroup v2 are required (CI runs as root); the agents mount bpffs themselves.
+    let data = tempfile::tempdir().unwrap();
+    let before = host_state();
+    assert!(
+        before.netns.is_empty() && before.bpffs.is_empty(),
+        "leftovers of another run: {before:?}"
+    );
+    let (up, rx) = start_bpf_mesh(data.path());
     wait_line(&rx, "mesh ready: 2 clusters");
     let c1 = data.path().join("c1");
-    let frontends = json(&[
-        "bpf",
-        "services",
-        "--dir",
-        c1.to_str().unwrap(),
-        "-o",
-        "json",
-    ]);
+    let c1s = c1.to_str().unwrap();
+    let frontends = json(&["bpf", "services", "--dir", c1s, "-o", "json"]);
     assert_eq!(frontends.as_array().unwrap().len(), 4, "{frontends}");
     let pins = Path::new("/sys/fs/bpf/clustermesh-up/127-0-78/c1/c1-node");
     assert!(
@@ -318,22 +423,85 @@ fn up_on_the_ebpf_datapath_programs_kernel_maps() {
         "maps pinned under {}",
         pins.display()
     );
+
+    // Every pod of c1 is attached, each to its own veth in the playground's node namespace.
+    let status = json(&["status", "--dir", c1s, "-o", "json"]);
+    assert_eq!(status["ready"], true, "{status}");
+    let agent = cm(&["bpf", "endpoints", "--dir", c1s, "-o", "json"]);
+    assert!(agent.contains("10.1.0.50"), "{agent}");
+    let during = host_state();
+    assert_eq!(during.netns.len(), 1 + 6 + 5, "{during:?}");
+    assert_eq!(
+        during.host_interfaces, before.host_interfaces,
+        "no interface appears in the host's namespace"
+    );
+    let linked: Vec<String> = std::fs::read_dir(pins)
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            n.strip_prefix("link_tc_")
+                .map(|r| r.split('_').next().unwrap_or("").to_owned())
+        })
+        .collect();
+    assert_eq!(
+        linked.len(),
+        12,
+        "two links for each of c1's 6 pods: {linked:?}"
+    );
+    for ifname in &linked {
+        assert!(ifname.starts_with("cmu1p"), "attached to {ifname}");
+        assert!(
+            !before.host_interfaces.contains(ifname),
+            "{ifname} is a host interface"
+        );
+    }
+
+    // Real traffic: a frontend in c1 reaches payments in c2 (affinity remote) through the
+    // global VIP; web-0 is dropped by the payments policy.
+    let lines = cm(&[
+        "exec",
+        "--dir",
+        c1s,
+        "shop/frontend-0",
+        "--",
+        "cm-netprobe",
+        "tcp",
+        "10.96.0.12:80",
+        "--count",
+        "4",
+    ]);
+    assert_eq!(lines, "ok c2/payments-0\n".repeat(4), "{lines}");
+    let lines = cm(&[
+        "exec",
+        "--dir",
+        c1s,
+        "shop/web-0",
+        "--",
+        "cm-netprobe",
+        "tcp",
+        "10.1.0.30:8080",
+        "--count",
+        "1",
+        "--timeout-ms",
+        "300",
+    ]);
+    assert_eq!(lines, "err TimedOut 0\n", "{lines}");
+
+    // Ctrl-C: every namespace, link, pin and cgroup is gone.
     drop(up);
     assert_eq!(processes_of(data.path()), Vec::<String>::new());
-    // Clean the kernel state this test made: pins (detaching the programs), then cgroups.
-    std::fs::remove_dir_all("/sys/fs/bpf/clustermesh-up/127-0-78").unwrap();
-    let cgroup2 = std::fs::read_to_string("/proc/mounts")
-        .unwrap()
-        .lines()
-        .find(|l| l.split_whitespace().nth(2) == Some("cgroup2"))
-        .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
-        .unwrap();
-    let base = Path::new(&cgroup2).join("clustermesh-up/127.0.78");
-    for c in ["c1", "c2"] {
-        std::fs::remove_dir(base.join(c)).unwrap();
-    }
-    std::fs::remove_dir(&base).unwrap();
-    // The parents, unless another mesh uses them.
-    let _ = std::fs::remove_dir("/sys/fs/bpf/clustermesh-up");
-    let _ = std::fs::remove_dir(Path::new(&cgroup2).join("clustermesh-up"));
+    wait_state(&before, "after Ctrl-C");
+
+    // The death of up (SIGKILL: no cleanup of its own): its watcher removes everything.
+    let (mut up, rx) = start_bpf_mesh(data.path());
+    wait_line(&rx, "mesh ready: 2 clusters");
+    assert!(
+        data.path().join("c1/agent.log.1").exists(),
+        "the previous log is kept"
+    );
+    let mut child = up.0.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_state(&before, "after up was killed");
+    assert_eq!(processes_of(data.path()), Vec::<String>::new());
 }

@@ -84,9 +84,28 @@ fn mount(fstype: &str, dir: &Path) -> Result<(), String> {
     }
 }
 
+/// Serialises the check-then-mount of concurrent agents (`up` starts several at once): two
+/// bpffs mounted on the same point would hide the first one's pins.
+fn mount_lock() -> Result<std::fs::File, String> {
+    let path = Path::new("/run/clustermesh-mount.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    f.lock()
+        .map_err(|e| format!("locking {}: {e}", path.display()))?;
+    Ok(f)
+}
+
 /// Makes sure `root` (the pin root) is on a bpffs: mounts one at `/sys/fs/bpf` when the root
 /// is under it, else at the root itself.
 pub fn ensure_bpffs(root: &Path) -> Result<(), String> {
+    if fstype_of(&mounts()?, root).as_deref() == Some("bpf") {
+        return Ok(());
+    }
+    let _lock = mount_lock()?;
     if fstype_of(&mounts()?, root).as_deref() == Some("bpf") {
         return Ok(());
     }
@@ -116,6 +135,10 @@ pub fn ensure_bpffs(root: &Path) -> Result<(), String> {
 /// empty directory, mounts the cgroup v2 hierarchy there (as cilium-agent does at
 /// `/run/cilium/cgroupv2`); a directory with content on another filesystem is refused.
 pub fn ensure_cgroup2(cgroup: &Path) -> Result<(), String> {
+    if fstype_of(&mounts()?, cgroup).as_deref() == Some("cgroup2") {
+        return Ok(());
+    }
+    let _lock = mount_lock()?;
     let table = mounts()?;
     let here = fstype_of(&table, cgroup);
     if here.as_deref() == Some("cgroup2") {

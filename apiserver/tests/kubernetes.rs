@@ -182,12 +182,26 @@ impl FakeApi {
             responder.send_response(r);
             return;
         }
+        // As a real API server lists: `<Kind>List` with the group's apiVersion, and items
+        // without their own kind and apiVersion.
         let items: Vec<Value> = st
             .objects
             .get(&path)
-            .map(|m| m.values().cloned().collect())
+            .map(|m| {
+                m.values()
+                    .cloned()
+                    .map(|mut o| {
+                        if let Some(o) = o.as_object_mut() {
+                            o.remove("kind");
+                            o.remove("apiVersion");
+                        }
+                        o
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
-        let list = json!({"kind": "List", "apiVersion": "v1",
+        let (api_version, kind) = list_kind(&path);
+        let list = json!({"kind": kind, "apiVersion": api_version,
             "metadata": {"resourceVersion": st.revision.to_string()}, "items": items});
         responder.send_response(json_response(&list));
     }
@@ -208,33 +222,56 @@ impl FakeApi {
     }
 }
 
-fn pod(name: &str, ip: &str) -> Value {
-    json!({"metadata": {"name": name, "namespace": "prod", "labels": {"app": "web"}},
-        "spec": {"containers": [{"name": "c", "image": "x"}]},
-        "status": {"podIP": ip, "hostIP": "192.0.2.1"}})
+/// The apiVersion and kind of a list at `path`.
+fn list_kind(path: &str) -> (&'static str, &'static str) {
+    match path.rsplit('/').next().unwrap_or("") {
+        "pods" => ("v1", "PodList"),
+        "services" => ("v1", "ServiceList"),
+        "nodes" => ("v1", "NodeList"),
+        "namespaces" => ("v1", "NamespaceList"),
+        "endpointslices" => ("discovery.k8s.io/v1", "EndpointSliceList"),
+        "ciliumnetworkpolicies" => ("cilium.io/v2", "CiliumNetworkPolicyList"),
+        "ciliumclusterwidenetworkpolicies" => {
+            ("cilium.io/v2", "CiliumClusterwideNetworkPolicyList")
+        }
+        _ => ("v1", "List"),
+    }
 }
 
+/// An object of `tests/fixtures/` (the shapes a real API server returns).
+fn fixture(file: &str) -> Value {
+    let path = format!("{}/tests/fixtures/{file}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// A Deployment's pod as the API server returns it, renamed and readdressed.
+fn pod(name: &str, ip: &str) -> Value {
+    let mut p = fixture("pod-web-0.json");
+    p["metadata"]["name"] = name.into();
+    p["status"]["podIP"] = ip.into();
+    p["status"]["podIPs"] = json!([{"ip": ip}]);
+    p
+}
+
+/// The global Service `web` as the API server returns it, renamed and readdressed.
 fn service(name: &str, ip: &str) -> Value {
-    json!({"metadata": {"name": name, "namespace": "prod",
-            "annotations": {"service.cilium.io/global": "true"}},
-        "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80}]}})
+    let mut s = fixture("service-web.json");
+    s["metadata"]["name"] = name.into();
+    s["spec"]["clusterIP"] = ip.into();
+    s["spec"]["clusterIPs"] = json!([ip]);
+    s
 }
 
 fn scenario_objects(api: &FakeApi) {
     api.put("/api/v1/namespaces", json!({"metadata": {"name": "prod"}}));
-    api.put(
-        "/api/v1/nodes",
-        json!({"metadata": {"name": "n1"},
-            "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.1"}]}}),
-    );
+    // A kubelet-registered node: a Hostname address beside the InternalIP.
+    api.put("/api/v1/nodes", fixture("node.json"));
     api.put("/api/v1/pods", pod("web-0", "10.1.0.5"));
     api.put("/api/v1/services", service("web", "10.96.0.10"));
+    api.put("/api/v1/services", fixture("service-web-headless.json"));
     api.put(
         "/apis/discovery.k8s.io/v1/endpointslices",
-        json!({"metadata": {"name": "web-1", "namespace": "prod",
-                "labels": {"kubernetes.io/service-name": "web"}},
-            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
-            "endpoints": [{"addresses": ["10.1.0.5"]}]}),
+        fixture("endpointslice-web.json"),
     );
     api.put(
         "/apis/cilium.io/v2/ciliumnetworkpolicies",
@@ -331,6 +368,43 @@ async fn initial_list_then_added_modified_deleted() {
     let entry: Value = serde_json::from_slice(&pod_value.value).unwrap();
     assert_eq!(entry["K8sPodName"], "web-0");
     assert_eq!(entry["HostIP"], "192.0.2.1");
+    assert_eq!(
+        entry["NamedPorts"],
+        json!([{"Name": "http", "Port": 8080, "Protocol": "TCP"}])
+    );
+    // The node is written with its IP address; its Hostname address is not an IP.
+    let node = running
+        .store
+        .get("cilium/state/nodes/v1/c1/n1")
+        .await
+        .unwrap()
+        .unwrap();
+    let node: Value = serde_json::from_slice(&node.value).unwrap();
+    assert_eq!(
+        node["IPAddresses"],
+        json!([{"Type": "InternalIP", "IP": "192.0.2.1"}]),
+        "{node}"
+    );
+    assert_eq!(node["IPv4AllocCIDR"], "10.1.0.0/24");
+    assert_eq!(node["Labels"]["topology.kubernetes.io/zone"], "zone-a");
+    // The service's backends come from the controller's EndpointSlice (the mesh derives no
+    // slices from a real API server's pods).
+    let svc = running
+        .store
+        .get("cilium/state/services/v1/c1/prod/web")
+        .await
+        .unwrap()
+        .unwrap();
+    let svc: Value = serde_json::from_slice(&svc.value).unwrap();
+    assert_eq!(
+        svc["backends"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        ["10.1.0.5"],
+        "{svc}"
+    );
 
     // Added, modified, deleted.
     api.event("/api/v1/pods", "ADDED", pod("web-1", "10.1.0.6"));

@@ -113,3 +113,111 @@ pub fn derive_missing(objects: &mut SourceObjects) {
             .or_insert(slice);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::manifest::{Loaded, parse_text};
+
+    fn load(text: &str) -> SourceObjects {
+        let mut loaded = Loaded::default();
+        parse_text("t.yaml", text, &mut loaded);
+        assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
+        derive_missing(&mut loaded.objects);
+        loaded.objects
+    }
+
+    fn pod(name: &str, ip: &str, extra: &str, status: &str) -> String {
+        let head = format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: p, labels: {{app: w}}{extra}}}\n\
+             spec: {{containers: [{{name: c, ports: [{{name: http, containerPort: 8080}}]}}]}}\n"
+        );
+        head + &status.replace("@IP@", ip)
+    }
+
+    #[test]
+    fn derives_slices_like_the_controller() {
+        let ready = "status: {phase: Running, podIP: @IP@, conditions: [{type: Ready, status: \"True\"}]}\n";
+        let unready = "status: {phase: Running, podIP: @IP@, conditions: [{type: Ready, status: \"False\"}]}\n";
+        let done = "status: {phase: Succeeded, podIP: @IP@}\n";
+        let text = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: w, namespace: p}}\n\
+             spec: {{clusterIP: 10.96.0.1, selector: {{app: w}}, ports: [{{name: http, port: 80, targetPort: http}}, {{name: raw, port: 81}}]}}\n\
+             {}{}{}{}{}{}",
+            pod("a", "10.0.0.1", "", ready),
+            pod("b", "10.0.0.2", "", unready),
+            pod(
+                "c",
+                "10.0.0.3",
+                ", deletionTimestamp: \"2026-12-01T00:00:00Z\"",
+                ready
+            ),
+            pod("d", "10.0.0.4", "", done),
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {name: e, namespace: p, labels: {app: w}}\nstatus: {phase: Running, podIP: 10.0.0.5, conditions: [{type: Ready, status: \"True\"}]}\n",
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {name: f, namespace: other, labels: {app: w}}\nstatus: {phase: Running, podIP: 10.0.0.6}\n",
+        );
+        let objects = load(&text);
+        let slices: Vec<&SliceInfo> = objects.endpoint_slices.values().collect();
+        assert_eq!(slices.len(), 2, "{slices:#?}");
+        // Pods with the named port: http -> 8080, raw -> 81.
+        let named = slices
+            .iter()
+            .find(|s| s.ports.iter().any(|p| p.name == "http"))
+            .unwrap();
+        assert_eq!(
+            named
+                .ports
+                .iter()
+                .map(|p| (p.name.as_str(), p.port))
+                .collect::<Vec<_>>(),
+            [("http", 8080), ("raw", 81)]
+        );
+        let eps: Vec<(String, bool, bool, bool)> = named
+            .endpoints
+            .iter()
+            .map(|e| {
+                (
+                    e.addresses[0].to_string(),
+                    e.conditions.ready,
+                    e.conditions.serving,
+                    e.conditions.terminating,
+                )
+            })
+            .collect();
+        assert_eq!(
+            eps,
+            [
+                ("10.0.0.1".into(), true, true, false),
+                ("10.0.0.2".into(), false, false, false),
+                ("10.0.0.3".into(), false, true, true),
+            ]
+        );
+        // The pod without the named port gets only the numbered one.
+        let other = slices.iter().find(|s| s.name != named.name).unwrap();
+        assert_eq!(other.ports.len(), 1);
+        assert_eq!(other.endpoints[0].addresses[0].to_string(), "10.0.0.5");
+    }
+
+    #[test]
+    fn hand_written_slices_win_and_publish_not_ready_makes_ready() {
+        let unready = "status: {phase: Running, podIP: @IP@, conditions: [{type: Ready, status: \"False\"}]}\n";
+        let base = "apiVersion: v1\nkind: Service\nmetadata: {name: w, namespace: p}\n\
+                    spec: {clusterIP: 10.96.0.1, selector: {app: w}, publishNotReadyAddresses: true, ports: [{port: 80}]}\n";
+        let objects = load(&format!("{base}{}", pod("a", "10.0.0.1", "", unready)));
+        let s = objects.endpoint_slices.values().next().unwrap();
+        assert!(s.endpoints[0].conditions.ready && s.endpoints[0].conditions.serving);
+        assert_eq!(s.ports[0].port, 80, "no targetPort: the port's number");
+        let own = "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: w-1, namespace: p, labels: {kubernetes.io/service-name: w}}\naddressType: IPv4\nendpoints: []\n";
+        let objects = load(&format!("{base}{}{own}", pod("a", "10.0.0.1", "", unready)));
+        assert_eq!(objects.endpoint_slices.len(), 1);
+        assert!(
+            objects
+                .endpoint_slices
+                .values()
+                .next()
+                .unwrap()
+                .endpoints
+                .is_empty()
+        );
+    }
+}

@@ -282,6 +282,12 @@ pub(crate) async fn explain_endpoint(
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "no rule".to_owned()),
     );
+    let a = &e["attachment"];
+    if let Some(reason) = a["error"].as_str() {
+        out.push_str(&format!("programs: NOT attached: {reason}\n"));
+    } else if let Some(ifname) = a["interface"].as_str() {
+        out.push_str(&format!("programs: attached to {ifname}\n"));
+    }
     let rows: Vec<Vec<String>> = e["entries"]
         .as_array()
         .into_iter()

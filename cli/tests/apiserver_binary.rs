@@ -121,3 +121,75 @@ fn a_bad_config_is_a_clear_error() {
     let out = Command::new(BIN).args(["apiserver"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "clap usage errors exit 2");
 }
+
+/// Runs the apiserver until it is ready, stops it with SIGTERM and returns what it logged.
+fn logs_of_a_run(extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_cluster(dir.path());
+    let mut child = Command::new(BIN)
+        .args(["apiserver", "--config"])
+        .arg(&config)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        stderr.read_to_string(&mut s).unwrap();
+        s
+    });
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let health = line.trim().rsplit(' ').next().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !http_get(&health, "/readyz").is_some_and(|r| r.contains(" 200 ")) {
+        assert!(Instant::now() < deadline, "/readyz never became ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    reader.join().unwrap()
+}
+
+#[test]
+fn logs_are_plain_text_off_a_terminal_or_json_lines() {
+    // stderr is a pipe here, as in a log file or `kubectl logs`: no colour codes.
+    let text = logs_of_a_run(&[]);
+    assert!(text.contains("INFO"), "{text}");
+    assert!(text.contains("shutting down"), "{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "colour codes off a terminal: {text:?}"
+    );
+
+    let json = logs_of_a_run(&["--log-format", "json"]);
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "INFO" && l["fields"]["message"] == "shutting down"),
+        "{json}"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["timestamp"].is_string() && l["target"].is_string())
+    );
+
+    // An unknown format is a usage error.
+    let out = Command::new(BIN)
+        .args(["--log-format", "xml", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

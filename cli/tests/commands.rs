@@ -301,3 +301,44 @@ fn connect_refuses_bad_pairs_and_changes_nothing() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("is not a cluster directory"));
 }
+
+/// Every private key under `dir` with its permission bits.
+fn key_modes(dir: &Path) -> Vec<(PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    files(dir)
+        .into_keys()
+        .filter(|p| p.to_string_lossy().ends_with("-key.pem"))
+        .map(|p| {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            (p, mode)
+        })
+        .collect()
+}
+
+#[test]
+fn private_keys_are_readable_by_their_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let a = init(root.path(), "c1", 1, &[]);
+    let b = init(root.path(), "c2", 2, &[]);
+    let out = run(&["connect", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let keys = key_modes(root.path());
+    // ca, server, local per cluster, and one remote client key each.
+    assert_eq!(keys.len(), 8, "{keys:?}");
+    assert!(keys.iter().all(|(_, m)| *m == 0o600), "{keys:?}");
+
+    // A key left world-readable (by an older version) is replaced by a private one.
+    let leaked = a.join("remotes/c2-client-key.pem");
+    std::fs::set_permissions(&leaked, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run(&["connect", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&format!("{}: remote {} added", a.display(), b.display())),
+        "{}",
+        text(&out.stdout)
+    );
+    let keys = key_modes(root.path());
+    assert_eq!(keys.len(), 8, "{keys:?}");
+    assert!(keys.iter().all(|(_, m)| *m == 0o600), "{keys:?}");
+}

@@ -83,6 +83,25 @@ fn json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&cm(args)).unwrap()
 }
 
+/// Every private key (`*-key.pem`) under `dir` with its permission bits.
+fn key_modes(dir: &Path) -> Vec<(String, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.to_string_lossy().ends_with("-key.pem") {
+                let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+                out.push((p.display().to_string(), mode));
+            }
+        }
+    }
+    out
+}
+
 /// Processes whose command line names `dir`.
 fn processes_of(dir: &Path) -> Vec<String> {
     let needle = dir.display().to_string();
@@ -146,6 +165,10 @@ fn up_runs_the_example_mesh_and_stops_cleanly() {
     let data = tempfile::tempdir().unwrap();
     let (mut up, rx) = start_up(data.path());
     let progress = wait_line(&rx, "mesh ready: 3 clusters");
+    // Every private key up wrote is readable by its owner only.
+    let keys = key_modes(data.path());
+    assert_eq!(keys.len(), 3 * 3 + 3 * 2, "{keys:?}");
+    assert!(keys.iter().all(|(_, m)| *m == 0o600), "{keys:?}");
     assert!(
         progress[0].starts_with("starting 3 clusters"),
         "{progress:?}"
@@ -456,6 +479,12 @@ fn up_on_the_ebpf_datapath_programs_kernel_maps() {
         );
     }
 
+    let explain = cm(&["explain", "endpoint", "10.1.0.50", "--dir", c1s]);
+    assert!(
+        explain.contains("programs: attached to cmu1p5\n"),
+        "{explain}"
+    );
+
     // Real traffic: a frontend in c1 reaches payments in c2 (affinity remote) through the
     // global VIP; web-0 is dropped by the payments policy.
     let lines = cm(&[
@@ -504,4 +533,16 @@ fn up_on_the_ebpf_datapath_programs_kernel_maps() {
     child.wait().unwrap();
     wait_state(&before, "after up was killed");
     assert_eq!(processes_of(data.path()), Vec::<String>::new());
+
+    // SIGTERM stops it as Ctrl-C does.
+    let (mut up, rx) = start_bpf_mesh(data.path());
+    wait_line(&rx, "mesh ready: 2 clusters");
+    let mut child = up.0.take().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    wait_line(&rx, "removed the pods, pins and cgroups");
+    wait_state(&before, "after SIGTERM");
 }

@@ -160,6 +160,12 @@ fn global_service_policy_and_failover_across_two_clusters() {
         routed.contains("through the gateway 10.250.0.254 on cmbr0"),
         "{routed}"
     );
+    let explain = agent.get("/explain/endpoint/10.244.9.9");
+    assert_eq!(
+        explain["attachment"]["error"].as_str(),
+        Some(routed.as_str()),
+        "{explain}"
+    );
     let dummy = refused("10.244.8.8");
     assert!(
         dummy.contains("cmbr0, which is a bridge interface, not a veth"),
@@ -173,6 +179,12 @@ fn global_service_policy_and_failover_across_two_clusters() {
     // The agent pins every link it makes: b-web's are there, none for the bridge.
     let web_if = topo.pod("b-web").host_if.clone();
     assert!(pinned.iter().any(|p| p.contains(&web_if)), "{pinned:?}");
+    let explain = agent.get("/explain/endpoint/10.244.2.10");
+    assert_eq!(
+        explain["attachment"]["interface"],
+        web_if.as_str(),
+        "{explain}"
+    );
     assert!(!pinned.iter().any(|p| p.contains("cmbr0")), "{pinned:?}");
     let lines = topo.probe("b-client", true, &["tcp", "10.96.0.10:80", "--count", "60"]);
     let (names, failed) = tally(&lines);

@@ -161,8 +161,18 @@ async fn explain_endpoint(State(s): State<Arc<Shared>>, Path(ip): Path<String>) 
             .into_response();
     };
     let found = s.desired.lock().policy.explain.get(&ip).cloned();
-    match found {
-        Some(e) => json(&e),
+    match found.map(|e| serde_json::to_value(e).unwrap_or_default()) {
+        Some(mut e) => {
+            // Where the policy programs are attached, or why they are not (eBPF datapath).
+            if let Some(obj) = e.as_object_mut() {
+                let attachment = s.status.lock().endpoints.get(&ip).cloned();
+                obj.insert(
+                    "attachment".to_owned(),
+                    serde_json::to_value(attachment).unwrap_or_default(),
+                );
+            }
+            json(&e)
+        }
         None => (
             StatusCode::NOT_FOUND,
             format!("{ip} is not an endpoint of this node\n"),

@@ -635,8 +635,12 @@ impl Loop {
                     error: Some(e),
                 },
             };
-            if let Some(e) = &result.error {
-                tracing::warn!(%ip, error = %e, "attaching the policy programs failed");
+            // Refusals are retried at every pass (a route may change); said once per reason.
+            let before = self.attached.get(&ip).and_then(|a| a.error.as_ref());
+            if let Some(e) = &result.error
+                && before != Some(e)
+            {
+                tracing::warn!(%ip, error = %e, "policy programs not attached");
             }
             self.attached.insert(ip, result);
         }

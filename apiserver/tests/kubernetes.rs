@@ -307,6 +307,16 @@ async fn start(api: &FakeApi) -> (tempfile::TempDir, Running) {
     (dir, running)
 }
 
+/// The JSON value stored at `key`.
+async fn stored(store: &dyn KvStore, key: &str) -> Value {
+    let kv = store
+        .get(key)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("no {key}"));
+    serde_json::from_slice(&kv.value).unwrap()
+}
+
 /// The keys of the exported state, without identities (numbered by allocation).
 async fn state(store: &dyn KvStore) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
@@ -359,13 +369,11 @@ async fn initial_list_then_added_modified_deleted() {
         "ready after the initial list of every kind"
     );
     wait_state(running.store.as_ref(), &INITIAL).await;
-    let pod_value = running
-        .store
-        .get("cilium/state/ip/v1/default/10.1.0.5")
-        .await
-        .unwrap()
-        .unwrap();
-    let entry: Value = serde_json::from_slice(&pod_value.value).unwrap();
+    let entry = stored(
+        running.store.as_ref(),
+        "cilium/state/ip/v1/default/10.1.0.5",
+    )
+    .await;
     assert_eq!(entry["K8sPodName"], "web-0");
     assert_eq!(entry["HostIP"], "192.0.2.1");
     assert_eq!(
@@ -373,13 +381,7 @@ async fn initial_list_then_added_modified_deleted() {
         json!([{"Name": "http", "Port": 8080, "Protocol": "TCP"}])
     );
     // The node is written with its IP address; its Hostname address is not an IP.
-    let node = running
-        .store
-        .get("cilium/state/nodes/v1/c1/n1")
-        .await
-        .unwrap()
-        .unwrap();
-    let node: Value = serde_json::from_slice(&node.value).unwrap();
+    let node = stored(running.store.as_ref(), "cilium/state/nodes/v1/c1/n1").await;
     assert_eq!(
         node["IPAddresses"],
         json!([{"Type": "InternalIP", "IP": "192.0.2.1"}]),
@@ -389,13 +391,11 @@ async fn initial_list_then_added_modified_deleted() {
     assert_eq!(node["Labels"]["topology.kubernetes.io/zone"], "zone-a");
     // The service's backends come from the controller's EndpointSlice (the mesh derives no
     // slices from a real API server's pods).
-    let svc = running
-        .store
-        .get("cilium/state/services/v1/c1/prod/web")
-        .await
-        .unwrap()
-        .unwrap();
-    let svc: Value = serde_json::from_slice(&svc.value).unwrap();
+    let svc = stored(
+        running.store.as_ref(),
+        "cilium/state/services/v1/c1/prod/web",
+    )
+    .await;
     assert_eq!(
         svc["backends"]
             .as_object()
@@ -426,13 +426,11 @@ async fn initial_list_then_added_modified_deleted() {
         ],
     )
     .await;
-    let svc = running
-        .store
-        .get("cilium/state/services/v1/c1/prod/web")
-        .await
-        .unwrap()
-        .unwrap();
-    let svc: Value = serde_json::from_slice(&svc.value).unwrap();
+    let svc = stored(
+        running.store.as_ref(),
+        "cilium/state/services/v1/c1/prod/web",
+    )
+    .await;
     assert_eq!(svc["frontends"]["10.96.0.10"]["http"]["Port"], 8443);
     running.stop().await.unwrap();
 }

@@ -18,6 +18,7 @@ mod batch;
 pub mod events;
 pub mod kernel;
 pub mod layout;
+pub mod netns;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod userspace;

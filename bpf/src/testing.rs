@@ -57,11 +57,6 @@ pub fn sh(program: &str, args: &[&str]) -> Output {
     out
 }
 
-/// Sets a sysctl inside a network namespace.
-fn sysctl(netns: &str, setting: &str) {
-    sh("ip", &["netns", "exec", netns, "sysctl", "-qw", setting]);
-}
-
 /// Fails the test loudly unless it runs as root.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -131,70 +126,17 @@ impl Topology {
             probe: probe.to_owned(),
             children: Mutex::new(Vec::new()),
         };
-        sh("ip", &["netns", "add", &node]);
-        sh("ip", &["-n", &node, "link", "set", "lo", "up"]);
-        for setting in [
-            "net.ipv4.ip_forward=1",
-            "net.ipv4.conf.all.rp_filter=0",
-            "net.ipv4.conf.default.rp_filter=0",
-        ] {
-            sysctl(&node, setting);
-        }
+        crate::netns::add_node(&node).unwrap_or_else(|e| panic!("{e}"));
         for (i, (name, ip)) in pods.iter().enumerate() {
             let netns = format!("cmt{id}-{name}");
             let host_if = format!("cmh{i}");
-            let ip_s = ip.to_string();
-            sh("ip", &["netns", "add", &netns]);
             topo.pods.push(Pod {
                 name: (*name).to_owned(),
                 netns: netns.clone(),
                 ip: *ip,
                 host_if: host_if.clone(),
             });
-            sh(
-                "ip",
-                &[
-                    "-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
-                    "netns", &netns,
-                ],
-            );
-            sh("ip", &["-n", &netns, "link", "set", "lo", "up"]);
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    &netns,
-                    "addr",
-                    "add",
-                    &format!("{ip_s}/32"),
-                    "dev",
-                    "eth0",
-                ],
-            );
-            sh("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
-            sh(
-                "ip",
-                &[
-                    "-n", &netns, "route", "add", "default", "dev", "eth0", "scope", "link",
-                ],
-            );
-            sh("ip", &["-n", &node, "link", "set", &host_if, "up"]);
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    &node,
-                    "route",
-                    "add",
-                    &format!("{ip_s}/32"),
-                    "dev",
-                    &host_if,
-                ],
-            );
-            // Proxy ARP answers for every other pod; without proxy_delay=0 the kernel delays
-            // each answer by up to 0.8 s, which a first connection feels.
-            sysctl(&node, &format!("net.ipv4.conf.{host_if}.proxy_arp=1"));
-            sysctl(&node, &format!("net.ipv4.neigh.{host_if}.proxy_delay=0"));
+            crate::netns::add_pod(&node, &netns, &host_if, *ip).unwrap_or_else(|e| panic!("{e}"));
         }
         std::fs::create_dir_all(&topo.cgroup).expect("creating the test cgroup");
         std::fs::create_dir_all(&topo.bpf_root).expect("creating the test bpffs directory");

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, bail};
+use clustermesh_bpf::netns::{add_node, add_pod, ip};
 use serde_json::Value;
 
 /// One pod of the scenario.
@@ -104,25 +105,6 @@ impl Names {
 /// What `exec` needs to find a pod: `pods.json` in the cluster directory.
 pub(crate) const PODS_FILE: &str = "pods.json";
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-fn sysctl(ns: &str, setting: &str) -> anyhow::Result<()> {
-    ip(&["netns", "exec", ns, "sysctl", "-qw", setting])
-}
-
 /// The pods of one cluster.
 pub(crate) struct ClusterPods<'a> {
     /// The cluster's name.
@@ -141,15 +123,7 @@ pub(crate) fn build(
     probe: &Path,
 ) -> anyhow::Result<Vec<Child>> {
     let node = names.node_ns();
-    ip(&["netns", "add", &node])?;
-    ip(&["-n", &node, "link", "set", "lo", "up"])?;
-    for s in [
-        "net.ipv4.ip_forward=1",
-        "net.ipv4.conf.all.rp_filter=0",
-        "net.ipv4.conf.default.rp_filter=0",
-    ] {
-        sysctl(&node, s)?;
-    }
+    add_node(&node).map_err(anyhow::Error::msg)?;
     let mut servers = Vec::new();
     for (ci, c) in clusters.iter().enumerate() {
         let (pods, ports) = scenario(c.manifest)?;
@@ -157,38 +131,8 @@ pub(crate) fn build(
         for (pi, pod) in pods.iter().enumerate() {
             let ns = names.pod_ns(c.cluster, &pod.key);
             let host_if = format!("cmu{}p{pi}", ci + 1);
+            add_pod(&node, &ns, &host_if, pod.ip).map_err(anyhow::Error::msg)?;
             let ip_s = pod.ip.to_string();
-            ip(&["netns", "add", &ns])?;
-            ip(&[
-                "-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
-                "netns", &ns,
-            ])?;
-            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{ip_s}/32"),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            ip(&[
-                "-n", &ns, "route", "add", "default", "dev", "eth0", "scope", "link",
-            ])?;
-            ip(&["-n", &node, "link", "set", &host_if, "up"])?;
-            ip(&[
-                "-n",
-                &node,
-                "route",
-                "add",
-                &format!("{ip_s}/32"),
-                "dev",
-                &host_if,
-            ])?;
-            sysctl(&node, &format!("net.ipv4.conf.{host_if}.proxy_arp=1"))?;
-            sysctl(&node, &format!("net.ipv4.neigh.{host_if}.proxy_delay=0"))?;
             let name = pod.key.rsplit('/').next().unwrap_or(&pod.key);
             for port in &ports {
                 servers.push(serve(&ns, probe, &format!("{}/{name}", c.cluster), *port)?);
@@ -244,7 +188,7 @@ pub(crate) fn cleanup(names: &Names, cgroups: &[PathBuf]) -> Vec<String> {
                     }
                 }
                 if let Err(e) = ip(&["netns", "del", ns]) {
-                    problems.push(e.to_string());
+                    problems.push(e);
                 }
             }
         }

@@ -380,11 +380,11 @@ async fn initial_list_then_added_modified_deleted() {
         entry["NamedPorts"],
         json!([{"Name": "http", "Port": 8080, "Protocol": "TCP"}])
     );
-    // The node is written with its IP address; its Hostname address is not an IP.
+    // The node is written with its IP addresses; Hostname and DNS addresses are not IPs.
     let node = stored(running.store.as_ref(), "cilium/state/nodes/v1/c1/n1").await;
     assert_eq!(
         node["IPAddresses"],
-        json!([{"Type": "InternalIP", "IP": "192.0.2.1"}]),
+        json!([{"Type": "InternalIP", "IP": "192.0.2.1"}, {"Type": "ExternalIP", "IP": "198.51.100.7"}]),
         "{node}"
     );
     assert_eq!(node["IPv4AllocCIDR"], "10.1.0.0/24");

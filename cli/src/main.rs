@@ -113,7 +113,7 @@ enum Command {
         #[arg(long, default_value = "userspace")]
         datapath: clustermesh_agent::DatapathKind,
         /// Loopback addresses to use: cluster i listens on <prefix>.<10+i>.
-        #[arg(long, default_value = "127.0.0")]
+        #[arg(long, default_value = "127.0.0", value_parser = up::loopback_prefix)]
         ip_prefix: String,
     },
     /// Run a program inside a pod of `up --datapath bpf` (its network namespace, and its
@@ -133,7 +133,7 @@ enum Command {
     #[command(hide = true)]
     UpCleanup {
         /// The mesh's --ip-prefix.
-        #[arg(long, default_value = "127.0.0")]
+        #[arg(long, default_value = "127.0.0", value_parser = up::loopback_prefix)]
         ip_prefix: String,
         /// Its number of clusters.
         #[arg(long, default_value_t = 3)]

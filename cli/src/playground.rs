@@ -77,10 +77,13 @@ pub(crate) struct Names {
 }
 
 impl Names {
-    pub(crate) fn new(ip_prefix: &str) -> Self {
-        Self {
-            dashed: ip_prefix.replace('.', "-"),
-        }
+    /// The names of the mesh on `ip_prefix`, which must be a valid `--ip-prefix`: they become
+    /// paths and namespace names that are removed as root.
+    pub(crate) fn new(ip_prefix: &str) -> anyhow::Result<Self> {
+        let p = crate::up::loopback_prefix(ip_prefix).map_err(anyhow::Error::msg)?;
+        Ok(Self {
+            dashed: p.replace('.', "-"),
+        })
     }
 
     fn ns_prefix(&self) -> String {
@@ -115,16 +118,18 @@ pub(crate) struct ClusterPods<'a> {
     pub(crate) manifest: &'a str,
 }
 
-/// Builds the node namespace and every pod; starts the pods' servers. On failure, what was
-/// built is left for [`cleanup`] (the caller runs it).
+/// Builds the node namespace and every pod; starts the pods' servers. Returns the number of
+/// pods and the servers. On failure, what was built is left for [`cleanup`] (the caller runs
+/// it).
 pub(crate) fn build(
     names: &Names,
     clusters: &[ClusterPods<'_>],
     probe: &Path,
-) -> anyhow::Result<Vec<Child>> {
+) -> anyhow::Result<(usize, Vec<Child>)> {
     let node = names.node_ns();
     add_node(&node).map_err(anyhow::Error::msg)?;
     let mut servers = Vec::new();
+    let mut count = 0;
     for (ci, c) in clusters.iter().enumerate() {
         let (pods, ports) = scenario(c.manifest)?;
         let mut index = BTreeMap::new();
@@ -132,6 +137,7 @@ pub(crate) fn build(
             let ns = names.pod_ns(c.cluster, &pod.key);
             let host_if = format!("cmu{}p{pi}", ci + 1);
             add_pod(&node, &ns, &host_if, pod.ip).map_err(anyhow::Error::msg)?;
+            count += 1;
             let ip_s = pod.ip.to_string();
             let name = pod.key.rsplit('/').next().unwrap_or(&pod.key);
             for port in &ports {
@@ -147,20 +153,31 @@ pub(crate) fn build(
             &serde_json::to_string_pretty(&index)?,
         )?;
     }
-    Ok(servers)
+    Ok((count, servers))
 }
 
-/// `cm-netprobe serve` in a pod; it dies with `up` (parent-death signal).
+/// `cm-netprobe serve` in a pod, once it listens; it dies with `up` (parent-death signal).
 fn serve(ns: &str, probe: &Path, name: &str, port: u16) -> anyhow::Result<Child> {
-    Command::new("ip")
+    use std::io::BufRead as _;
+    let mut child = Command::new("ip")
         .args(["netns", "exec", ns, "setpriv", "--pdeathsig", "KILL"])
         .arg(probe)
         .args(["serve", "--name", name, "--port", &port.to_string()])
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .with_context(|| format!("starting cm-netprobe in {ns}"))
+        .with_context(|| format!("starting cm-netprobe in {ns}"))?;
+    // It prints one line once it listens, and nothing after.
+    let mut line = String::new();
+    let stdout = child.stdout.take().context("piped stdout")?;
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    if !line.starts_with("listening") {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("cm-netprobe in {ns} did not start listening on {port}");
+    }
+    Ok(child)
 }
 
 /// Removes every namespace, pin and cgroup of the mesh `names` (whatever is there; missing
@@ -277,7 +294,10 @@ pub(crate) fn exec(dir: &Path, pod: &str, command: &[String]) -> anyhow::Result<
             pods.keys().cloned().collect::<Vec<_>>().join(", ")
         );
     };
-    let netns = entry["netns"].as_str().context("pods.json: netns")?;
+    let netns = entry["netns"]
+        .as_str()
+        .filter(|n| n.starts_with("cmup-") && !n.contains('/') && !n.contains(".."))
+        .context("pods.json: no namespace of up's playground for this pod")?;
     if !Path::new("/var/run/netns").join(netns).exists() {
         bail!(
             "the namespace of {pod} ({netns}) is gone: is `clustermesh up --datapath bpf` running?"
@@ -317,7 +337,7 @@ mod tests {
             }
         );
         assert_eq!(ports, vec![8080]);
-        let names = Names::new("127.0.0");
+        let names = Names::new("127.0.0").unwrap();
         assert_eq!(names.node_ns(), "cmup-127-0-0-node");
         assert_eq!(
             names.pod_ns("c1", "shop/web-0"),

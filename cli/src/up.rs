@@ -107,6 +107,27 @@ async fn stop_all(children: Vec<&mut Child>) {
     }
 }
 
+/// `--ip-prefix`: exactly three decimal octets, the first 127 (`127.0.0`). It names files,
+/// namespaces and cgroups that `up` creates and removes as root, so nothing else gets through.
+pub(crate) fn loopback_prefix(s: &str) -> Result<String, String> {
+    let octets: Vec<&str> = s.split('.').collect();
+    let valid = octets.len() == 3
+        && octets.iter().all(|o| {
+            !o.is_empty()
+                && o.len() <= 3
+                && o.bytes().all(|b| b.is_ascii_digit())
+                && o.parse::<u8>().is_ok()
+        })
+        && octets[0] == "127";
+    if valid {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not the first three octets of a 127.0.0.0/8 address (e.g. 127.0.0): up only uses loopback addresses"
+        ))
+    }
+}
+
 fn addr(prefix: &str, host: u32, port: u16) -> anyhow::Result<SocketAddr> {
     let ip: IpAddr = format!("{prefix}.{host}")
         .parse()
@@ -199,6 +220,13 @@ fn cgroup2() -> anyhow::Result<PathBuf> {
 
 /// The socket-LB cgroup of one cluster of the mesh.
 fn cgroup_of(prefix: &str, cluster: &str) -> anyhow::Result<PathBuf> {
+    let prefix = loopback_prefix(prefix).map_err(anyhow::Error::msg)?;
+    if !cluster
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        bail!("{cluster:?} is not a cluster name up makes");
+    }
     Ok(cgroup2()?.join("clustermesh-up").join(prefix).join(cluster))
 }
 
@@ -209,7 +237,7 @@ fn cgroup_of(prefix: &str, cluster: &str) -> anyhow::Result<PathBuf> {
 /// are in the playground's node namespace. `up` removes all of it when it stops.
 fn bpf_section(m: &Member, prefix: &str) -> anyhow::Result<()> {
     let cgroup = cgroup_of(prefix, m.dir.name().as_str())?;
-    let names = crate::playground::Names::new(prefix);
+    let names = crate::playground::Names::new(prefix)?;
     // bpffs refuses dots in names.
     let root = names.bpf_root();
     std::fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
@@ -379,6 +407,7 @@ async fn shutdown_signal() -> anyhow::Result<()> {
 struct Kernel {
     names: crate::playground::Names,
     cgroups: Vec<PathBuf>,
+    pods: usize,
     servers: Vec<Child>,
     watcher: Option<(Child, std::process::ChildStdin)>,
 }
@@ -414,7 +443,7 @@ impl Kernel {
 /// Prepares the eBPF playground: leftovers of an earlier run removed, bpffs mounted once for
 /// every agent, the watcher started, then the pods built.
 fn kernel(o: &UpOptions, members: &[Member], exe: &Path) -> anyhow::Result<Kernel> {
-    let names = crate::playground::Names::new(&o.ip_prefix);
+    let names = crate::playground::Names::new(&o.ip_prefix)?;
     let cgroups = members
         .iter()
         .map(|m| cgroup_of(&o.ip_prefix, m.dir.name().as_str()))
@@ -443,6 +472,7 @@ fn kernel(o: &UpOptions, members: &[Member], exe: &Path) -> anyhow::Result<Kerne
     let mut k = Kernel {
         names,
         cgroups,
+        pods: 0,
         servers: Vec::new(),
         watcher: Some((watcher, stdin)),
     };
@@ -450,7 +480,7 @@ fn kernel(o: &UpOptions, members: &[Member], exe: &Path) -> anyhow::Result<Kerne
     if !probe.is_file() {
         k.stop();
         bail!(
-            "{} is missing: build it beside clustermesh (cargo build --release -p clustermesh -p clustermesh-bpf, as scripts/up does)",
+            "{} is missing: build it beside clustermesh (cargo build -p clustermesh -p clustermesh-bpf --bins, as scripts/up does)",
             probe.display()
         );
     }
@@ -468,7 +498,8 @@ fn kernel(o: &UpOptions, members: &[Member], exe: &Path) -> anyhow::Result<Kerne
         })
         .collect();
     match crate::playground::build(&k.names, &scenario, &probe) {
-        Ok(servers) => {
+        Ok((pods, servers)) => {
+            k.pods = pods;
             k.servers = servers;
             Ok(k)
         }
@@ -479,48 +510,102 @@ fn kernel(o: &UpOptions, members: &[Member], exe: &Path) -> anyhow::Result<Kerne
     }
 }
 
+/// Removes what `up --datapath bpf` made for the mesh on `ip_prefix` (whatever is there);
+/// returns what could not be removed.
+fn remove_mesh(ip_prefix: &str, clusters: u32) -> anyhow::Result<Vec<String>> {
+    let names = crate::playground::Names::new(ip_prefix)?;
+    let cgroups = (1..=clusters.min(50))
+        .map(|i| cgroup_of(ip_prefix, &format!("c{i}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(crate::playground::cleanup(&names, &cgroups))
+}
+
+/// The lock one `up --datapath bpf` per prefix holds for its whole life (and its watcher while
+/// it cleans up), so that a second `up` cannot remove a running mesh's pods.
+fn mesh_lock_file(ip_prefix: &str) -> anyhow::Result<std::fs::File> {
+    let path = PathBuf::from(format!(
+        "/run/clustermesh-up-{}.lock",
+        loopback_prefix(ip_prefix).map_err(anyhow::Error::msg)?
+    ));
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// Takes the mesh's lock, or says that another `up` holds it.
+fn mesh_lock(ip_prefix: &str) -> anyhow::Result<std::fs::File> {
+    let f = mesh_lock_file(ip_prefix)?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "another `clustermesh up --datapath bpf --ip-prefix {ip_prefix}` is running or cleaning up; stop it, or use another --ip-prefix"
+        ),
+        Err(std::fs::TryLockError::Error(e)) => Err(e).context("locking the mesh"),
+    }
+}
+
+/// A process's start time (field 22 of `/proc/<pid>/stat`), while it runs and is no zombie:
+/// with the pid, it names the process even if the pid is reused later.
+fn start_time(pid: &str) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(18).map(str::to_owned)
+}
+
 /// `up-cleanup`: removes a mesh's pods, pins and cgroups. With `on_eof`, first waits for its
 /// stdin to close: `done` as the last line means `up` cleaned up itself; otherwise `up` died,
-/// and the processes it named (`pid N` lines) are waited for (then killed) before cleaning up.
+/// and once the mesh's lock is free, the processes it named (`pid N` lines) are waited for
+/// (then killed) before cleaning up.
 #[allow(
     clippy::disallowed_methods,
     reason = "the watcher process does nothing else; it runs inside block_in_place"
 )]
 pub(crate) fn cleanup_command(ip_prefix: &str, clusters: u32, on_eof: bool) -> anyhow::Result<()> {
+    let lock = mesh_lock_file(ip_prefix)?;
     if on_eof {
-        let mut pids = Vec::new();
+        // (pid, start time) of each process up started, read while it runs.
+        let mut pids: Vec<(String, String)> = Vec::new();
         let mut last = String::new();
         for line in std::io::stdin().lock().lines() {
             let Ok(line) = line else { break };
             if let Some(pid) = line.strip_prefix("pid ") {
-                pids.push(pid.trim().to_owned());
+                let pid = pid.trim().to_owned();
+                if let Some(t) = start_time(&pid) {
+                    pids.push((pid, t));
+                }
             }
             last = line;
         }
         if last == "done" {
             return Ok(());
         }
-        let alive = |pid: &String| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-                s.rsplit(')')
-                    .next()
-                    .is_some_and(|r| !r.trim_start().starts_with('Z'))
-            })
-        };
+        // up is gone; its lock with it (a new up that took it first cleans up itself).
+        lock.lock().context("locking the mesh")?;
+        let alive = |(pid, t): &(String, String)| start_time(pid).as_ref() == Some(t);
         let deadline = Instant::now() + Duration::from_secs(5);
         while pids.iter().any(alive) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
-        for pid in pids.iter().filter(|p| alive(p)) {
+        for (pid, _) in pids.iter().filter(|p| alive(p)) {
             let _ = Command::new("kill").args(["-KILL", pid]).status();
         }
         std::thread::sleep(Duration::from_millis(200));
+    } else {
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                bail!("`clustermesh up --ip-prefix {ip_prefix}` is running; stop it instead")
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e).context("locking the mesh"),
+        }
     }
-    let names = crate::playground::Names::new(ip_prefix);
-    let cgroups = (1..=clusters)
-        .map(|i| cgroup_of(ip_prefix, &format!("c{i}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let problems = crate::playground::cleanup(&names, &cgroups);
+    let problems = remove_mesh(ip_prefix, clusters)?;
     if problems.is_empty() {
         Ok(())
     } else {
@@ -531,20 +616,33 @@ pub(crate) fn cleanup_command(ip_prefix: &str, clusters: u32, on_eof: bool) -> a
 /// Runs the mesh until SIGINT or SIGTERM.
 pub(crate) async fn up(o: UpOptions) -> anyhow::Result<()> {
     let bpf = o.datapath == clustermesh_agent::DatapathKind::Bpf;
-    if bpf {
+    // Held until up returns: no second up of this mesh meanwhile.
+    let _lock = if bpf {
+        let lock = mesh_lock(&o.ip_prefix)?;
         // Whatever an earlier run of this mesh left behind (a kill -9 of up and its watcher).
-        let names = crate::playground::Names::new(&o.ip_prefix);
-        let cgroups = (1..=o.clusters.min(50))
-            .map(|i| cgroup_of(&o.ip_prefix, &format!("c{i}")))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        crate::playground::cleanup(&names, &cgroups);
-    }
-    let mut members = prepare(&o)?;
-    let exe = std::env::current_exe().context("finding the clustermesh binary")?;
-    let mut kernel = if bpf {
-        Some(kernel(&o, &members, &exe)?)
+        remove_mesh(&o.ip_prefix, o.clusters)?;
+        Some(lock)
     } else {
         None
+    };
+    let exe = std::env::current_exe().context("finding the clustermesh binary")?;
+    let prepared = prepare(&o).and_then(|members| {
+        let kernel = if bpf {
+            Some(kernel(&o, &members, &exe)?)
+        } else {
+            None
+        };
+        Ok((members, kernel))
+    });
+    let (mut members, mut kernel) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            if bpf {
+                // The cgroups and the bpffs directory may exist already.
+                remove_mesh(&o.ip_prefix, o.clusters)?;
+            }
+            return Err(e);
+        }
     };
     let datapath = if bpf { "bpf" } else { "userspace" };
     say!(
@@ -608,7 +706,7 @@ pub(crate) async fn up(o: UpOptions) -> anyhow::Result<()> {
         if let Some(k) = &kernel {
             say!(
                 "pods: {} network namespaces behind {} (clustermesh exec --dir {} NS/POD -- cm-netprobe tcp VIP:PORT)",
-                k.servers.len(),
+                k.pods,
                 k.names.node_ns(),
                 members
                     .first()

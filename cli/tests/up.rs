@@ -297,9 +297,11 @@ fn up_runs_the_example_mesh_and_stops_cleanly() {
 /// What the machine's kernel and host namespace hold that `up --datapath bpf` could change:
 /// BPF link IDs, the bpffs tree, the cgroup v2 tree, network namespaces and the host's
 /// interfaces.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 struct HostState {
     links: Vec<u64>,
+    /// Not compared: the links as bpftool prints them.
+    link_details: Vec<serde_json::Value>,
     bpffs: Vec<String>,
     cgroups: Vec<String>,
     netns: Vec<String>,
@@ -341,11 +343,10 @@ fn cgroup2_root() -> std::path::PathBuf {
 }
 
 fn host_state() -> HostState {
-    let links: serde_json::Value =
+    let details: serde_json::Value =
         serde_json::from_str(&out_of("bpftool", &["-j", "link", "show"])).unwrap();
-    let mut links: Vec<u64> = links
-        .as_array()
-        .unwrap()
+    let link_details = details.as_array().unwrap().clone();
+    let mut links: Vec<u64> = link_details
         .iter()
         .map(|l| l["id"].as_u64().unwrap())
         .collect();
@@ -367,6 +368,7 @@ fn host_state() -> HostState {
     netns.sort();
     HostState {
         links,
+        link_details,
         bpffs: tree(Path::new("/sys/fs/bpf"), false)
             .into_iter()
             .filter(|p| p.contains("clustermesh-up"))
@@ -407,6 +409,18 @@ fn start_bpf_mesh(data: &Path) -> (Up, mpsc::Receiver<String>) {
         }
     });
     (Up(Some(child)), rx)
+}
+
+impl PartialEq for HostState {
+    fn eq(&self, o: &Self) -> bool {
+        (
+            &self.links,
+            &self.bpffs,
+            &self.cgroups,
+            &self.netns,
+            &self.host_interfaces,
+        ) == (&o.links, &o.bpffs, &o.cgroups, &o.netns, &o.host_interfaces)
+    }
 }
 
 /// Waits until the host state is `want` again (the cleanup runs as `up` stops).
@@ -458,26 +472,40 @@ fn up_on_the_ebpf_datapath_programs_kernel_maps() {
         during.host_interfaces, before.host_interfaces,
         "no interface appears in the host's namespace"
     );
-    let linked: Vec<String> = std::fs::read_dir(pins)
-        .unwrap()
-        .filter_map(|e| {
-            let n = e.unwrap().file_name().to_string_lossy().into_owned();
-            n.strip_prefix("link_tc_")
-                .map(|r| r.split('_').next().unwrap_or("").to_owned())
-        })
-        .collect();
-    assert_eq!(
-        linked.len(),
-        12,
-        "two links for each of c1's 6 pods: {linked:?}"
-    );
-    for ifname in &linked {
-        assert!(ifname.starts_with("cmu1p"), "attached to {ifname}");
-        assert!(
-            !before.host_interfaces.contains(ifname),
-            "{ifname} is a host interface"
+    for (cluster, pods) in [("c1", 6), ("c2", 5)] {
+        let dir = Path::new("/sys/fs/bpf/clustermesh-up/127-0-78")
+            .join(cluster)
+            .join(format!("{cluster}-node"));
+        let linked: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| {
+                let n = e.unwrap().file_name().to_string_lossy().into_owned();
+                n.strip_prefix("link_tc_")
+                    .map(|r| r.split('_').next().unwrap_or("").to_owned())
+            })
+            .collect();
+        assert_eq!(
+            linked.len(),
+            2 * pods,
+            "two links for each pod of {cluster}: {linked:?}"
         );
+        let ours = format!("cmu{}p", &cluster[1..]);
+        for ifname in &linked {
+            assert!(ifname.starts_with(&ours), "{cluster} attached to {ifname}");
+            assert!(
+                !before.host_interfaces.contains(ifname),
+                "{ifname} is a host interface"
+            );
+        }
     }
+    // The kernel holds exactly those TCX links, and nothing else was attached anywhere.
+    let new_tcx: Vec<&serde_json::Value> = during
+        .link_details
+        .iter()
+        .filter(|l| !before.links.contains(&l["id"].as_u64().unwrap()))
+        .filter(|l| l["type"] == 11 || l["type"] == "tcx")
+        .collect();
+    assert_eq!(new_tcx.len(), 2 * (6 + 5), "{new_tcx:?}");
 
     let explain = cm(&["explain", "endpoint", "10.1.0.50", "--dir", c1s]);
     assert!(
@@ -515,6 +543,43 @@ fn up_on_the_ebpf_datapath_programs_kernel_maps() {
         "300",
     ]);
     assert_eq!(lines, "err TimedOut 0\n", "{lines}");
+
+    // A second up of the same mesh, or its cleanup, is refused and touches nothing.
+    let other = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "up",
+            "--clusters",
+            "2",
+            "--datapath",
+            "bpf",
+            "--ip-prefix",
+            "127.0.78",
+            "--dir",
+        ])
+        .arg(other.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is running or cleaning up"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(BIN)
+        .args(["up-cleanup", "--ip-prefix", "127.0.78", "--clusters", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(host_state(), during, "the running mesh is untouched");
+    // A prefix that is not three loopback octets never reaches a path.
+    for bad in ["/", "/home", "127.0.0/..", "10.0.0"] {
+        let out = Command::new(BIN)
+            .args(["up-cleanup", "--ip-prefix", bad])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+    }
 
     // Ctrl-C: every namespace, link, pin and cgroup is gone.
     drop(up);

@@ -60,6 +60,19 @@ spec:
     toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
 "#;
 
+/// The IDs of the kernel's TCX links (bpftool 7.1 prints the type as its number, 11).
+fn tcx_links() -> Vec<u64> {
+    let out = clustermesh_bpf::testing::sh("bpftool", &["-j", "link", "show"]);
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    links
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["type"] == 11 || l["type"] == "tcx")
+        .map(|l| l["id"].as_u64().unwrap())
+        .collect()
+}
+
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
@@ -134,6 +147,7 @@ fn global_service_policy_and_failover_across_two_clusters() {
     }
     a.start();
     b.start();
+    let links_before = tcx_links();
     let agent = Agent::start(&b.agent_config("b-node", &topo));
 
     // The global service gets both clusters' backends.
@@ -185,6 +199,13 @@ fn global_service_policy_and_failover_across_two_clusters() {
         web_if.as_str(),
         "{explain}"
     );
+    // In the kernel: exactly two TCX links (ingress and egress) for each of the two attached
+    // endpoints, none for the refused ones.
+    let new: Vec<u64> = tcx_links()
+        .into_iter()
+        .filter(|id| !links_before.contains(id))
+        .collect();
+    assert_eq!(new.len(), 4, "new TCX links: {new:?}");
     assert!(!pinned.iter().any(|p| p.contains("cmbr0")), "{pinned:?}");
     let lines = topo.probe("b-client", true, &["tcp", "10.96.0.10:80", "--count", "60"]);
     let (names, failed) = tally(&lines);

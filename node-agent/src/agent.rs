@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::admin::{self, Metrics};
-use crate::attach::{InterfacePolicy, endpoint_interface};
+use crate::attach::{InterfacePolicy, default_devices, endpoint_interface};
 use crate::config::{Config, DatapathKind};
 use crate::desired::Desired;
 use crate::reconcile::{Reconciler, Scope};
@@ -256,6 +256,14 @@ pub async fn start(config: Config, kind: DatapathKind) -> Result<Running, StartE
     })
 }
 
+/// Removes an endpoint's programs from `ifname` (its pinned links).
+fn detach(kernel: &KernelDatapath, ip: Ipv4Addr, ifname: &str) {
+    match kernel.detach_endpoint(ifname) {
+        Ok(()) => tracing::info!(%ip, interface = %ifname, "policy programs detached"),
+        Err(e) => tracing::warn!(%ip, %ifname, error = %e, "detaching an endpoint failed"),
+    }
+}
+
 /// Forwards the datapath's verdict events to `/events` subscribers as JSON lines.
 async fn forward_events(
     stream: clustermesh_bpf::EventStream,
@@ -304,6 +312,8 @@ struct Loop {
     retry_at: Option<Instant>,
     last_revision: i64,
     attached: BTreeMap<Ipv4Addr, Attachment>,
+    /// Endpoints that are not attached are tried again at passes after this time.
+    attach_retry_at: Instant,
 }
 
 async fn run(
@@ -324,6 +334,7 @@ async fn run(
         retry_at: None,
         last_revision: 0,
         attached: BTreeMap::new(),
+        attach_retry_at: Instant::now(),
     };
     let mut backoff = new_backoff();
     loop {
@@ -575,13 +586,21 @@ impl Loop {
                 self.retry_at = Some(Instant::now() + RETRY);
             }
         }
-        if endpoints_changed || self.attached.values().any(|a| a.error.is_some()) {
-            self.attach_endpoints().await;
+        let unattached = self.attached.values().any(|a| a.error.is_some());
+        if endpoints_changed || (unattached && Instant::now() >= self.attach_retry_at) {
+            self.attach_endpoints(endpoints_changed).await;
+            // At most one retry a second for what stays unattached (each costs `ip` runs).
+            self.attach_retry_at = Instant::now() + RETRY;
         }
         self.publish();
     }
 
-    async fn attach_endpoints(&mut self) {
+    /// Attaches the policy programs of every local endpoint to its own interface, detaches
+    /// those of vanished endpoints. Refused or failed endpoints are tried again at every call;
+    /// with `recheck` (the endpoints or policies changed), attached ones are resolved again
+    /// too, so that an endpoint whose interface changed (a pod recreated with the same IP)
+    /// follows it.
+    async fn attach_endpoints(&mut self, recheck: bool) {
         let Some(kernel) = self.plane.kernel.clone() else {
             return;
         };
@@ -600,23 +619,50 @@ impl Loop {
             .copied()
             .collect();
         for ip in gone {
+            // Also after a partial attach (one direction pinned, the other failed).
             if let Some(Attachment {
                 interface: Some(ifname),
-                error: None,
+                ..
             }) = self.attached.remove(&ip)
-                && let Err(e) = kernel.detach_endpoint(&ifname)
             {
-                tracing::warn!(%ip, %ifname, error = %e, "detaching an endpoint failed");
+                detach(&kernel, ip, &ifname);
             }
         }
         let netns = self.plane.endpoint_netns.clone();
+        let defaults = default_devices(netns.as_deref()).await;
         for ip in want {
-            if self.attached.get(&ip).is_some_and(|a| a.error.is_none()) {
+            let prev = self.attached.get(&ip).cloned();
+            let attached_before = prev.as_ref().is_some_and(|a| a.error.is_none());
+            if attached_before && !recheck {
                 continue;
             }
-            let result = match endpoint_interface(netns.as_deref(), ip, &self.plane.interfaces)
-                .await
-            {
+            let resolved = match &defaults {
+                Ok(d) => endpoint_interface(netns.as_deref(), ip, &self.plane.interfaces, d).await,
+                Err(e) => Err(format!("finding the default routes: {e}; nothing attached")),
+            };
+            // An interface carries one endpoint's programs: detaching one must never strip
+            // another's.
+            let resolved = resolved.and_then(|ifname| {
+                match self
+                    .attached
+                    .iter()
+                    .find(|(other, a)| **other != ip && a.interface.as_deref() == Some(&ifname))
+                {
+                    Some((other, _)) => Err(format!(
+                        "{ip} is routed to {ifname}, which already carries the programs of \
+                         endpoint {other}; nothing attached"
+                    )),
+                    None => Ok(ifname),
+                }
+            });
+            let old = prev.as_ref().and_then(|a| a.interface.clone());
+            if attached_before && resolved.as_ref().ok() == old.as_ref() {
+                continue;
+            }
+            if let Some(old) = old.filter(|o| resolved.as_ref().ok() != Some(o)) {
+                detach(&kernel, ip, &old);
+            }
+            let result = match resolved {
                 Ok(ifname) => match kernel.attach_endpoint(netns.as_deref(), &ifname) {
                     Ok(()) => {
                         tracing::info!(%ip, interface = %ifname, "policy programs attached to the endpoint's interface");
@@ -636,7 +682,7 @@ impl Loop {
                 },
             };
             // Refusals are retried at every pass (a route may change); said once per reason.
-            let before = self.attached.get(&ip).and_then(|a| a.error.as_ref());
+            let before = prev.as_ref().and_then(|a| a.error.as_ref());
             if let Some(e) = &result.error
                 && before != Some(e)
             {

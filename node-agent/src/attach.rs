@@ -84,11 +84,54 @@ pub struct RouteFacts {
     pub default_devs: Vec<String>,
 }
 
-/// Reads the first route of `ip -j route get` output.
+/// Reads the first route of `ip -j route get` output: its type, its gateway (a `gateway`, a
+/// `via` of another family, or `nexthops` of a multipath route all count), its device.
 pub fn parse_route(v: &Value) -> (Option<String>, Option<String>, Option<String>) {
     let r = v.get(0).unwrap_or(&Value::Null);
     let s = |k: &str| r.get(k).and_then(Value::as_str).map(str::to_owned);
-    (s("type"), s("gateway"), s("dev"))
+    let gateway = s("gateway")
+        .or_else(|| {
+            r.get("via").map(|via| {
+                via.get("host")
+                    .and_then(Value::as_str)
+                    .map_or_else(|| via.to_string(), str::to_owned)
+            })
+        })
+        .or_else(|| r.get("nexthops").map(|n| format!("nexthops {n}")));
+    (s("type"), gateway, s("dev"))
+}
+
+/// The devices of the default routes in `ip -j route show table all default` output,
+/// multipath next hops included.
+pub fn parse_default_devs(v: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in v.as_array().into_iter().flatten() {
+        let hops = r.get("nexthops").and_then(Value::as_array);
+        for d in std::iter::once(r)
+            .chain(hops.into_iter().flatten())
+            .filter_map(|x| x.get("dev").and_then(Value::as_str))
+        {
+            if !out.iter().any(|o| o == d) {
+                out.push(d.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// The interfaces of every default route of `netns` (IPv4 and IPv6, every table): no
+/// endpoint's programs ever go there.
+pub async fn default_devices(netns: Option<&Path>) -> Result<Vec<String>, Refusal> {
+    let mut devs =
+        parse_default_devs(&ip_json(netns, &["route", "show", "table", "all", "default"]).await?);
+    for d in parse_default_devs(
+        &ip_json(netns, &["-6", "route", "show", "table", "all", "default"]).await?,
+    ) {
+        if !devs.contains(&d) {
+            devs.push(d);
+        }
+    }
+    Ok(devs)
 }
 
 /// The decision: the interface to attach to, or why not.
@@ -131,10 +174,12 @@ pub fn decide(ip: Ipv4Addr, f: &RouteFacts, policy: &InterfacePolicy) -> Result<
 
 /// Finds the endpoint's own host-side interface for `ip` in `netns` (a netns file such as
 /// `/var/run/netns/NAME`; `None`: the agent's own namespace), or says why there is none.
+/// `default_devs` are the namespace's default-route interfaces ([`default_devices`]).
 pub async fn endpoint_interface(
     netns: Option<&Path>,
     ip: Ipv4Addr,
     policy: &InterfacePolicy,
+    default_devs: &[String],
 ) -> Result<String, Refusal> {
     let ip_s = ip.to_string();
     let (kind, gateway, dev) = parse_route(&ip_json(netns, &["route", "get", &ip_s]).await?);
@@ -149,13 +194,6 @@ pub async fn endpoint_interface(
         }
         _ => None,
     };
-    let defaults = ip_json(netns, &["route", "show", "default"]).await?;
-    let default_devs = defaults
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|r| r.get("dev").and_then(Value::as_str).map(str::to_owned))
-        .collect();
     decide(
         ip,
         &RouteFacts {
@@ -163,7 +201,7 @@ pub async fn endpoint_interface(
             gateway,
             dev,
             link_kind,
-            default_devs,
+            default_devs: default_devs.to_vec(),
         },
         policy,
     )
@@ -207,6 +245,28 @@ mod tests {
             (Some("local".into()), None, Some("lo".into()))
         );
         assert_eq!(parse_route(&Value::Null), (None, None, None));
+        // An IPv4 route through an IPv6 next hop, and a multipath route: both have gateways.
+        let v: Value = serde_json::from_str(
+            r#"[{"dst":"10.1.0.1","via":{"family":"inet6","host":"fe80::1"},"dev":"eth0","flags":[]}]"#,
+        )
+        .unwrap();
+        assert_eq!(parse_route(&v).1.as_deref(), Some("fe80::1"));
+        let v: Value = serde_json::from_str(
+            r#"[{"dst":"10.1.0.1","nexthops":[{"gateway":"192.0.2.1","dev":"eth0"},{"gateway":"192.0.2.9","dev":"eth1"}]}]"#,
+        )
+        .unwrap();
+        assert!(parse_route(&v).1.unwrap().starts_with("nexthops"));
+    }
+
+    #[test]
+    fn default_routes_of_every_kind_name_their_devices() {
+        let v: Value = serde_json::from_str(
+            r#"[{"dst":"default","gateway":"192.0.2.1","dev":"eth0","flags":[]},
+                {"dst":"default","table":"100","flags":[],"nexthops":[{"gateway":"192.0.2.9","dev":"eth1","weight":1},{"gateway":"192.0.2.10","dev":"eth0","weight":1}]}]"#,
+        )
+        .unwrap();
+        assert_eq!(parse_default_devs(&v), ["eth0", "eth1"]);
+        assert!(parse_default_devs(&Value::Array(Vec::new())).is_empty());
     }
 
     #[test]

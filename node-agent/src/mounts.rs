@@ -80,37 +80,57 @@ fn mount(fstype: &str, dir: &Path) -> Result<(), String> {
         tracing::info!(fstype, dir = %dir.display(), "mounted");
         Ok(())
     } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        // mount(8) adds a second line ("dmesg(1) may have more information"): the first says
+        // what failed.
+        let err = String::from_utf8_lossy(&out.stderr);
+        Err(err
+            .lines()
+            .next()
+            .unwrap_or("mount failed")
+            .trim()
+            .to_owned())
     }
 }
 
+/// `path` with symlinks and `..` resolved as far as it exists (the rest appended), so that it
+/// compares with the mount table.
+fn resolve(path: &Path) -> PathBuf {
+    for ancestor in path.ancestors() {
+        if let Ok(real) = ancestor.canonicalize() {
+            let rest = path.strip_prefix(ancestor).unwrap_or(Path::new(""));
+            return real.join(rest);
+        }
+    }
+    path.to_owned()
+}
+
 /// Serialises the check-then-mount of concurrent agents (`up` starts several at once): two
-/// bpffs mounted on the same point would hide the first one's pins.
-fn mount_lock() -> Result<std::fs::File, String> {
-    let path = Path::new("/run/clustermesh-mount.lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+/// bpffs mounted on the same point would hide the first one's pins. The lock is on the nearest
+/// existing directory of the mount point, so that it needs no writable file.
+fn mount_lock(at: &Path) -> Result<std::fs::File, String> {
+    let dir = at
+        .ancestors()
+        .find(|a| a.is_dir())
+        .unwrap_or(Path::new("/"));
+    let f = std::fs::File::open(dir).map_err(|e| format!("opening {}: {e}", dir.display()))?;
     f.lock()
-        .map_err(|e| format!("locking {}: {e}", path.display()))?;
+        .map_err(|e| format!("locking {}: {e}", dir.display()))?;
     Ok(f)
 }
 
 /// Makes sure `root` (the pin root) is on a bpffs: mounts one at `/sys/fs/bpf` when the root
 /// is under it, else at the root itself.
 pub fn ensure_bpffs(root: &Path) -> Result<(), String> {
-    if fstype_of(&mounts()?, root).as_deref() == Some("bpf") {
-        return Ok(());
-    }
-    let _lock = mount_lock()?;
+    let root = &resolve(root);
     if fstype_of(&mounts()?, root).as_deref() == Some("bpf") {
         return Ok(());
     }
     let sys = Path::new("/sys/fs/bpf");
     let at = if root.starts_with(sys) { sys } else { root };
+    let _lock = mount_lock(at)?;
+    if fstype_of(&mounts()?, root).as_deref() == Some("bpf") {
+        return Ok(());
+    }
     mount("bpf", at).map_err(|e| {
         format!(
             "bpf.root {} is not on a bpffs and mounting one at {} failed ({e}); mount it with: \
@@ -135,10 +155,11 @@ pub fn ensure_bpffs(root: &Path) -> Result<(), String> {
 /// empty directory, mounts the cgroup v2 hierarchy there (as cilium-agent does at
 /// `/run/cilium/cgroupv2`); a directory with content on another filesystem is refused.
 pub fn ensure_cgroup2(cgroup: &Path) -> Result<(), String> {
+    let cgroup = &resolve(cgroup);
     if fstype_of(&mounts()?, cgroup).as_deref() == Some("cgroup2") {
         return Ok(());
     }
-    let _lock = mount_lock()?;
+    let _lock = mount_lock(cgroup)?;
     let table = mounts()?;
     let here = fstype_of(&table, cgroup);
     if here.as_deref() == Some("cgroup2") {

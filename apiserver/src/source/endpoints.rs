@@ -8,7 +8,7 @@
 //!   has an IP and its phase is not `Succeeded` or `Failed`;
 //! - `ready` is the pod's Ready condition, unless the pod is terminating; `serving` is its
 //!   Ready condition; `terminating` is a deletion timestamp; `publishNotReadyAddresses` makes
-//!   every such pod ready and serving;
+//!   every such pod ready (not serving);
 //! - a `targetPort` by number is used as it is, by name resolved among the pod's named
 //!   container ports of the same protocol (a pod without it gets no such port), absent means
 //!   the Service port's number; pods with different resolved ports get different slices.
@@ -61,7 +61,7 @@ pub fn derive(svc: &ServiceInfo, pods: &[&PodInfo]) -> Vec<SliceInfo> {
         let ports: Vec<PortInfo> = svc.ports.iter().filter_map(|p| resolve(p, pod)).collect();
         let conditions = BackendConditions {
             ready: svc.publish_not_ready || (pod.ready && !pod.terminating),
-            serving: svc.publish_not_ready || pod.ready,
+            serving: pod.ready,
             terminating: pod.terminating,
         };
         let endpoint = SliceEndpoint {
@@ -86,8 +86,9 @@ pub fn derive(svc: &ServiceInfo, pods: &[&PodInfo]) -> Vec<SliceInfo> {
         .collect()
 }
 
-/// Adds the derived slices of every Service with a selector and no slice of its own.
-pub fn derive_missing(objects: &mut SourceObjects) {
+/// Adds the derived slices of every Service with a selector and no slice of its own; returns
+/// the derived slices that could not be added (a hand-written slice has the name).
+pub fn derive_missing(objects: &mut SourceObjects) -> Vec<super::SourceProblem> {
     let has_slice: BTreeSet<(String, String)> = objects
         .endpoint_slices
         .values()
@@ -106,12 +107,25 @@ pub fn derive_missing(objects: &mut SourceObjects) {
             .collect();
         derived.extend(derive(svc, &pods));
     }
+    let mut problems = Vec::new();
     for slice in derived {
-        objects
-            .endpoint_slices
-            .entry((slice.namespace.clone(), slice.name.clone()))
-            .or_insert(slice);
+        let key = (slice.namespace.clone(), slice.name.clone());
+        match objects.endpoint_slices.entry(key) {
+            std::collections::btree_map::Entry::Occupied(_) => {
+                problems.push(super::SourceProblem {
+                    origin: format!("service {}/{}", slice.namespace, slice.service),
+                    reason: format!(
+                        "its derived EndpointSlice {} has the name of an existing EndpointSlice; rename that one",
+                        slice.name
+                    ),
+                });
+            }
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(slice);
+            }
+        }
     }
+    problems
 }
 
 #[cfg(test)]
@@ -123,7 +137,7 @@ mod tests {
         let mut loaded = Loaded::default();
         parse_text("t.yaml", text, &mut loaded);
         assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
-        derive_missing(&mut loaded.objects);
+        assert!(derive_missing(&mut loaded.objects).is_empty());
         loaded.objects
     }
 
@@ -205,7 +219,7 @@ mod tests {
                     spec: {clusterIP: 10.96.0.1, selector: {app: w}, publishNotReadyAddresses: true, ports: [{port: 80}]}\n";
         let objects = load(&format!("{base}{}", pod("a", "10.0.0.1", "", unready)));
         let s = objects.endpoint_slices.values().next().unwrap();
-        assert!(s.endpoints[0].conditions.ready && s.endpoints[0].conditions.serving);
+        assert!(s.endpoints[0].conditions.ready && !s.endpoints[0].conditions.serving);
         assert_eq!(s.ports[0].port, 80, "no targetPort: the port's number");
         let own = "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: w-1, namespace: p, labels: {kubernetes.io/service-name: w}}\naddressType: IPv4\nendpoints: []\n";
         let objects = load(&format!("{base}{}{own}", pod("a", "10.0.0.1", "", unready)));

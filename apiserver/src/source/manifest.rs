@@ -102,7 +102,8 @@ pub fn load_dir(dir: &Path) -> Loaded {
         }),
     }
     // Nobody else writes the EndpointSlices of Services with a selector here.
-    super::endpoints::derive_missing(&mut loaded.objects);
+    let problems = super::endpoints::derive_missing(&mut loaded.objects);
+    loaded.problems.extend(problems);
     loaded
 }
 

@@ -58,14 +58,20 @@ impl FakeApi {
         o.insert(
             format!("{base}/configmaps/mesh-clustermesh-apiserver"),
             json!({"apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {"name": "mesh-clustermesh-apiserver", "namespace": NS},
+                "metadata": {"name": "mesh-clustermesh-apiserver", "namespace": NS,
+                    "uid": "7b1f0c9e-3a52-4d1e-8f6a-2c4b9d0e1f20", "resourceVersion": "4012",
+                    "creationTimestamp": "2026-11-30T09:20:00Z",
+                    "labels": {"app.kubernetes.io/managed-by": "Helm", "app.kubernetes.io/name": "clustermesh"},
+                    "annotations": {"meta.helm.sh/release-name": "mesh", "meta.helm.sh/release-namespace": NS}},
                 "data": {"apiserver.yaml": format!(
                     "cluster: {{name: {name}, id: {id}, maxConnectedClusters: {mode}}}\nstore: {{backend: sled, path: /var/lib/clustermesh/store}}\nsource: {{kubernetes: {{}}}}\nlisten: {{export: \"0.0.0.0:2379\", health: \"0.0.0.0:9880\"}}\ntls: {{ca: /t/ca.pem, cert: /t/server.pem, key: /t/server-key.pem}}\nremotesDir: /etc/clustermesh/remotes\n")}}),
         );
         o.insert(
             format!("{base}/secrets/clustermesh-ca"),
-            json!({"apiVersion": "v1", "kind": "Secret",
-                "metadata": {"name": "clustermesh-ca", "namespace": NS},
+            json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": "clustermesh-ca", "namespace": NS,
+                    "uid": "0d8e6f4a-9b1c-4e2d-a3f5-6b7c8d9e0f1a", "resourceVersion": "3990",
+                    "creationTimestamp": "2026-11-30T09:19:30Z"},
                 "data": {"ca.pem": b64(&ca.cert().cert_pem), "ca-key.pem": b64(&ca.cert().key_pem)}}),
         );
         let status = match lb {
@@ -75,9 +81,16 @@ impl FakeApi {
         o.insert(
             format!("{base}/services/mesh-clustermesh-apiserver"),
             json!({"apiVersion": "v1", "kind": "Service",
-                "metadata": {"name": "mesh-clustermesh-apiserver", "namespace": NS},
+                "metadata": {"name": "mesh-clustermesh-apiserver", "namespace": NS,
+                    "uid": "5c3a1e9f-7d2b-4f6a-b8c0-1e2d3f4a5b6c", "resourceVersion": "4020",
+                    "creationTimestamp": "2026-11-30T09:20:00Z",
+                    "labels": {"app.kubernetes.io/managed-by": "Helm", "app.kubernetes.io/name": "clustermesh"}},
                 "spec": {"type": if lb.is_some() { "LoadBalancer" } else { "ClusterIP" },
-                    "ports": [{"name": "export", "port": 2379}]},
+                    "clusterIP": "10.96.44.10", "clusterIPs": ["10.96.44.10"],
+                    "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+                    "internalTrafficPolicy": "Cluster", "sessionAffinity": "None",
+                    "selector": {"app.kubernetes.io/component": "apiserver"},
+                    "ports": [{"name": "export", "port": 2379, "protocol": "TCP", "targetPort": "export"}]},
                 "status": status}),
         );
         drop(o);

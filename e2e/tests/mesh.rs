@@ -206,6 +206,19 @@ fn global_service_policy_and_failover_across_two_clusters() {
         .filter(|id| !links_before.contains(id))
         .collect();
     assert_eq!(new.len(), 4, "new TCX links: {new:?}");
+    let log = agent.log();
+    assert!(
+        log.contains(&format!(
+            "policy programs attached to the endpoint's interface ip=10.244.2.10 interface={web_if}"
+        )),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("policy programs not attached ip=10.244.9.9")
+            .count(),
+        1,
+        "a refusal is logged once: {log}"
+    );
     assert!(!pinned.iter().any(|p| p.contains("cmbr0")), "{pinned:?}");
     let lines = topo.probe("b-client", true, &["tcp", "10.96.0.10:80", "--count", "60"]);
     let (names, failed) = tally(&lines);

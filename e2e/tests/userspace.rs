@@ -78,4 +78,35 @@ fn the_userspace_datapath_serves_the_same_agent() {
     assert_eq!(code, 400);
     let (code, _) = clustermesh_e2e::http_get(&agent.admin, "/explain/service/prod/nope").unwrap();
     assert_eq!(code, 404);
+
+    // The agent's life, at info: start, connection, snapshot, ready; then a lost apiserver
+    // and the reconnection.
+    let log = agent.log();
+    for line in [
+        "agent starting cluster=c2 node=b-node datapath=Userspace",
+        "connected to the local apiserver",
+        "snapshot of the local apiserver applied",
+        "ready: the datapath holds the first complete snapshot",
+    ] {
+        assert!(
+            log.contains(line),
+            "{line:?} not in the agent's log:\n{log}"
+        );
+    }
+    assert!(!log.contains('\x1b'), "colour codes in a log file");
+    b.kill();
+    wait_until(Duration::from_secs(30), "the agent to notice", || {
+        agent
+            .log()
+            .contains("the watch on the local apiserver ended")
+    });
+    b.start();
+    wait_until(Duration::from_secs(30), "the agent to reconnect", || {
+        let log = agent.log();
+        log.contains("reconnecting to the local apiserver")
+            && log
+                .matches("connected to the local apiserver address=")
+                .count()
+                == 2
+    });
 }

@@ -279,7 +279,7 @@ pub async fn start_with(
         )),
     })?;
     let input = match (&config.source.manifest_dir, client) {
-        (Some(dir), _) => Input::Dir(dir.clone()),
+        (Some(dir), _) => Input::Dir(manifest::ManifestDir::new(dir)),
         (None, Some(client)) => {
             let (tx, rx) = watch::channel(None);
             tokio::spawn(crate::source::kubernetes::run(client, tx, stop_rx.clone()));
@@ -388,7 +388,7 @@ async fn supervise_remotes(
 /// Where the source loop reads from.
 enum Input {
     /// A manifest directory, polled.
-    Dir(std::path::PathBuf),
+    Dir(manifest::ManifestDir),
     /// The Kubernetes source's complete snapshots.
     Kube(watch::Receiver<Option<manifest::Loaded>>),
 }
@@ -406,7 +406,8 @@ struct SourceLoop {
 
 impl SourceLoop {
     async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), ServeError> {
-        let mut last = None;
+        // A manifest state whose write failed (written again on the next tick).
+        let mut retry: Option<manifest::Loaded> = None;
         let mut synced = false;
         let mut in_use: BTreeSet<clustermesh_model::labels::LabelSet> = BTreeSet::new();
         // A Kubernetes snapshot not yet written (a failed write is retried on the next tick).
@@ -415,17 +416,19 @@ impl SourceLoop {
         let mut kube_changed = false;
         loop {
             let loaded = match &mut self.input {
-                Input::Dir(dir) => match manifest::fingerprint(dir) {
-                    Ok(fp) if last.as_ref() != Some(&fp) => {
-                        last = Some(fp);
-                        Some(manifest::load_dir(dir))
+                Input::Dir(dir) => {
+                    if let Some(l) = retry.take() {
+                        Some(l)
+                    } else {
+                        match dir.poll() {
+                            Ok(l) => l,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "the manifest directory cannot be listed; keeping the current state");
+                                None
+                            }
+                        }
                     }
-                    Ok(_) => None,
-                    Err(e) => {
-                        tracing::warn!(dir = %dir.display(), error = %e, "the manifest directory cannot be read; keeping the current state");
-                        None
-                    }
-                },
+                }
                 Input::Kube(rx) => {
                     if std::mem::take(&mut kube_changed) || rx.has_changed().unwrap_or(false) {
                         pending = rx.borrow_and_update().clone();
@@ -448,7 +451,7 @@ impl SourceLoop {
                     // Retried on the next tick.
                     Err(e) => {
                         if matches!(self.input, Input::Dir(_)) {
-                            last = None;
+                            retry = Some(loaded);
                         }
                         tracing::warn!(error = %e, "writing the desired state failed; retrying")
                     }

@@ -109,4 +109,30 @@ fn the_userspace_datapath_serves_the_same_agent() {
                 .count()
                 == 2
     });
+
+    // A half-written manifest file fails closed: the policy stays enforced, and the problem is
+    // counted.
+    b.write_manifest("b.yaml", &MANIFESTS[..MANIFESTS.len() - 20]);
+    wait_until(
+        Duration::from_secs(30),
+        "the broken file to be reported",
+        || {
+            clustermesh_e2e::http_get(b.health_addr(), "/metrics")
+                .is_some_and(|(_, m)| m.contains("clustermesh_source_problems 1"))
+        },
+    );
+    // A later change in another file reaches the agent, so everything before it has too.
+    let ipcache = agent.get("/status")["view"]["ipcache"].as_u64().unwrap();
+    b.write_manifest(
+        "c.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: late, namespace: prod, labels: {app: late}}\nstatus: {podIP: 10.244.2.99, hostIP: 192.0.2.2}\n",
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the later pod on the agent",
+        || agent.get("/status")["view"]["ipcache"].as_u64() == Some(ipcache + 1),
+    );
+    let ep = agent.get("/explain/endpoint/10.244.2.10");
+    assert_eq!(ep["enforce_ingress"], true, "the policy stays: {ep}");
+    assert_eq!(ep["entries"][0]["port"], "8080/TCP");
 }

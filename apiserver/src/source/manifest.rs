@@ -2,7 +2,8 @@
 //! JSON files, several documents per file allowed. Supported: `v1` Service, Pod, Node,
 //! Namespace; `discovery.k8s.io/v1` EndpointSlice; `cilium.io/v2` CiliumNetworkPolicy and
 //! CiliumClusterwideNetworkPolicy. A document that cannot be used is reported with its file,
-//! its position and the reason; every other document is still loaded.
+//! its position and the reason. Files fail closed ([`ManifestDir`]): a file whose content
+//! cannot be read whole, is empty or holds an unusable document keeps its last good objects.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,10 +22,6 @@ pub struct Loaded {
     /// Every document that could not be used.
     pub problems: Vec<SourceProblem>,
 }
-
-/// What the directory looks like: each manifest file with its modification time and size. A
-/// different fingerprint means something changed.
-pub type Fingerprint = BTreeMap<PathBuf, (SystemTime, u64)>;
 
 fn is_manifest(path: &Path) -> bool {
     let hidden = path
@@ -64,47 +61,232 @@ pub fn files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// The directory's fingerprint (files that vanish meanwhile are skipped).
-pub fn fingerprint(dir: &Path) -> std::io::Result<Fingerprint> {
-    let mut fp = Fingerprint::new();
-    for path in files(dir)? {
-        if let Ok(meta) = std::fs::metadata(&path) {
-            fp.insert(
-                path,
+/// Reads every manifest under `dir` once (what [`ManifestDir::poll`] gives at its first call).
+pub fn load_dir(dir: &Path) -> Loaded {
+    let mut d = ManifestDir::new(dir);
+    match d.poll() {
+        Ok(Some(loaded)) => loaded,
+        Ok(None) => Loaded::default(),
+        Err(e) => Loaded {
+            objects: SourceObjects::default(),
+            problems: vec![SourceProblem {
+                origin: dir.display().to_string(),
+                reason: format!("cannot be listed: {e}"),
+            }],
+        },
+    }
+}
+
+/// One file's state: what was last applied from it, and why its current content is not.
+#[derive(Debug, Clone)]
+struct FileState {
+    /// Modification time and size when last read.
+    stamp: (SystemTime, u64),
+    /// The objects of its last content that was read whole and whose every document was
+    /// usable; `None` before the file was ever good.
+    applied: Option<SourceObjects>,
+    /// The usable documents of a file that was never good (better than nothing).
+    partial: Option<SourceObjects>,
+    /// What is wrong with the current content, and since when (unset while it is good).
+    broken: Option<(Vec<SourceProblem>, SystemTime)>,
+}
+
+impl FileState {
+    /// The same objects and the same problems (the time aside).
+    fn same(&self, other: &Self) -> bool {
+        self.applied == other.applied
+            && self.partial == other.partial
+            && self.broken.as_ref().map(|b| &b.0) == other.broken.as_ref().map(|b| &b.0)
+    }
+}
+
+/// The manifest directory, read incrementally and failing closed: a file is applied only when
+/// it can be read whole, is not empty, and every document in it is usable. Otherwise its last
+/// applied objects stay (a half-written policy file must never open a pod) and the file is
+/// reported with the reason and since when. A file never applied yet contributes its usable
+/// documents. A deleted file's objects go.
+#[derive(Debug)]
+pub struct ManifestDir {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+    /// Whether a poll has produced a result yet.
+    polled: bool,
+}
+
+/// What one read of a file gave.
+struct FileRead {
+    objects: SourceObjects,
+    problems: Vec<SourceProblem>,
+}
+
+fn read_file(path: &Path) -> FileRead {
+    let origin = path.display().to_string();
+    let fail = |reason: String| FileRead {
+        objects: SourceObjects::default(),
+        problems: vec![SourceProblem {
+            origin: origin.clone(),
+            reason,
+        }],
+    };
+    let text = match std::fs::read(path) {
+        Ok(bytes) => match String::from_utf8(bytes) {
+            Ok(t) => t,
+            Err(e) => return fail(format!("is not UTF-8 ({e})")),
+        },
+        Err(e) => return fail(format!("cannot be read: {e}")),
+    };
+    if text.is_empty() {
+        // What a file being rewritten in place looks like first; an intentionally empty
+        // manifest holds at least a comment or `---`.
+        return fail("is empty (being written?); delete the file to remove its objects".into());
+    }
+    let mut loaded = Loaded::default();
+    parse_text(&origin, &text, &mut loaded);
+    FileRead {
+        objects: loaded.objects,
+        problems: loaded.problems,
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Adds `from`'s entries to `into`; an entry already there (from an earlier file) is kept and
+/// the second definition reported.
+fn merge_map<K: Ord + Clone + std::fmt::Debug, V: Clone>(
+    into: &mut BTreeMap<K, V>,
+    from: &BTreeMap<K, V>,
+    file: &Path,
+    what: &str,
+    problems: &mut Vec<SourceProblem>,
+) {
+    for (k, v) in from {
+        if into.contains_key(k) {
+            problems.push(SourceProblem {
+                origin: file.display().to_string(),
+                reason: format!("{what} {k:?} is defined twice; the first definition is kept"),
+            });
+        } else {
+            into.insert(k.clone(), v.clone());
+        }
+    }
+}
+
+impl ManifestDir {
+    /// A directory not read yet.
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            files: BTreeMap::new(),
+            polled: false,
+        }
+    }
+
+    /// Reads what changed. `Ok(None)`: nothing changed since the last poll; `Ok(Some)`: the
+    /// whole state to apply; `Err`: the directory cannot be listed (keep the current state).
+    pub fn poll(&mut self) -> std::io::Result<Option<Loaded>> {
+        let paths = files(&self.dir)?;
+        let mut changed = !self.polled;
+        let before = self.files.len();
+        self.files.retain(|p, _| paths.binary_search(p).is_ok());
+        changed |= self.files.len() != before;
+        for path in paths {
+            // A dangling link or an unreadable entry is read below, and fails there.
+            let stamp = std::fs::metadata(&path).map_or((SystemTime::UNIX_EPOCH, 0), |meta| {
                 (
                     meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                     meta.len(),
-                ),
-            );
+                )
+            });
+            let prev = self.files.get(&path);
+            // Unchanged good files are not read again; broken ones are (a permission or a
+            // content may be fixed without a new modification time).
+            if prev.is_some_and(|s| s.stamp == stamp && s.broken.is_none()) {
+                continue;
+            }
+            let read = read_file(&path);
+            let next = if read.problems.is_empty() {
+                FileState {
+                    stamp,
+                    applied: Some(read.objects),
+                    partial: None,
+                    broken: None,
+                }
+            } else {
+                let since = prev
+                    .and_then(|p| p.broken.as_ref().map(|b| b.1))
+                    .unwrap_or_else(SystemTime::now);
+                let applied = prev.and_then(|p| p.applied.clone());
+                let partial = applied.is_none().then_some(read.objects);
+                FileState {
+                    stamp,
+                    applied,
+                    partial,
+                    broken: Some((read.problems, since)),
+                }
+            };
+            if prev.is_none_or(|p| !p.same(&next)) {
+                changed = true;
+            }
+            self.files.insert(path, next);
         }
+        self.polled = true;
+        Ok(changed.then(|| self.merged()))
     }
-    Ok(fp)
-}
 
-/// Reads every manifest under `dir`.
-pub fn load_dir(dir: &Path) -> Loaded {
-    let mut loaded = Loaded::default();
-    match files(dir) {
-        Ok(paths) => {
-            for path in paths {
-                match std::fs::read_to_string(&path) {
-                    Ok(text) => parse_text(&path.display().to_string(), &text, &mut loaded),
-                    Err(e) => loaded.problems.push(SourceProblem {
-                        origin: path.display().to_string(),
-                        reason: format!("cannot be read: {e}"),
-                    }),
+    /// Every file's objects together, in path order, with every broken file reported.
+    fn merged(&self) -> Loaded {
+        let mut out = Loaded::default();
+        for (path, f) in &self.files {
+            if let Some((problems, t)) = &f.broken {
+                let kept = if f.applied.is_some() {
+                    "; the file's last good objects are kept"
+                } else {
+                    ""
+                };
+                for p in problems {
+                    out.problems.push(SourceProblem {
+                        origin: p.origin.clone(),
+                        reason: format!(
+                            "{} (since unix time {}{kept})",
+                            p.reason,
+                            unix_seconds(*t)
+                        ),
+                    });
                 }
             }
+            let Some(o) = f.applied.as_ref().or(f.partial.as_ref()) else {
+                continue;
+            };
+            let into = &mut out.objects;
+            let problems = &mut out.problems;
+            merge_map(
+                &mut into.namespaces,
+                &o.namespaces,
+                path,
+                "namespace",
+                problems,
+            );
+            merge_map(&mut into.pods, &o.pods, path, "pod", problems);
+            merge_map(&mut into.services, &o.services, path, "service", problems);
+            merge_map(
+                &mut into.endpoint_slices,
+                &o.endpoint_slices,
+                path,
+                "endpointslice",
+                problems,
+            );
+            merge_map(&mut into.nodes, &o.nodes, path, "node", problems);
+            merge_map(&mut into.policies, &o.policies, path, "policy", problems);
         }
-        Err(e) => loaded.problems.push(SourceProblem {
-            origin: dir.display().to_string(),
-            reason: format!("cannot be listed: {e}"),
-        }),
+        // Nobody else writes the EndpointSlices of Services with a selector here.
+        let problems = super::endpoints::derive_missing(&mut out.objects);
+        out.problems.extend(problems);
+        out
     }
-    // Nobody else writes the EndpointSlices of Services with a selector here.
-    let problems = super::endpoints::derive_missing(&mut loaded.objects);
-    loaded.problems.extend(problems);
-    loaded
 }
 
 /// Parses the documents of one file into `loaded`.

@@ -189,5 +189,114 @@ fn broken_yaml_stops_that_file_only() {
     );
     assert_eq!(loaded.problems.len(), 1);
     assert!(loaded.problems[0].origin.ends_with("b.yaml (document 1)"));
-    assert_eq!(fingerprint(dir.path()).unwrap().len(), 3);
+    assert_eq!(files(dir.path()).unwrap().len(), 3);
+}
+
+const POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web, namespace: prod}\n\
+    spec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: fe}}]}]\n";
+const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: prod}\n---\n";
+
+fn policies(l: &Loaded) -> Vec<String> {
+    l.objects.policies.keys().map(|(_, n)| n.clone()).collect()
+}
+
+#[test]
+fn a_broken_file_keeps_its_last_good_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.yaml");
+    let good = format!("{NS}{POLICY}");
+    std::fs::write(&file, &good).unwrap();
+    let mut d = ManifestDir::new(dir.path());
+    let l = d.poll().unwrap().unwrap();
+    assert_eq!(policies(&l), ["web"]);
+    assert!(l.problems.is_empty());
+    assert!(d.poll().unwrap().is_none(), "nothing changed");
+
+    let broken: [(&str, Vec<u8>, &str); 4] = [
+        (
+            "truncated",
+            good.as_bytes()[..good.len() - 12].to_vec(),
+            "not valid YAML",
+        ),
+        ("empty", Vec::new(), "is empty"),
+        (
+            "not UTF-8",
+            [good.as_bytes(), b"\xff\xfe"].concat(),
+            "not UTF-8",
+        ),
+        (
+            "an unusable document",
+            good.replace("kind: CiliumNetworkPolicy", "kind: CiliumNetworkPolicyy")
+                .into_bytes(),
+            "not a supported kind",
+        ),
+    ];
+    for (what, bytes, why) in broken {
+        std::fs::write(&file, &bytes).unwrap();
+        let l = d
+            .poll()
+            .unwrap()
+            .unwrap_or_else(|| panic!("{what}: no change seen"));
+        assert_eq!(policies(&l), ["web"], "{what}: the policy stays");
+        assert_eq!(l.objects.namespaces.len(), 1, "{what}");
+        assert_eq!(l.problems.len(), 1, "{what}: {:?}", l.problems);
+        assert!(
+            l.problems[0].reason.contains(why),
+            "{what}: {:?}",
+            l.problems
+        );
+        assert!(
+            l.problems[0]
+                .reason
+                .contains("the file's last good objects are kept"),
+            "{what}: {:?}",
+            l.problems
+        );
+        // The same broken content again: no change to apply.
+        assert!(d.poll().unwrap().is_none(), "{what}");
+        std::fs::write(&file, &good).unwrap();
+        let l = d.poll().unwrap().unwrap();
+        assert!(l.problems.is_empty(), "{what}: fixed");
+    }
+
+    // A dangling link in place of the file: unreadable, kept.
+    std::fs::remove_file(&file).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &file).unwrap();
+    let l = d.poll().unwrap().unwrap();
+    assert_eq!(policies(&l), ["web"]);
+    assert!(
+        l.problems[0].reason.contains("cannot be read"),
+        "{:?}",
+        l.problems
+    );
+
+    // A good new version replaces the objects; a deleted file removes them.
+    std::fs::remove_file(&file).unwrap();
+    std::fs::write(
+        &file,
+        format!("{NS}{}", POLICY.replace("name: web", "name: web2")),
+    )
+    .unwrap();
+    assert_eq!(policies(&d.poll().unwrap().unwrap()), ["web2"]);
+    std::fs::remove_file(&file).unwrap();
+    let l = d.poll().unwrap().unwrap();
+    assert!(l.objects.policies.is_empty() && l.objects.namespaces.is_empty());
+}
+
+#[test]
+fn a_file_never_good_gives_its_usable_documents_and_duplicates_across_files_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.yaml"),
+        format!("{NS}{POLICY}---\napiVersion: v1\nkind: Nonsense\n"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("b.yaml"), NS).unwrap();
+    let mut d = ManifestDir::new(dir.path());
+    let l = d.poll().unwrap().unwrap();
+    assert_eq!(policies(&l), ["web"]);
+    let reasons: Vec<&str> = l.problems.iter().map(|p| p.reason.as_str()).collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[0].contains("not a supported kind") && !reasons[0].contains("kept"));
+    assert!(reasons[1].contains("defined twice"), "{reasons:?}");
 }

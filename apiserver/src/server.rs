@@ -70,6 +70,9 @@ pub enum ServeError {
     /// The Kubernetes API client could not be configured.
     #[error("configuring the Kubernetes client failed: {0}")]
     Kubernetes(String),
+    /// The source reader stopped (a bug): the store keeps its state.
+    #[error("the source reader failed: {0}")]
+    Source(String),
 }
 
 /// A running apiserver.
@@ -279,7 +282,7 @@ pub async fn start_with(
         )),
     })?;
     let input = match (&config.source.manifest_dir, client) {
-        (Some(dir), _) => Input::Dir(manifest::ManifestDir::new(dir)),
+        (Some(dir), _) => Input::Dir(Some(manifest::ManifestDir::new(dir))),
         (None, Some(client)) => {
             let (tx, rx) = watch::channel(None);
             tokio::spawn(crate::source::kubernetes::run(client, tx, stop_rx.clone()));
@@ -387,8 +390,8 @@ async fn supervise_remotes(
 
 /// Where the source loop reads from.
 enum Input {
-    /// A manifest directory, polled.
-    Dir(manifest::ManifestDir),
+    /// A manifest directory, polled (taken while a poll runs on a blocking thread).
+    Dir(Option<manifest::ManifestDir>),
     /// The Kubernetes source's complete snapshots.
     Kube(watch::Receiver<Option<manifest::Loaded>>),
 }
@@ -416,17 +419,28 @@ impl SourceLoop {
         let mut kube_changed = false;
         loop {
             let loaded = match &mut self.input {
-                Input::Dir(dir) => {
+                Input::Dir(slot) => {
                     if let Some(l) = retry.take() {
                         Some(l)
-                    } else {
-                        match dir.poll() {
+                    } else if let Some(mut dir) = slot.take() {
+                        // On a blocking thread of its own: reading and parsing files never
+                        // holds up the threads that serve health and Export.
+                        let (dir, polled) = tokio::task::spawn_blocking(move || {
+                            let r = dir.poll();
+                            (dir, r)
+                        })
+                        .await
+                        .map_err(|e| ServeError::Source(e.to_string()))?;
+                        *slot = Some(dir);
+                        match polled {
                             Ok(l) => l,
                             Err(e) => {
                                 tracing::warn!(error = %e, "the manifest directory cannot be listed; keeping the current state");
                                 None
                             }
                         }
+                    } else {
+                        None
                     }
                 }
                 Input::Kube(rx) => {

@@ -125,7 +125,11 @@ fn a_bad_config_is_a_clear_error() {
 /// Runs the apiserver until it is ready, stops it with SIGTERM and returns what it logged.
 fn logs_of_a_run(extra: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_cluster(dir.path());
+    logs_of_a_run_in(dir.path(), extra)
+}
+
+fn logs_of_a_run_in(dir: &std::path::Path, extra: &[&str]) -> String {
+    let config = write_cluster(dir);
     let mut child = Command::new(BIN)
         .args(["apiserver", "--config"])
         .arg(&config)
@@ -192,4 +196,35 @@ fn logs_are_plain_text_off_a_terminal_or_json_lines() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn hostile_manifest_entries_neither_block_nor_stop_the_apiserver() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    assert!(
+        Command::new("mkfifo")
+            .arg(manifests.join("fifo.yaml"))
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::os::unix::fs::symlink(&manifests, manifests.join("loop")).unwrap();
+    std::os::unix::fs::symlink("/", manifests.join("root")).unwrap();
+    std::fs::write(manifests.join("deep.yaml"), "[".repeat(200_000)).unwrap();
+    // Ready (the first sync is written) and stopped cleanly; each entry reported.
+    let log = logs_of_a_run_in(dir.path(), &[]);
+    assert!(
+        log.contains("fifo.yaml") && log.contains("is not a regular file"),
+        "{log}"
+    );
+    assert!(
+        log.contains("deep.yaml") && log.contains("deeper than 128 levels"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("loop/"),
+        "the symlinked directory is not entered: {log}"
+    );
 }

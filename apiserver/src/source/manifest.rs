@@ -35,15 +35,18 @@ fn is_manifest(path: &Path) -> bool {
     !hidden && matches!(ext, "yaml" | "yml" | "json")
 }
 
+/// Lists manifest files. Directories reached through a symlink are not entered (no loops, no
+/// leaving the tree); symlinked files are listed and checked when read.
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            if !path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with('.'))
-            {
+        let entry = entry?;
+        let path = entry.path();
+        let hidden = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        if entry.file_type()?.is_dir() {
+            if !hidden {
                 walk(&path, out)?;
             }
         } else if is_manifest(&path) {
@@ -52,6 +55,9 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// The largest manifest file read (16 MiB); a larger one is a broken file.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
 
 /// The manifest files under `dir`, sorted.
 pub fn files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -119,7 +125,7 @@ struct FileRead {
     problems: Vec<SourceProblem>,
 }
 
-fn read_file(path: &Path) -> FileRead {
+fn read_file(root: &Path, path: &Path) -> FileRead {
     let origin = path.display().to_string();
     let fail = |reason: String| FileRead {
         objects: SourceObjects::default(),
@@ -128,17 +134,57 @@ fn read_file(path: &Path) -> FileRead {
             reason,
         }],
     };
-    let text = match std::fs::read(path) {
-        Ok(bytes) => match String::from_utf8(bytes) {
-            Ok(t) => t,
-            Err(e) => return fail(format!("is not UTF-8 ({e})")),
-        },
+    // What it is, checked before it is opened: opening a FIFO would block, a device never end.
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
         Err(e) => return fail(format!("cannot be read: {e}")),
+    };
+    if !meta.is_file() {
+        return fail("is not a regular file".into());
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return fail(format!(
+            "is {} bytes, more than the {MAX_FILE_BYTES} bytes a manifest file may have",
+            meta.len()
+        ));
+    }
+    // A symlink must stay inside the directory.
+    match (path.canonicalize(), root.canonicalize()) {
+        (Ok(real), Ok(root)) if real.starts_with(&root) => {}
+        (Ok(real), Ok(_)) => {
+            return fail(format!(
+                "links to {}, outside the manifest directory",
+                real.display()
+            ));
+        }
+        (Err(e), _) | (_, Err(e)) => return fail(format!("cannot be read: {e}")),
+    }
+    let mut bytes = Vec::new();
+    let read = std::fs::File::open(path).and_then(|f| {
+        use std::io::Read as _;
+        f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)
+    });
+    if let Err(e) = read {
+        return fail(format!("cannot be read: {e}"));
+    }
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return fail(format!(
+            "grew past the {MAX_FILE_BYTES} bytes a manifest file may have"
+        ));
+    }
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => return fail(format!("is not UTF-8 ({e})")),
     };
     if text.is_empty() {
         // What a file being rewritten in place looks like first; an intentionally empty
         // manifest holds at least a comment or `---`.
         return fail("is empty (being written?); delete the file to remove its objects".into());
+    }
+    if too_deep(&text) {
+        return fail(format!(
+            "nests brackets deeper than {MAX_FLOW_DEPTH} levels; not parsed"
+        ));
     }
     let mut loaded = Loaded::default();
     parse_text(&origin, &text, &mut loaded);
@@ -207,7 +253,7 @@ impl ManifestDir {
             if prev.is_some_and(|s| s.stamp == stamp && s.broken.is_none()) {
                 continue;
             }
-            let read = read_file(&path);
+            let read = read_file(&self.dir, &path);
             let next = if read.problems.is_empty() {
                 FileState {
                     stamp,
@@ -287,6 +333,37 @@ impl ManifestDir {
         out.problems.extend(problems);
         out
     }
+}
+
+/// The deepest flow nesting (`[`, `{`) allowed; the YAML parser refuses deeper documents
+/// anyway, but only after seconds of work on a hostile file.
+pub const MAX_FLOW_DEPTH: usize = 128;
+
+/// Whether `text` nests flow collections deeper than [`MAX_FLOW_DEPTH`], counting brackets
+/// outside quotes and comments (block scalars may count a bracket of their text: harmless,
+/// the limit is far above what a manifest needs).
+fn too_deep(text: &str) -> bool {
+    let (mut depth, mut quote, mut comment, mut prev) = (0usize, None, false, ' ');
+    for c in text.chars() {
+        match (quote, comment, c) {
+            (_, true, '\n') => comment = false,
+            (_, true, _) => {}
+            (Some(q), _, c) if c == q => quote = None,
+            (Some(_), _, _) => {}
+            (None, _, '#') if prev.is_whitespace() => comment = true,
+            (None, _, '\'' | '"') => quote = Some(c),
+            (None, _, '[' | '{') => {
+                depth += 1;
+                if depth > MAX_FLOW_DEPTH {
+                    return true;
+                }
+            }
+            (None, _, ']' | '}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        prev = c;
+    }
+    false
 }
 
 /// Parses the documents of one file into `loaded`.

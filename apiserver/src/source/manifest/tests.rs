@@ -300,3 +300,92 @@ fn a_file_never_good_gives_its_usable_documents_and_duplicates_across_files_are_
     assert!(reasons[0].contains("not a supported kind") && !reasons[0].contains("kept"));
     assert!(reasons[1].contains("defined twice"), "{reasons:?}");
 }
+
+#[test]
+fn hostile_directory_entries_are_reported_not_followed() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("manifests");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("ok.yaml"), NS).unwrap();
+    // A FIFO named like a manifest: reported, never opened (opening would block).
+    let fifo = dir.join("fifo.yaml");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    // Directory symlinks (a loop, and a way out) are not entered.
+    std::os::unix::fs::symlink(&dir, dir.join("loop")).unwrap();
+    std::os::unix::fs::symlink(root.path(), dir.join("up")).unwrap();
+    // A file symlink out of the directory is refused; one inside it (as a ConfigMap volume
+    // links `name.yaml` to `..data/name.yaml`) is read.
+    std::fs::write(root.path().join("outside.yaml"), POLICY).unwrap();
+    std::os::unix::fs::symlink(root.path().join("outside.yaml"), dir.join("out.yaml")).unwrap();
+    std::fs::create_dir(dir.join("..data")).unwrap();
+    std::fs::write(dir.join("..data/cm.yaml"), POLICY).unwrap();
+    std::os::unix::fs::symlink(dir.join("..data/cm.yaml"), dir.join("cm.yaml")).unwrap();
+    // A file over the size limit.
+    let big = std::fs::File::create(dir.join("big.yaml")).unwrap();
+    big.set_len(MAX_FILE_BYTES + 1).unwrap();
+
+    let mut d = ManifestDir::new(&dir);
+    let l = d.poll().unwrap().unwrap();
+    assert_eq!(
+        policies(&l),
+        ["web"],
+        "only the ConfigMap-style link's policy"
+    );
+    assert_eq!(l.objects.namespaces.len(), 1);
+    let mut reasons: Vec<(String, String)> = l
+        .problems
+        .iter()
+        .map(|p| {
+            let file = p.origin.rsplit('/').next().unwrap().to_owned();
+            (file, p.reason.clone())
+        })
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert_eq!(reasons[0].0, "big.yaml");
+    assert!(
+        reasons[0].1.contains("more than the 16777216 bytes"),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons[1].0, "fifo.yaml");
+    assert!(
+        reasons[1].1.starts_with("is not a regular file"),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons[2].0, "out.yaml");
+    assert!(
+        reasons[2].1.contains("outside the manifest directory"),
+        "{reasons:?}"
+    );
+}
+
+#[test]
+fn deeply_nested_yaml_is_refused_before_parsing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("deep.yaml"), "[".repeat(200_000)).unwrap();
+    std::fs::write(dir.path().join("ok.yaml"), NS).unwrap();
+    let l = ManifestDir::new(dir.path()).poll().unwrap().unwrap();
+    assert_eq!(l.objects.namespaces.len(), 1);
+    assert_eq!(l.problems.len(), 1, "{:?}", l.problems);
+    assert!(
+        l.problems[0].reason.contains("deeper than 128 levels"),
+        "{:?}",
+        l.problems
+    );
+    // Brackets in quotes and comments do not count; ordinary flow YAML passes.
+    let quoted = format!(
+        "# {}\napiVersion: v1\nkind: Namespace\nmetadata: {{name: q, labels: {{a: \"{}\"}}}}\n",
+        "[".repeat(500),
+        "{".repeat(500)
+    );
+    assert!(!too_deep(&quoted));
+    let mut l = Loaded::default();
+    parse_text("q.yaml", &quoted, &mut l);
+    assert!(l.problems.is_empty(), "{:?}", l.problems);
+}

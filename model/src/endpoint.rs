@@ -30,6 +30,9 @@ pub enum EndpointError {
     /// A named port with port 0.
     #[error("named port {0:?} has port 0")]
     PortZero(String),
+    /// An address no pod can have.
+    #[error(transparent)]
+    Address(#[from] crate::ip::AddressError),
 }
 
 /// A named container port of the pod (for policies that name ports).
@@ -92,6 +95,7 @@ impl IpCacheEntry {
             });
         }
         self.identity.check_owned_by(cluster, mode)?;
+        crate::ip::check_usable(self.ip)?;
         self.check_names()
     }
 

@@ -25,6 +25,40 @@ pub enum AddressError {
     /// Port 0 is not a service port.
     #[error("port 0 is not a valid port")]
     PortZero,
+    /// An address no pod, backend or service can have.
+    #[error("{ip} is {why}, not an address of a pod, backend or service")]
+    NotUsable {
+        /// The address.
+        ip: IpAddr,
+        /// What it is.
+        why: &'static str,
+    },
+}
+
+/// Refuses the addresses that a cluster can never rightly export as a pod, backend or service
+/// address: unspecified, loopback, multicast, link-local and the IPv4 broadcast address. An
+/// import that claims one would reach the importing node itself or everything at once.
+pub fn check_usable(ip: IpAddr) -> Result<(), AddressError> {
+    let why = match ip {
+        IpAddr::V4(v4) if v4.is_unspecified() => Some("unspecified"),
+        IpAddr::V4(v4) if v4.is_loopback() => Some("a loopback address"),
+        IpAddr::V4(v4) if v4.is_multicast() => Some("a multicast address"),
+        IpAddr::V4(v4) if v4.is_link_local() => Some("a link-local address"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V6(v6) if v6.is_unspecified() => Some("unspecified"),
+        IpAddr::V6(v6) if v6.is_loopback() => Some("a loopback address"),
+        IpAddr::V6(v6) if v6.is_multicast() => Some("a multicast address"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("a link-local address"),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .and_then(|v4| check_usable(IpAddr::V4(v4)).err())
+            .map(|_| "an IPv4-mapped address of that kind"),
+        IpAddr::V4(_) => None,
+    };
+    match why {
+        Some(why) => Err(AddressError::NotUsable { ip, why }),
+        None => Ok(()),
+    }
 }
 
 /// Parses an IP address, refusing the zoned and bracketed forms the kvstore never holds.

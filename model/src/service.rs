@@ -54,6 +54,16 @@ pub enum ServiceError {
         /// That cluster's ID.
         expected_id: u16,
     },
+    /// A frontend or backend address no service can have.
+    #[error("service {namespace}/{name}: {source}")]
+    Address {
+        /// The service's namespace.
+        namespace: String,
+        /// The service's name.
+        name: String,
+        /// What is wrong.
+        source: crate::ip::AddressError,
+    },
     /// A condition for an address that is no backend.
     #[error("service {namespace}/{name} has conditions for {ip}, which is not a backend")]
     OrphanCondition {
@@ -314,6 +324,13 @@ impl ClusterService {
             for port_name in ports.keys().filter(|n| !n.is_empty()) {
                 names::check_port_name(port_name)?;
             }
+        }
+        for ip in self.frontends.keys().chain(self.backends.keys()) {
+            crate::ip::check_usable(*ip).map_err(|source| ServiceError::Address {
+                namespace: self.namespace.clone(),
+                name: self.name.clone(),
+                source,
+            })?;
         }
         if let Some(ip) = self
             .backend_conditions

@@ -1,6 +1,7 @@
 //! A hostile remote: a fake Export server with a valid certificate that mixes invalid objects
 //! (an identity outside its range, a service keyed under another cluster, an oversized object,
-//! a garbage IP, a policy) into a valid stream. Each bad object is rejected and counted; the
+//! a garbage IP, the unspecified and loopback addresses as a pod and as a backend, a policy)
+//! into a valid stream. Each bad object is rejected and counted; the
 //! valid objects of the same stream are imported.
 
 #![allow(clippy::unwrap_used, reason = "tests")]
@@ -122,6 +123,38 @@ impl v1::export_server::Export for Hostile {
                 name: "p".into(),
                 ..Default::default()
             })),
+            // Addresses no pod or backend can have: they would reach the importing node itself.
+            upsert(ipcache("0.0.0.0", 131_080)),
+            upsert(ipcache("127.0.0.1", 131_080)),
+            upsert(v1::upsert::Object::Service(v1::Service {
+                cluster: "c2".into(),
+                namespace: "prod".into(),
+                name: "loop".into(),
+                cluster_id: 2,
+                global: true,
+                shared: true,
+                frontends: vec![v1::Frontend {
+                    ip: "10.96.0.10".into(),
+                    ports: vec![v1::ServicePort {
+                        name: "http".into(),
+                        protocol: "TCP".into(),
+                        port: 80,
+                    }],
+                }],
+                backends: vec![v1::Backend {
+                    ip: "127.0.0.1".into(),
+                    ports: vec![v1::ServicePort {
+                        name: "http".into(),
+                        protocol: "TCP".into(),
+                        port: 22,
+                    }],
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                }],
+                affinity: "none".into(),
+                ..Default::default()
+            })),
             // Valid again, after all of that.
             upsert(ipcache("10.2.0.6", 131_080)),
             v1::WatchEvent {
@@ -166,10 +199,11 @@ async fn invalid_objects_are_rejected_and_counted_and_the_rest_is_imported() {
         rejected,
         [
             ("identities/identity-out-of-range", 1),
+            ("ip/invalid", 2),
             ("nodes/oversized", 1),
             ("other/kind-not-importable", 1),
             ("other/malformed", 1),
-            ("services/invalid", 1),
+            ("services/invalid", 2),
         ]
     );
     let keys: Vec<String> = store

@@ -84,3 +84,37 @@ mod l4_props {
         }
     }
 }
+
+#[test]
+fn addresses_no_pod_or_backend_can_have_are_refused() {
+    for bad in [
+        "0.0.0.0",
+        "127.0.0.1",
+        "127.1.2.3",
+        "224.0.0.1",
+        "169.254.1.1",
+        "255.255.255.255",
+        "::",
+        "::1",
+        "ff02::1",
+        "fe80::1",
+        "::ffff:127.0.0.1",
+    ] {
+        let ip: std::net::IpAddr = bad.parse().unwrap();
+        let err = check_usable(ip).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not an address of a pod, backend or service"),
+            "{bad}: {err}"
+        );
+    }
+    for good in [
+        "10.1.0.5",
+        "192.0.2.1",
+        "198.51.100.7",
+        "2001:db8::1",
+        "fd00::5",
+    ] {
+        assert_eq!(check_usable(good.parse().unwrap()), Ok(()), "{good}");
+    }
+}

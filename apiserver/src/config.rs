@@ -245,6 +245,15 @@ pub struct Config {
     /// Milliseconds a watcher may leave its full buffer unread before it is reset.
     #[serde(default = "default_lag")]
     pub export_lag_timeout_millis: u64,
+    /// Export connections open at once; more wait in the listen backlog (default 512, kept
+    /// below the file-descriptor limit so that health, the store and the manifests always
+    /// have descriptors).
+    #[serde(default = "default_max_connections")]
+    pub export_max_connections: usize,
+    /// Milliseconds a client has to complete the TLS handshake (default 5000): a connection
+    /// that sends nothing is closed.
+    #[serde(default = "default_handshake")]
+    pub export_handshake_timeout_millis: u64,
     /// Remote clusters to import.
     #[serde(default)]
     pub remotes: Vec<RemoteSection>,
@@ -269,6 +278,14 @@ fn default_buffer() -> usize {
 }
 
 fn default_lag() -> u64 {
+    5000
+}
+
+fn default_max_connections() -> usize {
+    512
+}
+
+fn default_handshake() -> u64 {
     5000
 }
 

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod conn;
 pub mod desired;
 pub mod export;
 pub mod identity;

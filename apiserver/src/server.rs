@@ -246,13 +246,20 @@ pub async fn start_with(
         stop_rx.clone(),
         namespaces_rx,
     );
+    // A client that never finishes mTLS is closed after the handshake timeout; dead peers
+    // are found by HTTP/2 keepalive pings; at most `exportMaxConnections` at once.
     let grpc = Server::builder()
-        .tls_config(tls)?
+        .tls_config(tls.timeout(Duration::from_millis(
+            config.export_handshake_timeout_millis.max(1),
+        )))?
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(service.into_server());
     let grpc_stop = stopped(stop_rx.clone());
+    let max_connections = config.export_max_connections;
     let grpc_task = tokio::spawn(async move {
         grpc.serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(export_listener),
+            crate::conn::incoming(export_listener, max_connections),
             grpc_stop,
         )
         .await

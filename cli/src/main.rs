@@ -367,8 +367,22 @@ async fn stop_requested(exit_with_parent: bool) -> anyhow::Result<()> {
     }
 }
 
+/// Raises the open-file limit to the hard limit where allowed, and says what it is: a server
+/// with many peers and agents needs descriptors, and running out must not be a surprise.
+fn raise_fd_limit() {
+    let before = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft);
+    match (before, rlimit::increase_nofile_limit(u64::MAX)) {
+        (Ok(before), Ok(now)) if now > before => {
+            tracing::info!(from = before, to = now, "raised the file-descriptor limit");
+        }
+        (_, Ok(now)) => tracing::info!(limit = now, "file-descriptor limit"),
+        (_, Err(e)) => tracing::warn!(error = %e, "reading the file-descriptor limit failed"),
+    }
+}
+
 async fn apiserver(config: PathBuf, exit_with_parent: bool) -> anyhow::Result<()> {
     let config = clustermesh_apiserver::Config::load(&config)?;
+    raise_fd_limit();
     let running = clustermesh_apiserver::start(config)
         .await
         .context("starting the apiserver")?;
@@ -396,6 +410,7 @@ async fn agent(
         config.node_name = n;
     }
     let kind = datapath.unwrap_or(config.datapath);
+    raise_fd_limit();
     let running = clustermesh_agent::start(config, kind)
         .await
         .context("starting the agent")?;

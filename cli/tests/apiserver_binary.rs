@@ -228,3 +228,101 @@ fn hostile_manifest_entries_neither_block_nor_stop_the_apiserver() {
         "the symlinked directory is not entered: {log}"
     );
 }
+
+/// Starts a process and returns it with the first line it printed.
+fn start_with_line(cmd: &mut Command) -> (std::process::Child, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line.trim().to_owned())
+}
+
+fn stop_child(mut child: std::process::Child) -> String {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    err
+}
+
+#[test]
+fn idle_connections_neither_exhaust_descriptors_nor_lock_out_clients() {
+    use clustermesh_certs::{ClientIdentity, IssuedCert};
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_cluster(dir.path());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("exportMaxConnections: 32\nexportHandshakeTimeoutMillis: 500\n");
+    std::fs::write(&config, text).unwrap();
+    let ca = CertificateAuthority::from_pem(IssuedCert::read(dir.path(), "ca").unwrap()).unwrap();
+    ca.client_cert(&ClientIdentity::Local(ClusterName::new("c1").unwrap()))
+        .unwrap()
+        .write(dir.path(), "local")
+        .unwrap();
+
+    // 96 descriptors, hard: the apiserver cannot raise the limit.
+    let (apiserver, line) = start_with_line(
+        Command::new("prlimit")
+            .args(["--nofile=96:96", "--"])
+            .arg(BIN)
+            .args(["apiserver", "--config"])
+            .arg(&config),
+    );
+    // "export listening on 127.0.0.1:P, health on 127.0.0.1:Q"
+    let export = line
+        .strip_prefix("export listening on ")
+        .and_then(|r| r.split(',').next())
+        .unwrap()
+        .to_owned();
+    let health = line.rsplit(' ').next().unwrap().to_owned();
+
+    // Three times the descriptors, idle: no TLS handshake ever starts.
+    let idle: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(&export).unwrap())
+        .collect();
+    let ready = |addr: &str| http_get(addr, "/readyz").is_some_and(|r| r.contains(" 200 "));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready(&health) {
+        assert!(Instant::now() < deadline, "health stopped answering");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A real client (an agent with the local certificate) gets its snapshot meanwhile.
+    let agent_config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "cluster: c1\nnodeName: n1\napiserver: {{address: \"{export}\", ca: ca.pem, cert: local.pem, key: local-key.pem}}\n\
+             datapath: userspace\nadmin: \"127.0.0.1:0\"\n"
+        ),
+    )
+    .unwrap();
+    let (agent, line) = start_with_line(
+        Command::new(BIN)
+            .args(["agent", "--config"])
+            .arg(&agent_config),
+    );
+    let admin = line.rsplit(' ').next().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready(&admin) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never got its snapshot while idle connections were open"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ready(&health));
+    drop(idle);
+    let _ = stop_child(agent);
+    let log = stop_child(apiserver);
+    assert!(log.contains("file-descriptor limit limit=96"), "{log}");
+}

@@ -261,6 +261,11 @@ pub struct Config {
     /// every second: remotes come and go without a restart.
     #[serde(default)]
     pub remotes_dir: Option<PathBuf>,
+    /// Clusters allowed to import from this one (their `remote-<name>` certificates accepted)
+    /// without being imported themselves: a one-way export. The configured remotes are
+    /// always allowed.
+    #[serde(default)]
+    pub allowed_remotes: Vec<ClusterName>,
     /// Seconds a removed remote's cached state is kept before it is deleted.
     #[serde(default = "default_drain")]
     pub remote_drain_grace_seconds: u64,

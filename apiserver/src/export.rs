@@ -85,6 +85,16 @@ impl NamespaceFilter {
     }
 }
 
+/// What the Export service follows while it runs.
+pub struct ExportWatches {
+    /// Becomes true when the server stops.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// The exported namespaces.
+    pub namespaces: tokio::sync::watch::Receiver<NamespaceFilter>,
+    /// The clusters whose `remote-` certificates are accepted.
+    pub peers: tokio::sync::watch::Receiver<BTreeSet<ClusterName>>,
+}
+
 /// The Export service of one cluster.
 #[derive(Clone)]
 pub struct ExportService {
@@ -101,6 +111,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// The exported namespaces; a change resets remote streams.
     namespaces: tokio::sync::watch::Receiver<NamespaceFilter>,
+    /// The clusters whose `remote-` certificates are accepted; a removed one's streams end.
+    peers: tokio::sync::watch::Receiver<BTreeSet<ClusterName>>,
 }
 
 impl ExportService {
@@ -112,9 +124,13 @@ impl ExportService {
         config: ClusterConfig,
         settings: ExportSettings,
         metrics: Arc<Metrics>,
-        shutdown: tokio::sync::watch::Receiver<bool>,
-        namespaces: tokio::sync::watch::Receiver<NamespaceFilter>,
+        watches: ExportWatches,
     ) -> Self {
+        let ExportWatches {
+            shutdown,
+            namespaces,
+            peers,
+        } = watches;
         Self {
             inner: Arc::new(Inner {
                 shutdown,
@@ -124,6 +140,7 @@ impl ExportService {
                 settings,
                 metrics,
                 namespaces,
+                peers,
             }),
         }
     }
@@ -136,7 +153,11 @@ impl ExportService {
 
 const REMOTE_KINDS: [Kind; 4] = [Kind::Identities, Kind::Ipcache, Kind::Nodes, Kind::Services];
 
-fn who<T>(req: &Request<T>, cluster: &ClusterName) -> Result<ClientIdentity, Status> {
+/// Who the client is, from its certificate: `local-<this cluster>`, or `remote-<peer>` for a
+/// peer allowed to import from this cluster (a configured remote or an `allowedRemotes`
+/// entry), never this cluster's own name.
+fn who<T>(req: &Request<T>, inner: &Inner) -> Result<ClientIdentity, Status> {
+    let cluster = &inner.cluster;
     let certs = req
         .peer_certs()
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
@@ -149,6 +170,15 @@ fn who<T>(req: &Request<T>, cluster: &ClusterName) -> Result<ClientIdentity, Sta
         ClientIdentity::Local(c) if c != cluster => Err(Status::permission_denied(format!(
             "a local certificate of cluster {c} is not valid for cluster {cluster}"
         ))),
+        ClientIdentity::Remote(c) if c == cluster => Err(Status::permission_denied(format!(
+            "a remote certificate with this cluster's own name ({c}) is never valid"
+        ))),
+        ClientIdentity::Remote(c) if !inner.peers.borrow().contains(c) => {
+            inner.metrics.export_refused.inc();
+            Err(Status::permission_denied(format!(
+                "cluster {c} is not connected to {cluster} (clustermesh connect, or allowedRemotes)"
+            )))
+        }
         _ => Ok(id),
     }
 }
@@ -548,7 +578,7 @@ impl v1::export_server::Export for ExportService {
         &self,
         req: Request<v1::GetClusterConfigRequest>,
     ) -> Result<Response<v1::ClusterConfig>, Status> {
-        who(&req, &self.inner.cluster)?;
+        who(&req, &self.inner)?;
         let c = &self.inner.config;
         Ok(Response::new(v1::ClusterConfig {
             name: self.inner.cluster.to_string(),
@@ -565,7 +595,7 @@ impl v1::export_server::Export for ExportService {
         &self,
         req: Request<v1::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let client = who(&req, &self.inner.cluster)?;
+        let client = who(&req, &self.inner)?;
         let body = req.into_inner();
         let kinds: BTreeSet<i32> = body.kinds.iter().copied().collect();
         if kinds.is_empty()
@@ -596,6 +626,27 @@ impl v1::export_server::Export for ExportService {
         }
         let (tx, rx) = mpsc::channel(self.inner.settings.buffer);
         let inner = Arc::clone(&self.inner);
+        if let ClientIdentity::Remote(name) = &client {
+            // Disconnected while watching: the stream ends with the refusal.
+            let mut peers = inner.peers.clone();
+            let (name, tx) = (name.clone(), tx.clone());
+            tokio::spawn(async move {
+                loop {
+                    if !peers.borrow_and_update().contains(&name) {
+                        let _ = tx
+                            .send(Err(Status::permission_denied(format!(
+                                "cluster {name} was disconnected"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    tokio::select! {
+                        r = peers.changed() => if r.is_err() { return },
+                        () = tx.closed() => return,
+                    }
+                }
+            });
+        }
         inner.metrics.export_watchers.inc();
         tokio::spawn(async move {
             let metrics = Arc::clone(&inner.metrics);

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub export_resets: Counter,
     /// Stored values skipped by the Export server because they did not decode.
     pub export_undecodable: Counter,
+    /// Requests with a `remote-` certificate of a cluster that is not connected.
+    pub export_refused: Counter,
 }
 
 impl Metrics {
@@ -98,6 +100,12 @@ impl Metrics {
             "Stored values the Export server skipped",
             Counter::default(),
         );
+        let export_refused = c(
+            &mut registry,
+            "export_refused_remotes",
+            "Export requests refused: a remote certificate of a cluster that is not connected",
+            Counter::default(),
+        );
         Self {
             registry,
             ready: AtomicBool::new(false),
@@ -110,6 +118,7 @@ impl Metrics {
             export_watchers,
             export_resets,
             export_undecodable,
+            export_refused,
         }
     }
 

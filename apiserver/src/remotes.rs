@@ -4,7 +4,7 @@
 //! drain grace period (unless it comes back meanwhile). A remotes directory with a file that
 //! does not parse changes nothing until it is fixed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +28,10 @@ pub struct RemoteSet {
     ctx: SyncContext,
     drain_grace: Duration,
     workers: Mutex<BTreeMap<ClusterName, Entry>>,
+    /// The clusters whose `remote-` certificates the Export server accepts: the configured
+    /// remotes (as last applied) plus the one-way `allowedRemotes`.
+    peers: tokio::sync::watch::Sender<BTreeSet<ClusterName>>,
+    allowed: BTreeSet<ClusterName>,
 }
 
 fn read(path: &Path) -> Result<String, String> {
@@ -80,12 +84,21 @@ pub fn read_remotes_dir(dir: &Path) -> Result<Vec<RemoteSection>, String> {
 }
 
 impl RemoteSet {
-    /// No workers yet.
-    pub fn new(ctx: SyncContext, drain_grace: Duration) -> Arc<Self> {
+    /// No workers yet. `peers` is told the clusters allowed to import from this one after
+    /// every change: the configured remotes plus `allowed` (one-way exports).
+    pub fn new(
+        ctx: SyncContext,
+        drain_grace: Duration,
+        peers: tokio::sync::watch::Sender<BTreeSet<ClusterName>>,
+        allowed: BTreeSet<ClusterName>,
+    ) -> Arc<Self> {
+        peers.send_replace(allowed.clone());
         Arc::new(Self {
             ctx,
             drain_grace,
             workers: Mutex::new(BTreeMap::new()),
+            peers,
+            allowed,
         })
     }
 
@@ -175,6 +188,14 @@ impl RemoteSet {
                 }
             }
         }
+        // Who may import from us: a removed remote loses access now (its open streams end).
+        let mut peers = self.allowed.clone();
+        peers.extend(by_name.keys().cloned());
+        self.peers.send_if_modified(|p| {
+            let changed = *p != peers;
+            *p = peers;
+            changed
+        });
         for (name, worker, removed) in stopped {
             worker.stop().await;
             if removed {

@@ -237,14 +237,18 @@ pub async fn start_with(
         default_global: config.global_namespaces_by_default,
         exceptions: BTreeSet::new(),
     });
+    let (peers_tx, peers_rx) = watch::channel(BTreeSet::new());
     let service = ExportService::new(
         Arc::clone(&store),
         cluster.clone(),
         cluster_config,
         settings,
         Arc::clone(&metrics),
-        stop_rx.clone(),
-        namespaces_rx,
+        crate::export::ExportWatches {
+            shutdown: stop_rx.clone(),
+            namespaces: namespaces_rx,
+            peers: peers_rx,
+        },
     );
     // A client that never finishes mTLS is closed after the handshake timeout; dead peers
     // are found by HTTP/2 keepalive pings; at most `exportMaxConnections` at once.
@@ -265,7 +269,7 @@ pub async fn start_with(
         .await
         .map_err(ServeError::Grpc)
     });
-    let remotes = start_remotes(&config, &store, id).await?;
+    let remotes = start_remotes(&config, &store, id, peers_tx).await?;
     let status_source = Arc::clone(&remotes);
     let statuses: metrics::RemoteStatuses = Arc::new(move || status_source.statuses());
     let health_metrics = Arc::clone(&metrics);
@@ -341,6 +345,7 @@ async fn start_remotes(
     config: &Config,
     store: &Arc<dyn KvStore>,
     id: ClusterId,
+    peers: watch::Sender<BTreeSet<ClusterName>>,
 ) -> Result<Arc<RemoteSet>, ServeError> {
     use clustermesh_sync::staleness::StalenessConfig;
     use clustermesh_sync::worker::SyncContext;
@@ -358,7 +363,12 @@ async fn start_remotes(
         connected_ids: Arc::default(),
         keep_last_backends: st.keep_last_backends,
     };
-    let set = RemoteSet::new(ctx, Duration::from_secs(config.remote_drain_grace_seconds));
+    let set = RemoteSet::new(
+        ctx,
+        Duration::from_secs(config.remote_drain_grace_seconds),
+        peers,
+        config.allowed_remotes.iter().cloned().collect(),
+    );
     let wanted = wanted_remotes(config).map_err(ServeError::Remotes)?;
     set.apply(&wanted).await.map_err(ServeError::Remotes)?;
     Ok(set)

@@ -491,3 +491,88 @@ async fn only_global_namespaces_are_exported_and_a_change_resets_remote_streams(
     );
     running.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_connected_remotes_may_watch_and_disconnect_revokes() {
+    let cluster = TestCluster::with_settings(
+        "c1",
+        1,
+        None,
+        "allowedRemotes: []\nremotesDir: remotes\nremoteDrainGraceSeconds: 1\n",
+    );
+    let remotes = cluster.dir.path().join("remotes");
+    std::fs::create_dir_all(&remotes).unwrap();
+    cluster.write_manifest("all.yaml", SERVICES);
+    let running = cluster.start().await;
+    let kinds = [Kind::Services];
+
+    // A certificate signed by the CA, of a cluster never connected: refused.
+    let mut c2 = cluster
+        .client(&running, &ClientIdentity::Remote(c("c2")))
+        .await;
+    let err = c2.watch(watch(&kinds, 0)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("not connected to c1"), "{err}");
+    // A remote certificate with this cluster's own name: never.
+    let mut own = cluster
+        .client(&running, &ClientIdentity::Remote(c("c1")))
+        .await;
+    let err = own.watch(watch(&kinds, 0)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("own name"), "{err}");
+
+    // Connected (a remotes file for c2, as `clustermesh connect` writes it): allowed.
+    cluster.ca.cert().write(&remotes, "c2-ca").unwrap();
+    cluster
+        .ca
+        .client_cert(&ClientIdentity::Remote(c("c1")))
+        .unwrap()
+        .write(&remotes, "c2-client")
+        .unwrap();
+    std::fs::write(
+        remotes.join("c2.yaml"),
+        "name: c2\nid: 2\naddress: \"127.0.0.1:9\"\nca: c2-ca.pem\ncert: c2-client.pem\nkey: c2-client-key.pem\n",
+    )
+    .unwrap();
+    let mut stream = None;
+    for _ in 0..100 {
+        match c2.watch(watch(&kinds, 0)).await {
+            Ok(s) => {
+                stream = Some(s.into_inner());
+                break;
+            }
+            Err(e) => assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut stream = stream.expect("c2 allowed once connected");
+    let (objects, _) = snapshot(&mut stream).await;
+    assert_eq!(names(&objects), ["Services/prod/web"]);
+
+    // Disconnected: the open stream ends with the refusal, and new requests fail.
+    std::fs::remove_file(remotes.join("c2.yaml")).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the stream ended without saying why"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the stream of a disconnected cluster ends");
+    assert_eq!(ended.code(), tonic::Code::PermissionDenied, "{ended}");
+    assert!(ended.message().contains("c2 was disconnected"), "{ended}");
+    let err = c2.watch(watch(&kinds, 0)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    let metrics = support::http_get(running.health_addr, "/metrics").await;
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("clustermesh_export_refused_remotes_total ")
+                && l.split(' ').nth(1).and_then(|v| v.parse::<f64>().ok()) >= Some(2.0)
+        ),
+        "{metrics}"
+    );
+    running.stop().await.unwrap();
+}

@@ -123,7 +123,13 @@ fn a_killed_remote_is_withdrawn_within_the_bound_and_restored_after_it_returns()
     let b_dir = tempfile::tempdir().unwrap();
     let a_port = free_port();
     // Heartbeats well inside B's unreachableAfter, as docs/CONFIG.md asks.
-    let (a_ca, a_config) = cluster(a_dir.path(), "c1", 1, a_port, "heartbeatMillis: 250\n");
+    let (a_ca, a_config) = cluster(
+        a_dir.path(),
+        "c1",
+        1,
+        a_port,
+        "heartbeatMillis: 250\nallowedRemotes: [c2]\n",
+    );
     std::fs::write(
         a_dir.path().join("manifests/pod.yaml"),
         "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: prod, labels: {app: web}}\nstatus: {podIP: 10.1.0.5}\n",

@@ -101,6 +101,8 @@ fn global_service_policy_and_failover_across_two_clusters() {
     let mut a = Cluster::new("c1", 1);
     let mut b = Cluster::new("c2", 2);
     b.import(&a);
+    // A exports to B without importing from it.
+    a.configure("allowedRemotes: [c2]\n");
     b.configure("staleness: {unreachableAfterMillis: 600, withdrawAfterMillis: 600, restoreAfterMillis: 1500, keepLastBackends: false}\n");
     a.write_manifest(
         "a.yaml",

@@ -39,7 +39,7 @@ impl Cluster {
     pub fn config(&self, id: u32, remotes: &str) -> Config {
         let yaml = format!(
             "cluster: {{name: {}, id: {id}}}\nstore: {{backend: sled, path: store}}\nsource: {{manifestDir: manifests}}\n\
-             listen: {{export: \"127.0.0.1:0\", health: \"127.0.0.1:0\"}}\ntls: {{ca: ca.pem, cert: server.pem, key: server-key.pem}}\n{remotes}",
+             listen: {{export: \"127.0.0.1:0\", health: \"127.0.0.1:0\"}}\ntls: {{ca: ca.pem, cert: server.pem, key: server-key.pem}}\nallowedRemotes: [c1, c2, hub]\n{remotes}",
             self.name
         );
         let path = self.dir.path().join("apiserver.yaml");

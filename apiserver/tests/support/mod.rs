@@ -78,10 +78,16 @@ impl TestCluster {
                 format!("{{backend: sled, path: {}}}", path.display())
             }
         };
+        // The tests' remote clients (`remote-c2`, ...) may import unless a test says otherwise.
+        let allowed = if extra.contains("allowedRemotes") {
+            ""
+        } else {
+            "allowedRemotes: [c1, c2, c3, c4]\n"
+        };
         let yaml = format!(
             "cluster: {{name: {name}, id: {id}}}\nstore: {store_yaml}\nsource: {{manifestDir: manifests}}\n\
              listen: {{export: \"127.0.0.1:{export_port}\", health: \"127.0.0.1:0\"}}\n\
-             tls: {{ca: certs/ca.pem, cert: certs/server.pem, key: certs/server-key.pem}}\nheartbeatMillis: 200\nidentityGraceSeconds: 1\n{extra}"
+             tls: {{ca: certs/ca.pem, cert: certs/server.pem, key: certs/server-key.pem}}\nheartbeatMillis: 200\nidentityGraceSeconds: 1\n{allowed}{extra}"
         );
         let path = dir.path().join("apiserver.yaml");
         std::fs::write(&path, yaml).unwrap();

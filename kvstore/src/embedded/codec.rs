@@ -259,4 +259,30 @@ mod tests {
         }
         assert!(matches!(Record::decode(&[0; 31]), Err(Error::Corrupt(_))));
     }
+
+    proptest::proptest! {
+        // Hostile or corrupted bytes on disk: an error, never a panic or a huge allocation.
+        #[test]
+        fn arbitrary_bytes_decode_to_a_value_or_corrupt(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            if let Err(e) = LogEntry::decode(&bytes) {
+                proptest::prop_assert!(matches!(e, Error::Corrupt(_)));
+            }
+            if let Err(e) = Record::decode(&bytes) {
+                proptest::prop_assert!(matches!(e, Error::Corrupt(_)));
+            }
+        }
+
+        #[test]
+        fn flipped_bytes_of_a_real_entry_never_panic(i in 0usize..64, b in proptest::prelude::any::<u8>()) {
+            let mut bytes = LogEntry(vec![LogChange {
+                key: "cilium/state/ip/v1/default/10.1.0.5".into(),
+                value: Some(b"{}".to_vec()),
+                prev: Some(record(Some(5))),
+            }])
+            .encode();
+            let i = i % bytes.len();
+            bytes[i] = b;
+            let _ = LogEntry::decode(&bytes);
+        }
+    }
 }

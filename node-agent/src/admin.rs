@@ -143,7 +143,26 @@ async fn explain_service(
         .as_ref()
         .and_then(|v| merge(v, &(namespace.clone(), name.clone())));
     match plan {
-        Some(p) => json(&p),
+        Some(p) => {
+            // What the datapath refused of this service: its frontends are not in the maps as
+            // planned.
+            let errors: std::collections::BTreeMap<String, String> = {
+                let st = s.status.lock();
+                p.frontends
+                    .iter()
+                    .map(|f| format!("{}:{}/{}", f.vip, f.port, f.proto))
+                    .filter_map(|k| st.datapath_errors.get(&k).map(|e| (k, e.clone())))
+                    .collect()
+            };
+            let mut v = serde_json::to_value(&p).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert(
+                    "datapathErrors".to_owned(),
+                    serde_json::to_value(errors).unwrap_or_default(),
+                );
+            }
+            json(&v)
+        }
         None => (
             StatusCode::NOT_FOUND,
             format!("no local service {namespace}/{name} (or not synced yet)\n"),

@@ -89,6 +89,9 @@ pub struct AgentStatus {
     pub synced: bool,
     /// The last failure, if any.
     pub last_error: Option<String>,
+    /// Frontends (`vip:port/proto`) the datapath refused, with why: not in the maps as the
+    /// view wants them.
+    pub datapath_errors: BTreeMap<String, String>,
     /// Connection failures so far.
     pub failures: u64,
     /// Reconcile passes so far.
@@ -578,6 +581,10 @@ impl Loop {
         match result {
             Ok(stats) => {
                 m.count_ops(stats.upserts, stats.deletes);
+                for (key, why) in &stats.failed {
+                    m.reconcile_errors.inc();
+                    tracing::warn!(frontend = %key, error = %why, "the datapath refused a service; everything else is written");
+                }
             }
             Err(e) => {
                 m.reconcile_errors.inc();
@@ -711,6 +718,12 @@ impl Loop {
             st.clusters = view.statuses().values().cloned().collect();
         }
         st.endpoints = self.attached.clone();
+        st.datapath_errors = self
+            .reconciler
+            .failed()
+            .iter()
+            .map(|(k, why)| (k.to_string(), why.clone()))
+            .collect();
         drop(st);
         let m = &self.shared.metrics;
         m.services.set(i64::try_from(counts[0]).unwrap_or(i64::MAX));

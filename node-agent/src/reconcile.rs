@@ -25,7 +25,7 @@ use crate::desired::{Changed, Desired};
 use crate::merge::BackendAddr;
 
 /// What one pass wrote.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Entries written or overwritten.
     pub upserts: usize,
@@ -33,6 +33,9 @@ pub struct Stats {
     pub deletes: usize,
     /// Deletions held back because pruning is not allowed yet.
     pub held: usize,
+    /// Services the datapath refused (e.g. more backends than a service may have), with why.
+    /// They keep what they had; every other object of the pass is written.
+    pub failed: BTreeMap<ServiceKey, String>,
 }
 
 impl Stats {
@@ -63,6 +66,9 @@ pub struct Reconciler {
     endpoints: BTreeMap<Ipv4Addr, Endpoint>,
     policy: BTreeMap<PolicyKey, PolicyValue>,
     next_id: BackendId,
+    /// Services the datapath refused at their last write, with why (not in the maps as
+    /// desired).
+    failed: BTreeMap<ServiceKey, String>,
 }
 
 fn addr_of(b: &Backend) -> BackendAddr {
@@ -88,6 +94,7 @@ impl Reconciler {
             endpoints: snap.endpoints,
             policy: snap.policy,
             next_id: 1,
+            failed: BTreeMap::new(),
         };
         for (id, b) in &r.backends {
             r.ids.insert(addr_of(b), *id);
@@ -197,7 +204,9 @@ impl Reconciler {
                     }
                 }
                 None if self.services.contains_key(&key) => svc_del.push(key),
-                None => {}
+                None => {
+                    self.failed.remove(&key);
+                }
             }
         }
         if !new_backends.is_empty() {
@@ -237,9 +246,15 @@ impl Reconciler {
             self.policy.extend(pol_up);
         }
 
-        // 2. services.
+        // 2. services. One the datapath refuses keeps what it had and is reported; it must
+        // not keep the endpoints and removals below from being written.
         for (key, ids) in svc_up {
-            self.dp.upsert_service(key, &ids)?;
+            if let Err(e) = self.dp.upsert_service(key, &ids) {
+                stats.failed.insert(key, e.to_string());
+                self.failed.insert(key, e.to_string());
+                continue;
+            }
+            self.failed.remove(&key);
             stats.upserts += 1;
             for id in &ids {
                 *self.refs.entry(*id).or_insert(0) += 1;
@@ -276,6 +291,7 @@ impl Reconciler {
             }
         }
         for key in svc_del {
+            self.failed.remove(&key);
             self.dp.delete_service(key)?;
             stats.deletes += 1;
             if let Some(old) = self.services.remove(&key) {
@@ -306,6 +322,12 @@ impl Reconciler {
             }
         }
         Ok(stats)
+    }
+
+    /// The services the datapath refused at their last write, with why: they are not in the
+    /// maps as desired (`/status` and `explain service` show them).
+    pub fn failed(&self) -> &BTreeMap<ServiceKey, String> {
+        &self.failed
     }
 
     fn unref(&mut self, ids: &[BackendId]) {

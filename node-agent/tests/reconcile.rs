@@ -335,3 +335,54 @@ fn a_failed_write_is_healed_by_the_next_full_pass() {
         .unwrap();
     assert_eq!(resolved(dp.as_ref()), resolved(fresh.as_ref()));
 }
+
+#[test]
+fn a_service_the_datapath_refuses_does_not_stop_the_pass() {
+    // The populated view plus a second service; then the first service grows past what a
+    // service may carry (65,535 backends), as a hostile or huge cluster could make it.
+    let dp = Arc::new(Recording::default());
+    let mut r = Reconciler::adopt(dp.clone()).unwrap();
+    let mut desired = Desired::from_view(&populated());
+    let (web, backends) = desired
+        .services
+        .iter()
+        .next()
+        .map(|(k, b)| (*k, b.clone()))
+        .unwrap();
+    let other = ServiceKey {
+        vip: Ipv4Addr::new(10, 96, 0, 99),
+        ..web
+    };
+    desired.services.insert(other, backends.clone());
+    let huge: Vec<_> = (0..65_536u32)
+        .map(|i| clustermesh_agent::merge::BackendAddr {
+            ip: Ipv4Addr::from(0x0a10_0000 + i),
+            ..backends[0]
+        })
+        .collect();
+    desired.services.insert(web, huge);
+
+    let stats = r.reconcile(&desired, Scope::Full, true).unwrap();
+    assert_eq!(stats.failed.len(), 1, "{:?}", stats.failed);
+    assert!(
+        stats.failed[&web].contains("65536 backends; at most 65535"),
+        "{:?}",
+        stats.failed
+    );
+    assert_eq!(r.failed().keys().collect::<Vec<_>>(), [&web]);
+    // Everything else is in the maps: the other service, the ipcache, the endpoint with its
+    // enforcement and its policy entry.
+    let (services, ipcache, endpoints, policy) = resolved(dp.as_ref());
+    assert_eq!(services.keys().collect::<Vec<_>>(), [&other]);
+    assert_eq!((ipcache.len(), endpoints.len(), policy.len()), (2, 1, 1));
+    assert!(endpoints.values().next().unwrap().flags.enforce_ingress);
+    // The refused backends are not left in the backends map.
+    assert_eq!(dp.snapshot().unwrap().backends.len(), 2);
+
+    // Back within bounds: written, and no longer reported.
+    desired.services.insert(web, backends);
+    let stats = r.reconcile(&desired, Scope::Full, true).unwrap();
+    assert!(stats.failed.is_empty());
+    assert!(r.failed().is_empty());
+    assert_eq!(resolved(dp.as_ref()).0.len(), 2);
+}

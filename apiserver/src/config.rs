@@ -276,6 +276,83 @@ pub struct Config {
     /// The staleness contract.
     #[serde(default)]
     pub staleness: StalenessSection,
+    /// Object size and per-remote quotas.
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// Object size and per-remote quotas (docs/SECURITY.md).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Bytes of one encoded object: the source refuses a larger one (reported, the last
+    /// good version kept), the Export server never sends one, the importer rejects one.
+    #[serde(default = "default_object_bytes")]
+    pub max_object_bytes: usize,
+    /// What one remote may place in this cluster's store.
+    #[serde(default)]
+    pub remote: RemoteLimits,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_object_bytes: default_object_bytes(),
+            remote: RemoteLimits::default(),
+        }
+    }
+}
+
+fn default_object_bytes() -> usize {
+    clustermesh_sync::validate::MAX_OBJECT_BYTES
+}
+
+/// The quota of one remote (each field defaults to [`clustermesh_sync::worker::Quota`]'s).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RemoteLimits {
+    /// Identities.
+    pub max_identities: usize,
+    /// Pod IPs (ipcache entries).
+    pub max_ipcache: usize,
+    /// Nodes.
+    pub max_nodes: usize,
+    /// Global services.
+    pub max_services: usize,
+    /// Bytes of keys and values in its cache.
+    pub max_bytes: u64,
+    /// Seconds before an import stopped by a quota is tried again.
+    pub retry_after_seconds: u64,
+}
+
+impl Default for RemoteLimits {
+    fn default() -> Self {
+        let q = clustermesh_sync::worker::Quota::default();
+        Self {
+            max_identities: q.identities,
+            max_ipcache: q.ip,
+            max_nodes: q.nodes,
+            max_services: q.services,
+            max_bytes: q.bytes,
+            retry_after_seconds: q.retry_after.as_secs(),
+        }
+    }
+}
+
+impl LimitsSection {
+    /// The sync workers' quota.
+    pub fn quota(&self) -> clustermesh_sync::worker::Quota {
+        let r = &self.remote;
+        clustermesh_sync::worker::Quota {
+            identities: r.max_identities,
+            ip: r.max_ipcache,
+            nodes: r.max_nodes,
+            services: r.max_services,
+            bytes: r.max_bytes,
+            object_bytes: self.max_object_bytes,
+            retry_after: std::time::Duration::from_secs(r.retry_after_seconds.max(1)),
+        }
+    }
 }
 
 fn default_buffer() -> usize {

@@ -180,19 +180,32 @@ impl DesiredState {
     }
 
     /// The ipcache entries, given the identity of each label set. Pods whose label set has no
-    /// identity yet are left out.
+    /// identity yet are left out. An address two pods claim (a reused IP whose old pod is
+    /// still listed, or a mistake) goes to the first pod by namespace and name; the others
+    /// are reported.
     pub fn ipcache(
         &self,
         objects: &SourceObjects,
         identities: &BTreeMap<LabelSet, Identity>,
-    ) -> Vec<IpCacheEntry> {
+    ) -> (Vec<IpCacheEntry>, Vec<SourceProblem>) {
         let mut out = Vec::new();
+        let mut problems = Vec::new();
+        let mut owners: BTreeMap<std::net::IpAddr, String> = BTreeMap::new();
         for (key, labels) in &self.pod_labels {
             let (Some(pod), Some(identity)) = (objects.pods.get(key), identities.get(labels))
             else {
                 continue;
             };
+            let name = format!("{}/{}", pod.namespace, pod.name);
             for ip in &pod.ips {
+                if let Some(first) = owners.get(ip) {
+                    problems.push(problem(
+                        format!("pod {name}"),
+                        format!("its IP {ip} is also pod {first}'s: the address stays {first}'s"),
+                    ));
+                    continue;
+                }
+                owners.insert(*ip, name.clone());
                 out.push(IpCacheEntry {
                     ip: *ip,
                     identity: *identity,
@@ -203,7 +216,7 @@ impl DesiredState {
                 });
             }
         }
-        out
+        (out, problems)
     }
 }
 
@@ -285,8 +298,49 @@ status: {addresses: [{type: InternalIP, address: 192.0.2.1}]}
             .into_iter()
             .map(|l| (l.clone(), identity))
             .collect();
-        let ipcache = d.ipcache(&loaded.objects, &ids);
+        let (ipcache, problems) = d.ipcache(&loaded.objects, &ids);
         assert_eq!(ipcache.len(), 2);
+        assert!(problems.is_empty());
         assert!(ipcache.iter().all(|e| e.identity == identity));
+    }
+
+    #[test]
+    fn two_pods_with_one_ip_are_reported_and_the_first_keeps_it() {
+        let text = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: b-new, namespace: prod, labels: {app: b}}
+status: {podIP: 10.1.0.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a-old, namespace: prod, labels: {app: a}}
+status: {podIP: 10.1.0.5}
+"#;
+        let mut loaded = Loaded::default();
+        parse_text("pods.yaml", text, &mut loaded);
+        let c1 = ClusterName::new("c1").unwrap();
+        let id = ClusterId::new(1, clustermesh_model::MaxConnectedClusters::C255).unwrap();
+        let d = DesiredState::compute(&c1, id, &loaded.objects);
+        let ids: BTreeMap<LabelSet, Identity> = d
+            .label_sets()
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                (
+                    l.clone(),
+                    Identity::new(65_537 + u32::try_from(i).unwrap()).unwrap(),
+                )
+            })
+            .collect();
+        let (ipcache, problems) = d.ipcache(&loaded.objects, &ids);
+        assert_eq!(ipcache.len(), 1);
+        assert_eq!(ipcache[0].pod_name, "a-old");
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].origin, "pod prod/b-new");
+        assert_eq!(
+            problems[0].reason,
+            "its IP 10.1.0.5 is also pod prod/a-old's: the address stays prod/a-old's"
+        );
     }
 }

@@ -9,7 +9,7 @@
 //! others. One that does not take an event within `lag_timeout` is reset (and counted): it
 //! gets `Reset` and a fresh snapshot once it reads again.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +43,10 @@ pub struct ExportSettings {
     pub buffer: usize,
     /// How long a watcher may leave a full buffer unread before it is reset.
     pub lag_timeout: Duration,
+    /// The largest stored value sent (`limits.maxObjectBytes`): a larger one (written by
+    /// another tool, or under a larger limit) is never sent, so that no reader is handed a
+    /// message it cannot receive.
+    pub max_object_bytes: usize,
 }
 
 impl Default for ExportSettings {
@@ -51,6 +55,7 @@ impl Default for ExportSettings {
             heartbeat: Duration::from_secs(1),
             buffer: 1024,
             lag_timeout: Duration::from_secs(5),
+            max_object_bytes: clustermesh_sync::validate::MAX_OBJECT_BYTES,
         }
     }
 }
@@ -65,6 +70,10 @@ pub struct NamespaceFilter {
     pub default_global: bool,
     /// Namespaces whose annotation says otherwise than the default.
     pub exceptions: std::collections::BTreeSet<String>,
+    /// The store revision this filter holds after: every change after it was (and is)
+    /// filtered by it. A remote that resumes from this revision or an earlier one may hold
+    /// objects an earlier filter exported, so it gets a new snapshot instead.
+    pub since: Revision,
 }
 
 impl NamespaceFilter {
@@ -73,7 +82,34 @@ impl NamespaceFilter {
         Self {
             default_global: true,
             exceptions: std::collections::BTreeSet::new(),
+            since: 0,
         }
+    }
+
+    /// The filter that exports a namespace only when both `self` and `other` do: applied
+    /// before a change is written, so that a namespace leaving the export stops being
+    /// exported before its objects change, and one joining only after they are written.
+    pub fn narrowest(&self, other: &Self) -> Self {
+        let exceptions = if self.default_global {
+            // Exceptions are the namespaces not exported: either's.
+            self.exceptions.union(&other.exceptions).cloned().collect()
+        } else {
+            // Exceptions are the namespaces exported: both's.
+            self.exceptions
+                .intersection(&other.exceptions)
+                .cloned()
+                .collect()
+        };
+        Self {
+            default_global: self.default_global,
+            exceptions,
+            since: self.since.max(other.since),
+        }
+    }
+
+    /// Whether `other` exports the same namespaces.
+    pub fn same_namespaces(&self, other: &Self) -> bool {
+        self.default_global == other.default_global && self.exceptions == other.exceptions
     }
 
     /// Whether objects of `namespace` are exported (objects without a namespace are).
@@ -89,8 +125,9 @@ impl NamespaceFilter {
 pub struct ExportWatches {
     /// Becomes true when the server stops.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
-    /// The exported namespaces.
-    pub namespaces: tokio::sync::watch::Receiver<NamespaceFilter>,
+    /// The exported namespaces; `None` until the source's first pass has set them (remote
+    /// streams wait for it).
+    pub namespaces: tokio::sync::watch::Receiver<Option<NamespaceFilter>>,
     /// The clusters whose `remote-` certificates are accepted.
     pub peers: tokio::sync::watch::Receiver<BTreeSet<ClusterName>>,
 }
@@ -110,7 +147,7 @@ struct Inner {
     settings: ExportSettings,
     metrics: Arc<Metrics>,
     /// The exported namespaces; a change resets remote streams.
-    namespaces: tokio::sync::watch::Receiver<NamespaceFilter>,
+    namespaces: tokio::sync::watch::Receiver<Option<NamespaceFilter>>,
     /// The clusters whose `remote-` certificates are accepted; a removed one's streams end.
     peers: tokio::sync::watch::Receiver<BTreeSet<ClusterName>>,
 }
@@ -327,13 +364,33 @@ impl Inner {
         let Ok(key) = Key::parse(key_text) else {
             return Translated::Skip;
         };
+        if value.len() > self.settings.max_object_bytes {
+            tracing::warn!(
+                key = key_text,
+                bytes = value.len(),
+                max = self.settings.max_object_bytes,
+                "not sending a value larger than limits.maxObjectBytes"
+            );
+            self.metrics.export_oversized.inc();
+            // A peer that had an earlier version drops it; a local agent keeps what it has.
+            return if remote {
+                delete_of(&self.cluster, &key).map_or(Translated::Skip, Translated::Delete)
+            } else {
+                Translated::Skip
+            };
+        }
         match decode(&self.cluster, &key, value) {
             Ok(Some(Object::Service(s))) if remote && !(s.include_external && s.shared) => {
                 // Not exported: a peer that had it (it was global and shared before) drops it.
                 delete_of(&self.cluster, &key).map_or(Translated::Skip, Translated::Delete)
             }
             Ok(Some(object))
-                if remote && !self.namespaces.borrow().exports(namespace_of(&object)) =>
+                if remote
+                    && !self
+                        .namespaces
+                        .borrow()
+                        .as_ref()
+                        .is_some_and(|f| f.exports(namespace_of(&object))) =>
             {
                 // Its namespace is not global: a peer that had it drops it.
                 delete_of(&self.cluster, &key).map_or(Translated::Skip, Translated::Delete)
@@ -353,6 +410,39 @@ impl Inner {
             .ok()
             .and_then(|k| delete_of(&self.cluster, &k))
             .map_or(Translated::Skip, Translated::Delete)
+    }
+}
+
+/// The keys a remote client holds: what it was sent and not yet told to drop. A remote is
+/// sent a Delete only for one of these, so it never hears of an object it was never sent (a
+/// non-global service, a pod of a namespace that is not exported), in a follow or in a
+/// resume through the history. Local clients (`None`) get every Delete.
+struct Held(Option<HashSet<String>>);
+
+impl Held {
+    fn for_client(remote: bool) -> Self {
+        Self(remote.then(HashSet::new))
+    }
+
+    fn clear(&mut self) {
+        if let Some(set) = &mut self.0 {
+            set.clear();
+        }
+    }
+
+    /// What to send for `t` about `key`, keeping the set up to date.
+    fn pass(&mut self, key: &str, t: Translated) -> Translated {
+        let Some(set) = &mut self.0 else {
+            return t;
+        };
+        match t {
+            Translated::Upsert(u) => {
+                set.insert(key.to_owned());
+                Translated::Upsert(u)
+            }
+            Translated::Delete(d) if set.remove(key) => Translated::Delete(d),
+            Translated::Delete(_) | Translated::Skip => Translated::Skip,
+        }
     }
 }
 
@@ -417,36 +507,101 @@ async fn run_watch(
         .collect();
     let common = common_prefix(&wanted);
     let matches = |key: &str| wanted.iter().any(|p| key.starts_with(p.as_str()));
+    if remote {
+        // Nothing goes to a remote before the source has said which namespaces are exported.
+        let mut namespaces = inner.namespaces.clone();
+        tokio::select! {
+            r = namespaces.wait_for(Option::is_some) => if r.is_err() { return },
+            () = tx.closed() => return,
+        }
+    }
+    let mut held = Held::for_client(remote);
     let mut resume = (since > 0).then_some(since);
     loop {
         let from = match resume.take() {
-            Some(since) => match inner.store.current_revision().await {
-                Ok(current) if since <= current => since,
-                Ok(_) => {
-                    let reset = Ev::Reset(v1::Reset {
-                        reason: format!("revision {since} is newer than this store's history"),
-                    });
+            Some(since) => match resume_from(&inner, remote, &wanted, since).await {
+                Resume::From(holding) => {
+                    held = holding;
+                    since
+                }
+                Resume::Failed(e) => {
+                    let _ = tx.send(Err(Status::unavailable(e))).await;
+                    return;
+                }
+                Resume::Reset(reason) => {
+                    let reset = Ev::Reset(v1::Reset { reason });
                     if send(&inner, &tx, since, reset).await.is_err() {
                         return;
                     }
                     continue;
                 }
-                Err(e) => {
-                    let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
-                    return;
+            },
+            None => {
+                held.clear();
+                match snapshot(&inner, remote, &wanted, &tx, &mut held).await {
+                    Ok(rev) => rev,
+                    Err(Stop::Gone) => return,
+                    Err(Stop::Resnapshot) => continue,
                 }
-            },
-            None => match snapshot(&inner, remote, &wanted, &tx).await {
-                Ok(rev) => rev,
-                Err(Stop::Gone) => return,
-                Err(Stop::Resnapshot) => continue,
-            },
+            }
         };
-        match follow(&inner, remote, &common, &matches, from, &tx).await {
+        match follow(&inner, remote, &common, &matches, from, &tx, &mut held).await {
             Stop::Gone => return,
             Stop::Resnapshot => continue,
         }
     }
+}
+
+/// Whether a client may resume from a revision.
+enum Resume {
+    /// Yes; a remote client holds these keys there.
+    From(Held),
+    /// No, the store's history or the namespace filter does not allow it: a Reset with this
+    /// reason and a new snapshot.
+    Reset(String),
+    /// The store failed: the stream ends.
+    Failed(String),
+}
+
+async fn resume_from(inner: &Inner, remote: bool, wanted: &[String], since: Revision) -> Resume {
+    match inner.store.current_revision().await {
+        Ok(current) if since <= current => {}
+        Ok(_) => {
+            return Resume::Reset(format!(
+                "revision {since} is newer than this store's history"
+            ));
+        }
+        Err(e) => return Resume::Failed(e.to_string()),
+    }
+    if !remote {
+        return Resume::From(Held::for_client(false));
+    }
+    let filter_since = inner.namespaces.borrow().as_ref().map(|f| f.since);
+    if filter_since.is_none_or(|f| since <= f) {
+        return Resume::Reset(format!(
+            "the exported namespaces changed after revision {since}; a new snapshot follows"
+        ));
+    }
+    // What the client holds at `since`: what the same filter exported then.
+    let mut held = Held::for_client(true);
+    for prefix in wanted {
+        let listing = match inner.store.list_at(prefix, since).await {
+            Ok(l) => l,
+            Err(clustermesh_kvstore::Error::Compacted { .. }) => {
+                return Resume::Reset(format!(
+                    "revision {since} is compacted; a new snapshot follows"
+                ));
+            }
+            Err(e) => return Resume::Failed(e.to_string()),
+        };
+        for kv in listing.kvs {
+            let t = inner.translate_put(true, &kv.key, &kv.value);
+            if matches!(t, Translated::Upsert(_)) {
+                held.pass(&kv.key, t);
+            }
+        }
+    }
+    Resume::From(held)
 }
 
 /// Sends every object under the wanted prefixes at one revision, then `Synced`.
@@ -455,6 +610,7 @@ async fn snapshot(
     remote: bool,
     wanted: &[String],
     tx: &EventTx,
+    held: &mut Held,
 ) -> Result<Revision, Stop> {
     let fail = |e: clustermesh_kvstore::Error| {
         let tx = tx.clone();
@@ -476,7 +632,10 @@ async fn snapshot(
             match inner.translate_put(remote, &kv.key, &kv.value) {
                 // A snapshot only carries what the client may hold.
                 Translated::Delete(_) | Translated::Skip => {}
-                t => send_translated(inner, tx, kv.mod_revision, t).await?,
+                t => {
+                    let t = held.pass(&kv.key, t);
+                    send_translated(inner, tx, kv.mod_revision, t).await?;
+                }
             }
         }
     }
@@ -492,6 +651,7 @@ async fn follow(
     matches: &impl Fn(&str) -> bool,
     from: Revision,
     tx: &EventTx,
+    held: &mut Held,
 ) -> Stop {
     let mut watch = match inner.store.watch(common, from).await {
         Ok(w) => w,
@@ -539,6 +699,7 @@ async fn follow(
                     EventKind::Put => inner.translate_put(remote, &event.key, &event.value),
                     EventKind::Delete => inner.translate_delete(&event.key),
                 };
+                let t = held.pass(&event.key, t);
                 if !matches!(t, Translated::Skip) {
                     beat_at = tokio::time::Instant::now() + inner.settings.heartbeat;
                 }

@@ -10,6 +10,13 @@
 //!    given back (compare-and-delete) and theirs is used.
 //!
 //! Identities no longer used by any pod are released after a grace period.
+//!
+//! A crash between the two creates (or between the two deletes of a release) leaves a number
+//! claimed with no reverse key pointing at it: an orphan, exported but never used. [`load`]
+//! finds them; once one has stayed an orphan for the grace period (another replica may be
+//! between its two creates) it is deleted (compare-and-delete on the revision seen).
+//!
+//! [`load`]: IdentityAllocator::load
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::RangeInclusive;
@@ -49,6 +56,9 @@ pub struct IdentityAllocator {
     taken: BTreeSet<u32>,
     /// Identities no pod uses, since when.
     unused_since: BTreeMap<Identity, Instant>,
+    /// Numbers claimed with no reverse key pointing at them: the revision of the claim, and
+    /// since when.
+    orphans: BTreeMap<Identity, (clustermesh_kvstore::Revision, Instant)>,
 }
 
 fn id_key(id: Identity) -> String {
@@ -77,6 +87,7 @@ impl IdentityAllocator {
             known: BTreeMap::new(),
             taken: BTreeSet::new(),
             unused_since: BTreeMap::new(),
+            orphans: BTreeMap::new(),
         }
     }
 
@@ -98,12 +109,58 @@ impl IdentityAllocator {
             self.known.insert(labels, id);
         }
         let ids = self.store.list(IDENTITY_ID_PREFIX).await?;
+        let now = Instant::now();
+        self.orphans.clear();
+        let owned: BTreeSet<Identity> = self.known.values().copied().collect();
         for kv in ids.kvs {
             if let Ok(Key::Identity { id }) = Key::parse(&kv.key) {
                 self.taken.insert(id.get());
+                if self.range.contains(&id.get()) && !owned.contains(&id) {
+                    self.orphans.insert(id, (kv.mod_revision, now));
+                }
             }
         }
+        if !self.orphans.is_empty() {
+            tracing::info!(orphans = ?self.orphans.keys().collect::<Vec<_>>(), "identities with no label set pointing at them (an interrupted allocation or release): deleted after the grace period unless claimed");
+        }
         Ok(())
+    }
+
+    /// Deletes the orphans that stayed orphans for the grace period; returns them.
+    async fn collect_orphans(&mut self, now: Instant) -> Result<Vec<Identity>, IdentityError> {
+        let due: Vec<(Identity, clustermesh_kvstore::Revision)> = self
+            .orphans
+            .iter()
+            .filter(|(_, (_, since))| now.duration_since(*since) >= self.grace)
+            .map(|(id, (rev, _))| (*id, *rev))
+            .collect();
+        let mut deleted = Vec::new();
+        for (id, rev) in due {
+            self.orphans.remove(&id);
+            let Some(kv) = self.store.get(&id_key(id)).await? else {
+                self.taken.remove(&id.get());
+                continue;
+            };
+            if kv.mod_revision != rev {
+                continue;
+            }
+            // Claimed meanwhile (a replica finished its allocation): no orphan.
+            let labels = std::str::from_utf8(&kv.value)
+                .ok()
+                .and_then(|t| t.parse::<LabelSet>().ok());
+            if let Some(labels) = labels
+                && self.read_value(&value_key(&labels)).await? == Some(id)
+            {
+                self.remember(&labels, id);
+                continue;
+            }
+            if let CasOutcome::Done { .. } = self.store.compare_and_delete(&id_key(id), rev).await?
+            {
+                self.taken.remove(&id.get());
+                deleted.push(id);
+            }
+        }
+        Ok(deleted)
     }
 
     /// The identity of every label set currently known.
@@ -197,7 +254,7 @@ impl IdentityAllocator {
         in_use: &BTreeSet<&LabelSet>,
         now: Instant,
     ) -> Result<Vec<Identity>, IdentityError> {
-        let mut released = Vec::new();
+        let mut released = self.collect_orphans(now).await?;
         let unused: Vec<(LabelSet, Identity)> = self
             .known
             .iter()

@@ -38,6 +38,9 @@ pub struct Metrics {
     pub export_undecodable: Counter,
     /// Requests with a `remote-` certificate of a cluster that is not connected.
     pub export_refused: Counter,
+    /// Stored values the Export server did not send because they exceed
+    /// `limits.maxObjectBytes`.
+    pub export_oversized: Counter,
 }
 
 impl Metrics {
@@ -106,6 +109,12 @@ impl Metrics {
             "Export requests refused: a remote certificate of a cluster that is not connected",
             Counter::default(),
         );
+        let export_oversized = c(
+            &mut registry,
+            "export_oversized_values",
+            "Stored values the Export server did not send: larger than limits.maxObjectBytes",
+            Counter::default(),
+        );
         Self {
             registry,
             ready: AtomicBool::new(false),
@@ -119,6 +128,7 @@ impl Metrics {
             export_resets,
             export_undecodable,
             export_refused,
+            export_oversized,
         }
     }
 
@@ -190,6 +200,28 @@ fn remote_metrics(remotes: &RemoteStatuses) -> String {
         out.push_str(&format!(
             "clustermesh_remote_cluster_last_message_seconds{{target_cluster=\"{}\"}} {:.3}\n",
             s.name, s.seconds_since_last_message
+        ));
+    }
+    out.push_str("# HELP clustermesh_remote_quota_exceeded 1 while a remote's import is stopped because it crossed a quota\n# TYPE clustermesh_remote_quota_exceeded gauge\n");
+    for s in &statuses {
+        out.push_str(&format!(
+            "clustermesh_remote_quota_exceeded{{target_cluster=\"{}\"}} {}\n",
+            s.name,
+            u8::from(s.quota_exceeded.is_some())
+        ));
+    }
+    out.push_str("# HELP clustermesh_remote_quota_stops Imports stopped because the remote crossed a quota\n# TYPE clustermesh_remote_quota_stops counter\n");
+    for s in &statuses {
+        out.push_str(&format!(
+            "clustermesh_remote_quota_stops_total{{target_cluster=\"{}\"}} {}\n",
+            s.name, s.quota_stops
+        ));
+    }
+    out.push_str("# HELP clustermesh_remote_cache_bytes Bytes of keys and values a remote has in this cluster's store\n# TYPE clustermesh_remote_cache_bytes gauge\n");
+    for s in &statuses {
+        out.push_str(&format!(
+            "clustermesh_remote_cache_bytes{{target_cluster=\"{}\"}} {}\n",
+            s.name, s.bytes
         ));
     }
     out.push_str("# TYPE clustermesh_sync_rejected counter\n");

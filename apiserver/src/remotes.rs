@@ -241,6 +241,7 @@ impl RemoteSet {
                 .to_string(),
             )
             .await;
+        self.ctx.ip_owners.release_all(&name);
         tracing::info!(remote = %name, "deleted the cached state of a removed remote");
     }
 

@@ -25,6 +25,10 @@ use crate::remotes::RemoteSet;
 use crate::source::manifest;
 use crate::writer::{self, StateWriter};
 
+/// Where the exported namespaces are recorded (read by nobody but this apiserver; no Export
+/// kind covers it).
+pub const EXPORT_FILTER_KEY: &str = "clustermesh/local/export-namespaces";
+
 /// How often the manifest directory is checked for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -232,11 +236,10 @@ pub async fn start_with(
         heartbeat: Duration::from_millis(config.heartbeat_millis.max(10)),
         buffer: config.export_buffer_events.max(1),
         lag_timeout: Duration::from_millis(config.export_lag_timeout_millis.max(1)),
+        max_object_bytes: config.limits.max_object_bytes,
     };
-    let (namespaces_tx, namespaces_rx) = watch::channel(NamespaceFilter {
-        default_global: config.global_namespaces_by_default,
-        exceptions: BTreeSet::new(),
-    });
+    // Unset until the source's first pass: remote streams wait for it.
+    let (namespaces_tx, namespaces_rx) = watch::channel(None);
     let (peers_tx, peers_rx) = watch::channel(BTreeSet::new());
     let service = ExportService::new(
         Arc::clone(&store),
@@ -313,6 +316,8 @@ pub async fn start_with(
         writer,
         allocator,
         metrics: Arc::clone(&metrics),
+        max_object_bytes: config.limits.max_object_bytes,
+        default_global: config.global_namespaces_by_default,
     };
     let source_task = tokio::spawn(source.run(stop_rx.clone()));
     let supervisor_task = tokio::spawn(supervise_remotes(
@@ -362,6 +367,8 @@ async fn start_remotes(
         },
         connected_ids: Arc::default(),
         keep_last_backends: st.keep_last_backends,
+        quota: config.limits.quota(),
+        ip_owners: Arc::default(),
     };
     let set = RemoteSet::new(
         ctx,
@@ -418,10 +425,22 @@ struct SourceLoop {
     id: ClusterId,
     input: Input,
     /// The exported namespaces, for the Export server.
-    namespaces: watch::Sender<NamespaceFilter>,
+    namespaces: watch::Sender<Option<NamespaceFilter>>,
+    /// `globalNamespacesByDefault`.
+    default_global: bool,
     writer: StateWriter,
     allocator: IdentityAllocator,
     metrics: Arc<Metrics>,
+    /// `limits.maxObjectBytes`.
+    max_object_bytes: usize,
+}
+
+/// The first 200 characters of `text`, for a log line about a huge value.
+fn abbreviate(text: &str) -> String {
+    match text.char_indices().nth(200) {
+        Some((i, _)) => format!("{}… ({} bytes)", &text[..i], text.len()),
+        None => text.to_owned(),
+    }
 }
 
 impl SourceLoop {
@@ -517,6 +536,42 @@ impl SourceLoop {
         }
     }
 
+    /// Hands `filter` to the Export server if it exports other namespaces than the current
+    /// one (a change resets remote streams). The filter is recorded in the store
+    /// ([`EXPORT_FILTER_KEY`]), so that it has a revision in the same history as the objects
+    /// it governs: it holds after that revision, also across a restart that finds it
+    /// unchanged (remotes then resume instead of taking a new snapshot).
+    async fn publish_filter(
+        &self,
+        mut filter: NamespaceFilter,
+    ) -> Result<(), clustermesh_kvstore::Error> {
+        let current = self.namespaces.borrow().clone();
+        if current.as_ref().is_some_and(|f| f.same_namespaces(&filter)) {
+            return Ok(());
+        }
+        let store = self.writer.store();
+        let value = serde_json::json!({
+            "defaultGlobal": filter.default_global,
+            "exceptions": filter.exceptions,
+        })
+        .to_string();
+        let recorded = match current {
+            // After a start: the filter the store holds still applies if it is the same.
+            None => store
+                .get(EXPORT_FILTER_KEY)
+                .await?
+                .filter(|kv| kv.value == value.as_bytes())
+                .map(|kv| kv.mod_revision),
+            Some(_) => None,
+        };
+        filter.since = match recorded {
+            Some(revision) => revision,
+            None => store.put(EXPORT_FILTER_KEY, value.as_bytes(), None).await?,
+        };
+        self.namespaces.send_replace(Some(filter));
+        Ok(())
+    }
+
     async fn reconcile(
         &mut self,
         loaded: &manifest::Loaded,
@@ -524,34 +579,81 @@ impl SourceLoop {
         BTreeSet<clustermesh_model::labels::LabelSet>,
         Box<dyn std::error::Error + Send + Sync>,
     > {
+        // The exported namespaces: a namespace leaving the export stops being exported
+        // before anything of this pass is written (identities included), one joining only
+        // after its objects are in the store.
+        let filter = NamespaceFilter {
+            default_global: self.default_global,
+            exceptions: loaded
+                .objects
+                .namespaces
+                .values()
+                .filter(|n| n.global.is_some_and(|g| g != self.default_global))
+                .map(|n| n.name.clone())
+                .collect(),
+            since: 0,
+        };
+        let narrowest = match &*self.namespaces.borrow() {
+            Some(current) => current.narrowest(&filter),
+            None => filter.clone(),
+        };
+        self.publish_filter(narrowest).await?;
         let desired = DesiredState::compute(&self.cluster, self.id, &loaded.objects);
-        let problems: Vec<_> = loaded.problems.iter().chain(&desired.problems).collect();
+        let max = self.max_object_bytes;
+        // Objects the limits refuse: reported; the store keeps its version of each.
+        let mut refused: Vec<crate::source::SourceProblem> = Vec::new();
+        for labels in desired.label_sets() {
+            let bytes = labels.to_kvstore_string().len();
+            if bytes > max {
+                refused.push(crate::source::SourceProblem {
+                    origin: format!("identity labels {}", abbreviate(&labels.to_string())),
+                    reason: format!(
+                        "{bytes} bytes, more than limits.maxObjectBytes ({max}): no identity; its pods get no ipcache entry"
+                    ),
+                });
+                continue;
+            }
+            self.allocator.allocate(labels).await?;
+        }
+        let (ipcache, duplicates) = desired.ipcache(&loaded.objects, self.allocator.identities());
+        refused.extend(duplicates);
+        let mut kv = writer::encode(&self.cluster, &desired, &ipcache)?;
+        let oversized: BTreeSet<String> = kv
+            .iter()
+            .filter(|(_, v)| v.len() > max)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &oversized {
+            let bytes = kv.remove(key).map_or(0, |v| v.len());
+            refused.push(crate::source::SourceProblem {
+                origin: key.clone(),
+                reason: format!(
+                    "{bytes} bytes encoded, more than limits.maxObjectBytes ({max}): not written, the stored version (if any) is kept"
+                ),
+            });
+        }
+        let stats = self.writer.apply(&kv, &oversized).await?;
+        for (key, reason) in &stats.refused {
+            refused.push(crate::source::SourceProblem {
+                origin: key.clone(),
+                reason: format!(
+                    "the store refused it ({reason}): the stored version (if any) is kept"
+                ),
+            });
+        }
+        let problems: Vec<_> = loaded
+            .problems
+            .iter()
+            .chain(&desired.problems)
+            .chain(&refused)
+            .collect();
         for p in &problems {
             tracing::warn!(origin = %p.origin, reason = %p.reason, "source object not used");
         }
         self.metrics
             .source_problems
             .set(i64::try_from(problems.len()).unwrap_or(i64::MAX));
-        for labels in desired.label_sets() {
-            self.allocator.allocate(labels).await?;
-        }
-        let ipcache = desired.ipcache(&loaded.objects, self.allocator.identities());
-        let kv = writer::encode(&self.cluster, &desired, &ipcache)?;
-        let stats = self.writer.apply(&kv).await?;
-        // Namespaces whose annotation differs from the default; a change resets the remote
-        // Export streams (after the store holds the new state).
-        self.namespaces.send_if_modified(|f| {
-            let exceptions: BTreeSet<String> = loaded
-                .objects
-                .namespaces
-                .values()
-                .filter(|n| n.global.is_some_and(|g| g != f.default_global))
-                .map(|n| n.name.clone())
-                .collect();
-            let changed = exceptions != f.exceptions;
-            f.exceptions = exceptions;
-            changed
-        });
+        self.publish_filter(filter).await?;
         self.metrics
             .store_writes
             .inc_by(u64::try_from(stats.put + stats.deleted).unwrap_or(u64::MAX));

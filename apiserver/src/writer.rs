@@ -19,6 +19,7 @@ pub enum WriteError {
     /// The store failed.
     #[error("kvstore write failed")]
     Store(#[from] clustermesh_kvstore::Error),
+
     /// A value did not encode (cannot happen for model types; kept to avoid a panic path).
     #[error("encoding {key} failed")]
     Encode {
@@ -31,12 +32,14 @@ pub enum WriteError {
 }
 
 /// What one pass wrote.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WriteStats {
     /// Keys put (new or changed).
     pub put: usize,
     /// Keys deleted.
     pub deleted: usize,
+    /// Keys the store refused (too large for it), with why: they keep what the store has.
+    pub refused: Vec<(String, String)>,
 }
 
 /// The prefixes the writer owns: everything under them that is not desired is deleted.
@@ -112,10 +115,19 @@ impl StateWriter {
         }
     }
 
-    /// Makes the owned prefixes hold exactly `desired`.
+    /// The store it writes.
+    pub fn store(&self) -> &Arc<dyn KvStore> {
+        &self.store
+    }
+
+    /// Makes the owned prefixes hold exactly `desired`, except for the keys in `keep`: those
+    /// (objects the source could not provide, such as an oversized one) keep what the store
+    /// has. A key the store refuses (too large for it) does not stop the others: it is
+    /// reported in [`WriteStats::refused`], every other key written.
     pub async fn apply(
         &self,
         desired: &BTreeMap<String, Vec<u8>>,
+        keep: &std::collections::BTreeSet<String>,
     ) -> Result<WriteStats, WriteError> {
         let mut stats = WriteStats::default();
         let mut current = BTreeMap::new();
@@ -125,12 +137,21 @@ impl StateWriter {
             }
         }
         for (key, value) in desired {
-            if current.get(key) != Some(value) {
-                self.store.put(key, value, None).await?;
-                stats.put += 1;
+            if keep.contains(key) || current.get(key) == Some(value) {
+                continue;
+            }
+            match self.store.put(key, value, None).await {
+                Ok(_) => stats.put += 1,
+                Err(e) if e.is_about_the_request() => {
+                    stats.refused.push((key.clone(), e.to_string()));
+                }
+                Err(e) => return Err(e.into()),
             }
         }
-        for key in current.keys().filter(|k| !desired.contains_key(*k)) {
+        for key in current
+            .keys()
+            .filter(|k| !desired.contains_key(*k) && !keep.contains(*k))
+        {
             if self.store.delete(key).await?.is_some() {
                 stats.deleted += 1;
             }

@@ -576,3 +576,152 @@ async fn only_connected_remotes_may_watch_and_disconnect_revokes() {
     );
     running.stop().await.unwrap();
 }
+
+/// Every event a remote stream carries until `until` matches, Synced and heartbeats aside.
+async fn events_until(s: &mut Streaming<WatchEvent>, until: impl Fn(&Ev) -> bool) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        let e = next_change(s).await;
+        let Some(ev) = e.event else { continue };
+        let stop = until(&ev);
+        match &ev {
+            Ev::Upsert(u) => {
+                let o = Object::try_from(u).unwrap();
+                let what = match &o {
+                    Object::Identity { labels, .. } => {
+                        format!("upsert identity of {}", labels.namespace().unwrap_or("-"))
+                    }
+                    _ => format!("upsert {:?}/{}", o.reference().kind, o.reference().name),
+                };
+                seen.push(what);
+            }
+            Ev::Delete(d) => seen.push(format!("delete {}/{}", d.kind, d.name)),
+            Ev::Reset(_) => seen.push("reset".into()),
+            Ev::Synced(_) | Ev::Heartbeat(_) => {}
+        }
+        if stop {
+            return seen;
+        }
+    }
+}
+
+fn is_upsert_of(ev: &Ev, name: &str) -> bool {
+    matches!(ev, Ev::Upsert(u) if Object::try_from(u).unwrap().reference().name == name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remotes_never_hear_of_objects_they_were_never_sent() {
+    let secret = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: secret, annotations: {clustermesh.cilium.io/global: \"false\"}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: vault-0, namespace: secret, labels: {app: vault}}\nstatus: {podIP: 10.1.0.66}\n";
+    let marker = |n: u8| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-{n}, namespace: prod, labels: {{app: web}}}}\nstatus: {{podIP: 10.1.0.{n}}}\n"
+        )
+    };
+    let cluster = TestCluster::new("c1", 1, None);
+    cluster.write_manifest("all.yaml", SERVICES);
+    let running = cluster.start().await;
+    let kinds = [Kind::Services, Kind::Identities, Kind::Ipcache];
+    let mut remote = cluster
+        .client(&running, &ClientIdentity::Remote(c("c2")))
+        .await;
+    let mut s = remote.watch(watch(&kinds, 0)).await.unwrap().into_inner();
+    snapshot(&mut s).await;
+
+    // A non-global namespace arrives together with its pod: the stream is reset (the
+    // exported namespaces changed) and nothing of the namespace is sent, before or after.
+    cluster.write_manifest("all.yaml", &format!("{SERVICES}{secret}{}", marker(20)));
+    let first = next_change(&mut s).await;
+    assert!(
+        matches!(&first.event, Some(Ev::Reset(r)) if r.reason.contains("namespaces")),
+        "{first:?}"
+    );
+    // The new snapshot, and the marker (in it or after it: the pod may be written later).
+    let mut seen = events_until(&mut s, |ev| matches!(ev, Ev::Synced(_))).await;
+    if !seen.contains(&"upsert Ipcache/10.1.0.20".to_owned()) {
+        seen.extend(events_until(&mut s, |ev| is_upsert_of(ev, "10.1.0.20")).await);
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "upsert Ipcache/10.1.0.20",
+            "upsert Ipcache/10.1.0.5",
+            "upsert Services/prod/web",
+            "upsert identity of prod",
+        ]
+    );
+    let (_, settled) = {
+        // A second stream, resumed later, starts from here.
+        let mut fresh = remote.watch(watch(&kinds, 0)).await.unwrap().into_inner();
+        snapshot(&mut fresh).await
+    };
+
+    // The non-global service and the secret pod go: no Delete names them.
+    let without = SERVICES.replace(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {name: private, namespace: prod}\nspec: {clusterIP: 10.96.0.11, ports: [{name: http, port: 80}]}\n",
+        "",
+    );
+    assert_ne!(without, SERVICES);
+    let secret_ns_only = secret
+        .split("---\napiVersion: v1\nkind: Pod")
+        .next()
+        .unwrap();
+    cluster.write_manifest(
+        "all.yaml",
+        &format!("{without}{secret_ns_only}{}{}", marker(20), marker(21)),
+    );
+    let seen = events_until(&mut s, |ev| is_upsert_of(ev, "10.1.0.21")).await;
+    assert_eq!(seen, ["upsert Ipcache/10.1.0.21"]);
+    // The secret identity is released after its grace (1 s): no Delete names it either.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    cluster.write_manifest(
+        "all.yaml",
+        &format!(
+            "{without}{secret_ns_only}{}{}{}",
+            marker(20),
+            marker(21),
+            marker(22)
+        ),
+    );
+    let seen = events_until(&mut s, |ev| is_upsert_of(ev, "10.1.0.22")).await;
+    assert_eq!(seen, ["upsert Ipcache/10.1.0.22"]);
+    let secret_identities = running
+        .store
+        .list("cilium/state/identities/v1/id/")
+        .await
+        .unwrap()
+        .kvs
+        .iter()
+        .filter(|kv| String::from_utf8_lossy(&kv.value).contains("secret"))
+        .count();
+    assert_eq!(secret_identities, 0, "the secret identity was released");
+
+    // A remote that resumes from before those deletes, through the history: the same.
+    let mut resumed = remote
+        .watch(watch(&kinds, settled))
+        .await
+        .unwrap()
+        .into_inner();
+    let seen = events_until(&mut resumed, |ev| is_upsert_of(ev, "10.1.0.22")).await;
+    assert_eq!(
+        seen,
+        ["upsert Ipcache/10.1.0.21", "upsert Ipcache/10.1.0.22"]
+    );
+
+    // A resume from the start of the history (before the namespace filter was set) gets a new
+    // snapshot instead of the history.
+    let mut replay = remote.watch(watch(&kinds, 1)).await.unwrap().into_inner();
+    let first = next_change(&mut replay).await;
+    assert!(
+        matches!(&first.event, Some(Ev::Reset(r)) if r.reason.contains("namespaces")),
+        "{first:?}"
+    );
+    let (objects, _) = snapshot(&mut replay).await;
+    let n = names(&objects);
+    assert!(
+        !n.iter()
+            .any(|x| x.contains("10.1.0.66") || x.contains("private")),
+        "{n:?}"
+    );
+    running.stop().await.unwrap();
+}

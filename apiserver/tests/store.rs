@@ -315,3 +315,78 @@ async fn two_replicas_on_one_etcd_never_share_or_split_an_identity() {
         "no number is left claimed twice"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_orphaned_by_a_crash_are_collected_after_the_grace() {
+    use clustermesh_apiserver::identity::IdentityAllocator;
+    use clustermesh_kvstore::embedded::{SledConfig, SledStore};
+    use clustermesh_model::MaxConnectedClusters;
+    use clustermesh_model::cluster::ClusterId;
+    use clustermesh_model::labels::LabelSet;
+    use std::time::Instant;
+    let dir = tempfile::tempdir().unwrap();
+    let store: std::sync::Arc<dyn KvStore> =
+        std::sync::Arc::new(SledStore::open(&SledConfig::new(dir.path().join("s"))).unwrap());
+    let c1 = ClusterName::new("c1").unwrap();
+    let id = ClusterId::new(1, MaxConnectedClusters::C255).unwrap();
+    let web = LabelSet::workload(&c1, "prod", [("app", "web")]).unwrap();
+    let db = LabelSet::workload(&c1, "prod", [("app", "db")]).unwrap();
+    let grace = Duration::from_millis(200);
+    let mut first = IdentityAllocator::new(
+        std::sync::Arc::clone(&store),
+        id,
+        MaxConnectedClusters::C255,
+        grace,
+    );
+    first.load().await.unwrap();
+    let web_id = first.allocate(&web).await.unwrap();
+    let db_id = first.allocate(&db).await.unwrap();
+    // A crash between the number's claim and its reverse key: the reverse key of db is gone.
+    let db_value = clustermesh_model::keys::Key::IdentityValue { labels: db.clone() }.to_string();
+    assert!(store.delete(&db_value).await.unwrap().is_some());
+    let ids = |store: std::sync::Arc<dyn KvStore>| async move {
+        store
+            .list("cilium/state/identities/v1/id/")
+            .await
+            .unwrap()
+            .kvs
+            .into_iter()
+            .map(|kv| kv.key.rsplit('/').next().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(std::sync::Arc::clone(&store)).await,
+        [web_id.to_string(), db_id.to_string()]
+    );
+
+    // The restarted allocator finds the orphan and deletes it after the grace, not before.
+    let mut restarted = IdentityAllocator::new(
+        std::sync::Arc::clone(&store),
+        id,
+        MaxConnectedClusters::C255,
+        grace,
+    );
+    restarted.load().await.unwrap();
+    let in_use: std::collections::BTreeSet<&LabelSet> = [&web].into_iter().collect();
+    let now = Instant::now();
+    assert!(
+        restarted
+            .release_unused(&in_use, now)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(ids(std::sync::Arc::clone(&store)).await.len(), 2);
+    let released = restarted
+        .release_unused(&in_use, now + grace)
+        .await
+        .unwrap();
+    assert_eq!(released, [db_id]);
+    assert_eq!(
+        ids(std::sync::Arc::clone(&store)).await,
+        [web_id.to_string()]
+    );
+    // The number is free again; web keeps its identity.
+    assert_eq!(restarted.allocate(&web).await.unwrap(), web_id);
+    assert_eq!(restarted.allocate(&db).await.unwrap(), db_id);
+}

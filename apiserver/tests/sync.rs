@@ -158,12 +158,14 @@ async fn b_imports_a_follows_changes_withdraws_and_restores() {
     // Changes and deletions propagate; the cache equals the export after every step.
     a.write_manifest(
         "a.yaml",
-        &A_MANIFESTS
+        &(A_MANIFESTS
             .replace(
                 "[{addresses: [10.1.0.5]}]",
                 "[{addresses: [10.1.0.5]}, {addresses: [10.1.0.7]}]",
             )
-            .replace("name: a-node", "name: a-node-2"),
+            .replace("name: a-node", "name: a-node-2")
+            // A backend is imported only as one of A's own endpoints: its pod comes too.
+            + "---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: prod, labels: {app: web}}\nstatus: {podIP: 10.1.0.7, hostIP: 192.0.2.1}\n"),
     );
     let got = converge(
         running_a.store.as_ref(),
@@ -231,7 +233,7 @@ async fn b_imports_a_follows_changes_withdraws_and_restores() {
         .collect();
     assert_eq!(
         counts,
-        [("identities", 1), ("ip", 1), ("nodes", 1), ("services", 1)]
+        [("identities", 1), ("ip", 2), ("nodes", 1), ("services", 1)]
     );
     let metrics = support::http_get(running_b.health_addr, "/metrics").await;
     assert!(

@@ -83,6 +83,11 @@ fn render(s: &Value, remotes: &[Value]) -> String {
                     .as_str()
                     .map(|x| format!("refused: {x}"))
                     .or_else(|| {
+                        r["quotaExceeded"]
+                            .as_str()
+                            .map(|q| format!("import stopped: quota exceeded ({q})"))
+                    })
+                    .or_else(|| {
                         r["lastFailure"]
                             .as_str()
                             .map(|f| format!("{}{f}", ago(r["lastFailureTime"].as_u64())))

@@ -312,6 +312,27 @@ impl Agent {
         }
     }
 
+    /// Freezes the agent (SIGSTOP): it keeps its state and answers nothing until
+    /// [`Agent::thaw`].
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen agent run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .args([sig, &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success(), "kill {sig} failed");
+        }
+    }
+
     /// A JSON document from the admin endpoint.
     pub fn get(&self, path: &str) -> serde_json::Value {
         let (code, body) = http_get(&self.admin, path)
@@ -337,6 +358,10 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        // A frozen agent must run to handle SIGTERM.
+        if self.child.is_some() {
+            self.signal("-CONT");
+        }
         if let Some(mut child) = self.child.take() {
             terminate(&mut child);
         }

@@ -1,6 +1,8 @@
 //! The agent killed with SIGKILL and restarted while a client connects through a service VIP
 //! in a loop: no connection fails, and the restarted agent adopts the pinned maps without
-//! writing or pruning anything (the state did not change).
+//! writing or pruning anything (the state did not change). And the apiserver killed with
+//! SIGKILL right after writes its agent has seen: after the restart the agent equals the
+//! store again, with no phantom of a write the crash lost.
 
 #![allow(
     clippy::unwrap_used,
@@ -89,4 +91,62 @@ fn an_agent_restart_does_not_interrupt_traffic_or_prune_before_synced() {
     );
     let attempts: u64 = words[1].parse().unwrap();
     assert!(attempts > 100, "the client barely ran: {line:?}");
+}
+
+fn pod(name: &str, ip: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: prod, labels: {{app: web}}}}\nstatus: {{podIP: {ip}}}\n"
+    )
+}
+
+/// The pod addresses in the agent's ipcache map.
+fn agent_pod_ips(agent: &Agent) -> Vec<String> {
+    let rows = agent.get("/maps/ipcache");
+    let mut ips: Vec<String> = rows
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .filter_map(|r| r["prefix"].as_str())
+                .filter(|p| p.starts_with("10.1."))
+                .map(|p| p.trim_end_matches("/32").to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    ips.sort();
+    ips
+}
+
+#[test]
+fn an_apiserver_killed_right_after_writes_leaves_no_phantom_in_its_agent() {
+    let mut a = Cluster::new("c1", 1);
+    a.write_manifest("base.yaml", &pod("base", "10.1.0.1"));
+    a.start();
+    let agent = Agent::start(&a.agent_config_userspace("n1"));
+    clustermesh_e2e::wait_until(Duration::from_secs(30), "the base pod in the agent", || {
+        agent_pod_ips(&agent) == ["10.1.0.1"]
+    });
+    for trial in 0..5 {
+        // A pod the agent sees (written, not yet flushed to disk), then the crash.
+        let seen = format!("10.1.1.{trial}");
+        a.write_manifest("seen.yaml", &pod("seen", &seen));
+        clustermesh_e2e::wait_until(Duration::from_secs(10), "the new pod in the agent", || {
+            agent_pod_ips(&agent).contains(&seen)
+        });
+        // The agent waits (frozen) until the restarted store is past the revisions it saw,
+        // so that it resumes into the new history instead of finding it too short.
+        agent.freeze();
+        a.kill();
+        // While the apiserver is down the pod goes, and another comes.
+        std::fs::remove_file(a.dir.path().join("manifests/seen.yaml")).unwrap();
+        let after = format!("10.1.2.{trial}");
+        a.write_manifest("after.yaml", &pod("after", &after));
+        a.start();
+        agent.thaw();
+        let expected = vec!["10.1.0.1".to_owned(), after];
+        clustermesh_e2e::wait_until(
+            Duration::from_secs(20),
+            &format!("trial {trial}: the agent to equal the store ({expected:?})"),
+            || agent_pod_ips(&agent) == expected,
+        );
+    }
 }

@@ -8,7 +8,13 @@
 //! the last `log_retention` revisions; older ones are the compaction floor.
 //!
 //! Durability: sled writes its log to disk every `flush_every` (500 ms by default) and on
-//! close; a crash can lose the writes of that window, never tear one.
+//! close; a crash can lose the writes of that window, never tear one. Readers may have seen
+//! those writes, and a restarted store must not hand out their revisions again for other
+//! changes. So a store not closed cleanly (no `mclean` marker, written on close and removed
+//! on open) starts its next incarnation [`CRASH_GAP`] revisions later. Its compaction floor
+//! moves there too, so every watch or `list_at` from a revision before the crash fails with
+//! `Compacted`: the reader re-lists (a `Reset` and a snapshot over Export) instead of
+//! resuming into a different history.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -95,6 +101,10 @@ struct Change {
     prev: Option<Record>,
 }
 
+/// How far the revision jumps after an unclean shutdown: more than the writes of one flush
+/// interval could ever number.
+pub const CRASH_GAP: Revision = 1 << 24;
+
 /// The longest lease accepted.
 const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -117,9 +127,34 @@ impl SledStore {
             db.get(name)?
                 .map_or(Ok(0), |v| codec::decode_i64(&v, "meta value"))
         };
-        let revision = read_i64(codec::META_REVISION)?;
-        let floor = read_i64(codec::META_FLOOR)?;
+        let mut revision = read_i64(codec::META_REVISION)?;
+        let mut floor = read_i64(codec::META_FLOOR)?;
         let next_lease = read_i64(codec::META_NEXT_LEASE)?;
+        let clean = db.get(codec::META_CLEAN)?.is_some();
+        if revision > 0 && !clean {
+            // A crash: revisions past the last flush may have been seen by readers. Start
+            // after them, with no history before (a resume from before re-lists).
+            let next = revision.saturating_add(CRASH_GAP);
+            tracing::warn!(
+                path = %config.path.display(),
+                last_revision = revision,
+                next_revision = next,
+                "the embedded store was not closed cleanly (a crash): its history restarts at a new revision, so every reader re-lists"
+            );
+            let mut batch = sled::Batch::default();
+            for item in db.range(codec::log_key(floor)..=codec::log_key(revision)) {
+                let (k, _) = item?;
+                batch.remove(k);
+            }
+            batch.insert(codec::META_REVISION, &next.to_be_bytes());
+            batch.insert(codec::META_FLOOR, &next.to_be_bytes());
+            db.apply_batch(batch)?;
+            revision = next;
+            floor = next;
+        }
+        // Until it is closed cleanly, a crash is detected at the next open.
+        db.remove(codec::META_CLEAN)?;
+        db.flush()?;
 
         // Leases restart with their full TTL, as etcd does after a leader change: their owners
         // get a chance to renew them.
@@ -179,6 +214,20 @@ impl SledStore {
     pub async fn flush(&self) -> Result<()> {
         self.inner.db.flush_async().await?;
         Ok(())
+    }
+}
+
+impl Drop for Inner {
+    /// Closes cleanly: everything on disk, then the marker that says so.
+    fn drop(&mut self) {
+        let closed = self
+            .db
+            .flush()
+            .and_then(|_| self.db.insert(codec::META_CLEAN, &[1]))
+            .and_then(|_| self.db.flush());
+        if let Err(e) = closed {
+            tracing::warn!(error = %e, "closing the embedded store failed: the next start treats it as a crash");
+        }
     }
 }
 
@@ -641,13 +690,5 @@ impl KvStore for SledStore {
         self.inner.db.apply_batch(batch)?;
         st.floor = revision;
         Ok(())
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Err(e) = self.db.flush() {
-            tracing::warn!(error = %e, "failed to flush the embedded store on close");
-        }
     }
 }

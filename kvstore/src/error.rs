@@ -48,6 +48,10 @@ pub enum Error {
         /// The store's limits.
         limits: TxnLimits,
     },
+    /// The store refused one request as too large (etcd's `--max-request-bytes`, 1.5 MiB by
+    /// default): retrying it cannot succeed.
+    #[error("the store refused the request as too large: {0}")]
+    TooLarge(String),
     /// A transaction that writes one key twice.
     #[error("key {0:?} is written twice in one transaction")]
     DuplicateKey(String),
@@ -98,4 +102,19 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+}
+
+impl Error {
+    /// Whether the failure is about this request (its key, size or shape) rather than the
+    /// store: retrying the same request cannot succeed, other requests can.
+    pub fn is_about_the_request(&self) -> bool {
+        matches!(
+            self,
+            Self::TooLarge(_)
+                | Self::EmptyKey
+                | Self::TxnTooLarge { .. }
+                | Self::DuplicateKey(_)
+                | Self::InvalidTtl(_)
+        )
+    }
 }

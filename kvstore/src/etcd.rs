@@ -110,6 +110,9 @@ fn classify(e: etcd_client::Error, requested: Revision, lease: Option<LeaseId>) 
         if let (true, Some(lease)) = (msg.contains("lease not found"), lease) {
             return Error::LeaseNotFound(lease);
         }
+        if msg.contains("request is too large") || msg.contains("message length too large") {
+            return Error::TooLarge(msg.to_owned());
+        }
     }
     Error::Etcd(e)
 }

@@ -134,8 +134,9 @@ impl View {
     }
 
     /// The entry that wins for an address: the local cluster's, else the first cluster's by
-    /// name (clusters of a mesh must not share pod CIDRs; a conflict is resolved the same way
-    /// on every node).
+    /// name. Two remotes never both hold an address here: the importer refuses a second
+    /// claim (`sync::ownership`); the name order only breaks a tie the same way on every node
+    /// should one reach the store another way.
     pub fn ipcache_entry(&self, ip: &IpAddr) -> Option<(&ClusterName, &IpCacheEntry)> {
         let claims = self.ipcache.get(ip)?;
         claims

@@ -4,11 +4,13 @@
 //! validating every object, resumes after failures, and keeps the bounded-staleness contract.
 //!
 //! - [`validate`]: what a remote may write, and where;
+//! - [`ownership`]: which remote owns each imported pod IP;
 //! - [`staleness`]: unreachable / withdrawn / restored as a pure state machine;
 //! - [`worker`]: the I/O loop of one remote.
 
 #![forbid(unsafe_code)]
 
+pub mod ownership;
 pub mod staleness;
 pub mod validate;
 pub mod worker;

@@ -4,14 +4,19 @@
 //! malformed ones), services exported (global and shared), sizes within limits. A rejected
 //! object is counted by kind and reason and changes nothing.
 
+use std::net::IpAddr;
+
 use clustermesh_model::cluster::{ClusterId, ClusterName, MaxConnectedClusters};
 use clustermesh_model::identity::Identity;
 use clustermesh_model::keys::{CachedObject, Key};
+use clustermesh_model::service::ClusterService;
 use clustermesh_proto::Object;
 use clustermesh_proto::v1;
 
-/// The largest encoded object imported.
-pub const MAX_OBJECT_BYTES: usize = 512 * 1024;
+/// The largest encoded object imported by default (`limits.maxObjectBytes`): the largest the
+/// source writes, below etcd's default request limit (1.5 MiB) and gRPC's default message
+/// limit (4 MiB).
+pub const MAX_OBJECT_BYTES: usize = 1024 * 1024;
 
 /// Why an object was not imported.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -42,6 +47,8 @@ pub struct Remote {
     pub id: ClusterId,
     /// The mesh size mode.
     pub mode: MaxConnectedClusters,
+    /// The largest encoded object imported.
+    pub max_object_bytes: usize,
 }
 
 impl Remote {
@@ -66,19 +73,25 @@ impl Remote {
     }
 }
 
-fn sized(kind: &'static str, value: Vec<u8>) -> Result<Vec<u8>, Reject> {
-    if value.len() > MAX_OBJECT_BYTES {
+fn sized(remote: &Remote, kind: &'static str, value: Vec<u8>) -> Result<Vec<u8>, Reject> {
+    let max = remote.max_object_bytes;
+    if value.len() > max {
         return Err(reject(
             kind,
             "oversized",
-            format!("{} bytes, at most {MAX_OBJECT_BYTES}", value.len()),
+            format!("{} bytes, at most {max}", value.len()),
         ));
     }
     Ok(value)
 }
 
-fn json<T: serde::Serialize>(kind: &'static str, v: &T) -> Result<Vec<u8>, Reject> {
+fn json<T: serde::Serialize>(
+    remote: &Remote,
+    kind: &'static str,
+    v: &T,
+) -> Result<Vec<u8>, Reject> {
     sized(
+        remote,
         kind,
         serde_json::to_vec(v).map_err(|e| reject(kind, "encoding", e))?,
     )
@@ -104,7 +117,7 @@ pub fn cache_entry(remote: &Remote, object: &Object) -> Result<(String, Vec<u8>)
                 .map_err(|e| reject(kind, "labels", e))?;
             Ok((
                 remote.key(CachedObject::Identity(*id)),
-                sized(kind, labels.to_kvstore_string().into_bytes())?,
+                sized(remote, kind, labels.to_kvstore_string().into_bytes())?,
             ))
         }
         Object::IpCache { cluster, entry } => {
@@ -115,7 +128,7 @@ pub fn cache_entry(remote: &Remote, object: &Object) -> Result<(String, Vec<u8>)
                 .map_err(|e| reject(kind, "invalid", e))?;
             Ok((
                 remote.key(CachedObject::IpCache(entry.ip)),
-                json(kind, entry)?,
+                json(remote, kind, entry)?,
             ))
         }
         Object::Node(n) => {
@@ -124,7 +137,7 @@ pub fn cache_entry(remote: &Remote, object: &Object) -> Result<(String, Vec<u8>)
                 .map_err(|e| reject(kind, "invalid", e))?;
             Ok((
                 remote.key(CachedObject::Node(n.name.clone())),
-                json(kind, n)?,
+                json(remote, kind, n)?,
             ))
         }
         Object::Service(s) => {
@@ -142,7 +155,7 @@ pub fn cache_entry(remote: &Remote, object: &Object) -> Result<(String, Vec<u8>)
                 namespace: s.namespace.clone(),
                 name: s.name.clone(),
             };
-            Ok((remote.key(object), json(kind, s)?))
+            Ok((remote.key(object), json(remote, kind, s)?))
         }
         Object::Policy { .. } | Object::ClusterStatus(_) => Err(reject(
             "other",
@@ -150,6 +163,27 @@ pub fn cache_entry(remote: &Remote, object: &Object) -> Result<(String, Vec<u8>)
             "policies and cluster statuses are never imported",
         )),
     }
+}
+
+/// Removes the backends of a remote's service that are not the remote's own endpoints (`own`:
+/// its pod IPs and its nodes' addresses), with their conditions, and returns them: a remote
+/// cannot point a global service at another cluster's pods, this cluster's pods, or an address
+/// outside the mesh.
+pub fn restrict_backends(
+    service: &mut ClusterService,
+    own: impl Fn(&IpAddr) -> bool,
+) -> Vec<IpAddr> {
+    let foreign: Vec<IpAddr> = service
+        .backends
+        .keys()
+        .filter(|ip| !own(ip))
+        .copied()
+        .collect();
+    for ip in &foreign {
+        service.backends.remove(ip);
+        service.backend_conditions.remove(ip);
+    }
+    foreign
 }
 
 /// The cache key a delete from `remote` names.

@@ -4,14 +4,16 @@
 //! with jitter), and drive the staleness contract, publishing the remote's status for the
 //! local agents under `clustermesh/local/cluster-status/<remote>`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use clustermesh_kvstore::{KvStore, Write};
 use clustermesh_model::cluster::{ClusterId, ClusterName, ClusterStatus, MaxConnectedClusters};
-use clustermesh_model::keys::{ExportKind, Key};
+use clustermesh_model::keys::{CachedObject, ExportKind, Key};
+use clustermesh_model::node::Node;
 use clustermesh_proto::Object;
 use clustermesh_proto::client::{ClientTls, connect};
 use clustermesh_proto::v1::{self, watch_event::Event as Ev};
@@ -21,8 +23,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::ownership::IpOwners;
 use crate::staleness::{Staleness, StalenessConfig};
-use crate::validate::{Remote, cache_entry, cache_key_of_delete};
+use crate::validate::{Reject, Remote, cache_entry, cache_key_of_delete, restrict_backends};
 
 /// One configured remote cluster.
 #[derive(Debug, Clone)]
@@ -55,6 +58,59 @@ pub struct SyncContext {
     /// The panic threshold published with each remote's status: agents keep a withdrawn
     /// cluster's backends when they are a global service's last ones.
     pub keep_last_backends: bool,
+    /// What one remote may place in the store.
+    pub quota: Quota,
+    /// Which remote owns each imported pod IP.
+    pub ip_owners: Arc<IpOwners>,
+}
+
+/// What one remote may place in this cluster's store: objects per kind, bytes (keys and
+/// values of its cache), and the size of one object. A staged snapshot is held to the same
+/// limits. Crossing one stops that remote's import: the session ends, what was synced stays,
+/// the status and the metric say which limit, and the import is tried again after
+/// `retry_after`. Other remotes are not touched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Identities (a cluster's identity range holds at most 65,536).
+    pub identities: usize,
+    /// ipcache entries (pod IPs).
+    pub ip: usize,
+    /// Nodes.
+    pub nodes: usize,
+    /// Global services.
+    pub services: usize,
+    /// Bytes of keys and values in the remote's cache.
+    pub bytes: u64,
+    /// Bytes of one encoded object; a larger one is rejected (counted), the rest imported.
+    pub object_bytes: usize,
+    /// How long to wait before importing again after a quota stop.
+    pub retry_after: Duration,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Self {
+            identities: 65_536,
+            ip: 262_144,
+            nodes: 16_384,
+            services: 65_536,
+            bytes: 512 * 1024 * 1024,
+            object_bytes: crate::validate::MAX_OBJECT_BYTES,
+            retry_after: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Quota {
+    fn max_objects(&self, kind: &str) -> usize {
+        match kind {
+            "identities" => self.identities,
+            "ip" => self.ip,
+            "nodes" => self.nodes,
+            "services" => self.services,
+            _ => 0,
+        }
+    }
 }
 
 /// What `clustermesh status` shows for a remote.
@@ -88,6 +144,12 @@ pub struct RemoteStatus {
     pub synced: Vec<String>,
     /// Why the remote is refused (name, ID or mesh size mismatch), if it is.
     pub refused: Option<String>,
+    /// The quota the remote crossed, while its import is stopped for it.
+    pub quota_exceeded: Option<String>,
+    /// Imports stopped by a quota so far.
+    pub quota_stops: u64,
+    /// Bytes of keys and values in its cache.
+    pub bytes: u64,
 }
 
 /// A running worker.
@@ -117,10 +179,147 @@ impl RemoteWorker {
     }
 }
 
+/// Claims the pod IP `key` names (if it names one) for `remote`.
+fn claim(owners: &IpOwners, remote: &ClusterName, key: &str) -> Result<(), Reject> {
+    match ip_of(key) {
+        Some(ip) => owners.claim(ip, remote).map_err(|owner| Reject {
+            kind: "ip",
+            reason: "conflict",
+            detail: format!("{ip} belongs to cluster {owner}"),
+        }),
+        None => Ok(()),
+    }
+}
+
 fn kind_label(key: &str) -> String {
     match Key::parse(key).ok().and_then(|k| k.export_kind()) {
         Some(k) => k.segment().to_owned(),
         None => "other".to_owned(),
+    }
+}
+
+/// A set of keys and values with its size per kind and in bytes: the remote's cache, or a
+/// snapshot being staged.
+#[derive(Debug, Default)]
+struct Tracked {
+    entries: BTreeMap<String, Vec<u8>>,
+    counts: BTreeMap<String, usize>,
+    bytes: u64,
+    /// The remote's pod IPs (its ipcache keys).
+    ips: HashSet<IpAddr>,
+    /// Its nodes' addresses, with the number of nodes that have each.
+    node_addrs: HashMap<IpAddr, usize>,
+}
+
+fn cached_object(key: &str) -> Option<CachedObject> {
+    match Key::parse(key).ok()? {
+        Key::Cached { object, .. } => Some(object),
+        _ => None,
+    }
+}
+
+/// The pod IP a cache key names.
+fn ip_of(key: &str) -> Option<IpAddr> {
+    match cached_object(key)? {
+        CachedObject::IpCache(ip) => Some(ip),
+        _ => None,
+    }
+}
+
+fn node_addresses(key: &str, value: &[u8]) -> Vec<IpAddr> {
+    match cached_object(key) {
+        Some(CachedObject::Node(_)) => serde_json::from_slice::<Node>(value)
+            .map(|n| n.addresses.iter().map(|a| a.ip).collect())
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+fn weight(key: &str, value: &[u8]) -> u64 {
+    u64::try_from(key.len() + value.len()).unwrap_or(u64::MAX)
+}
+
+impl Tracked {
+    fn new(entries: BTreeMap<String, Vec<u8>>) -> Self {
+        let mut t = Self::default();
+        for (k, v) in entries {
+            t.insert(k, v);
+        }
+        t
+    }
+
+    /// Whether `ip` is one of the remote's own endpoints: a pod IP or a node address.
+    fn owns_endpoint(&self, ip: &IpAddr) -> bool {
+        self.ips.contains(ip) || self.node_addrs.contains_key(ip)
+    }
+
+    fn index(&mut self, key: &str, value: &[u8], add: bool) {
+        if let Some(ip) = ip_of(key) {
+            if add {
+                self.ips.insert(ip);
+            } else {
+                self.ips.remove(&ip);
+            }
+        }
+        for addr in node_addresses(key, value) {
+            if add {
+                *self.node_addrs.entry(addr).or_insert(0) += 1;
+            } else if let Some(n) = self.node_addrs.get_mut(&addr) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.node_addrs.remove(&addr);
+                }
+            }
+        }
+    }
+
+    /// Whether writing `key` keeps this set within `quota`.
+    fn admit(&self, quota: &Quota, key: &str, value: &[u8]) -> Result<(), SessionError> {
+        let old = self.entries.get(key);
+        let kind = kind_label(key);
+        if old.is_none() {
+            let n = self.counts.get(&kind).copied().unwrap_or(0);
+            let max = quota.max_objects(&kind);
+            if n >= max {
+                return Err(SessionError::Quota(format!(
+                    "more than {max} {kind} objects"
+                )));
+            }
+        }
+        let bytes = self
+            .bytes
+            .saturating_sub(old.map_or(0, |v| weight(key, v)))
+            .saturating_add(weight(key, value));
+        if bytes > quota.bytes {
+            return Err(SessionError::Quota(format!(
+                "more than {} bytes of objects",
+                quota.bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes `key` (after [`Tracked::admit`]).
+    fn insert(&mut self, key: String, value: Vec<u8>) {
+        self.remove(&key);
+        self.bytes = self.bytes.saturating_add(weight(&key, &value));
+        *self.counts.entry(kind_label(&key)).or_insert(0) += 1;
+        self.index(&key, &value, true);
+        self.entries.insert(key, value);
+    }
+
+    fn remove(&mut self, key: &str) -> bool {
+        match self.entries.remove(key) {
+            Some(old) => {
+                self.bytes = self.bytes.saturating_sub(weight(key, &old));
+                if let Some(n) = self.counts.get_mut(&kind_label(key)) {
+                    *n = n.saturating_sub(1);
+                }
+                self.index(key, &old, false);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -129,8 +328,7 @@ fn kind_label(key: &str) -> String {
 struct Cache {
     store: Arc<dyn KvStore>,
     remote: ClusterName,
-    entries: BTreeMap<String, Vec<u8>>,
-    counts: BTreeMap<String, usize>,
+    state: Tracked,
 }
 
 impl Cache {
@@ -144,34 +342,49 @@ impl Cache {
                 entries.insert(kv.key, kv.value);
             }
         }
-        let mut counts = BTreeMap::new();
-        for k in entries.keys() {
-            *counts.entry(kind_label(k)).or_insert(0) += 1;
-        }
         Ok(Self {
             store,
             remote: remote.clone(),
-            entries,
-            counts,
+            state: Tracked::new(entries),
         })
     }
 
-    async fn put(&mut self, key: String, value: Vec<u8>) -> Result<(), clustermesh_kvstore::Error> {
-        if self.entries.get(&key) != Some(&value) {
-            self.store.put(&key, &value, None).await?;
-            if self.entries.insert(key.clone(), value).is_none() {
-                *self.counts.entry(kind_label(&key)).or_insert(0) += 1;
+    /// Claims the pod IPs of the loaded cache; an address another remote's cache already
+    /// holds (written before ownership was checked) is deleted from this one and returned.
+    async fn claim_loaded(
+        &mut self,
+        owners: &IpOwners,
+    ) -> Result<Vec<Reject>, clustermesh_kvstore::Error> {
+        let mut lost = Vec::new();
+        let keys: Vec<String> = self.state.entries.keys().cloned().collect();
+        for key in keys {
+            if let Err(reject) = claim(owners, &self.remote, &key) {
+                self.store.delete(&key).await?;
+                self.state.remove(&key);
+                lost.push(reject);
             }
+        }
+        Ok(lost)
+    }
+
+    async fn put(
+        &mut self,
+        quota: &Quota,
+        key: String,
+        value: Vec<u8>,
+    ) -> Result<(), SessionError> {
+        if self.state.entries.get(&key) != Some(&value) {
+            self.state.admit(quota, &key, &value)?;
+            self.store.put(&key, &value, None).await?;
+            self.state.insert(key, value);
         }
         Ok(())
     }
 
     async fn delete(&mut self, key: &str) -> Result<(), clustermesh_kvstore::Error> {
-        if self.entries.remove(key).is_some() {
+        if self.state.entries.contains_key(key) {
             self.store.delete(key).await?;
-            if let Some(n) = self.counts.get_mut(&kind_label(key)) {
-                *n = n.saturating_sub(1);
-            }
+            self.state.remove(key);
         }
         Ok(())
     }
@@ -180,21 +393,20 @@ impl Cache {
     /// of keys the snapshot lacks, and the sync canaries go to the store in one transaction
     /// (one revision) when the store's limits allow; otherwise in consecutive transactions in
     /// that order, so that a reader never misses a key the snapshot holds.
-    async fn replace(
-        &mut self,
-        snapshot: BTreeMap<String, Vec<u8>>,
-    ) -> Result<(), clustermesh_kvstore::Error> {
+    async fn replace(&mut self, snapshot: Tracked) -> Result<(), clustermesh_kvstore::Error> {
         let mut writes: Vec<Write> = self
+            .state
             .entries
             .keys()
-            .filter(|k| !snapshot.contains_key(*k))
+            .filter(|k| !snapshot.entries.contains_key(*k))
             .map(|k| Write::Delete { key: k.clone() })
             .collect();
         writes.splice(
             0..0,
             snapshot
+                .entries
                 .iter()
-                .filter(|(k, v)| self.entries.get(*k) != Some(*v))
+                .filter(|(k, v)| self.state.entries.get(*k) != Some(*v))
                 .map(|(k, v)| Write::Put {
                     key: k.clone(),
                     value: v.clone(),
@@ -213,17 +425,12 @@ impl Cache {
         for chunk in self.store.txn_limits().split(&writes) {
             self.store.apply(chunk).await?;
         }
-        self.entries = snapshot;
-        let mut counts = BTreeMap::new();
-        for k in self.entries.keys() {
-            *counts.entry(kind_label(k)).or_insert(0) += 1;
-        }
-        self.counts = counts;
+        self.state = snapshot;
         Ok(())
     }
 
     fn counts(&self) -> BTreeMap<String, usize> {
-        self.counts.clone()
+        self.state.counts.clone()
     }
 }
 
@@ -242,6 +449,8 @@ enum SessionError {
     Closed,
     #[error("writing the cache failed: {0}")]
     Store(#[from] clustermesh_kvstore::Error),
+    #[error("quota exceeded: {0}; the import stops, what was synced stays")]
+    Quota(String),
     #[error("stopped")]
     Stopped,
 }
@@ -281,15 +490,28 @@ async fn run(
         stop.clone(),
     ));
     let mut cache = loop {
-        match Cache::load(Arc::clone(&ctx.store), &remote.name).await {
-            Ok(c) => break c,
+        let loaded = match Cache::load(Arc::clone(&ctx.store), &remote.name).await {
+            Ok(mut c) => c.claim_loaded(&ctx.ip_owners).await.map(|lost| (c, lost)),
+            Err(e) => Err(e),
+        };
+        match loaded {
+            Ok((c, lost)) => {
+                for reject in &lost {
+                    count_reject(&status, &remote.name, reject);
+                }
+                break c;
+            }
             Err(e) => {
                 tracing::warn!(remote = %remote.name, error = %e, "reading the cache failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     };
-    status.lock().counts = cache.counts();
+    {
+        let mut st = status.lock();
+        st.counts = cache.counts();
+        st.bytes = cache.state.bytes;
+    }
     let mut last_revision = 0;
     let mut backoff = new_backoff();
     loop {
@@ -297,6 +519,8 @@ async fn run(
             r = session(&ctx, &remote, &status, &staleness, &mut cache, &mut last_revision) => r,
             _ = stop.wait_for(|s| *s) => Err(SessionError::Stopped),
         };
+        // Addresses claimed by a snapshot that was never applied go back.
+        ctx.ip_owners.release_except(&remote.name, &cache.state.ips);
         if let Ok(id) = u16::try_from(remote.id) {
             ctx.connected_ids.lock().remove(&id);
         }
@@ -314,16 +538,24 @@ async fn run(
                         .ok()
                         .map(|d| d.as_secs());
                     s.refused = matches!(e, SessionError::Refused(_)).then(|| e.to_string());
+                    if let SessionError::Quota(q) = e {
+                        s.quota_exceeded = Some(q.clone());
+                        s.quota_stops += 1;
+                    }
                 }
                 Ok(()) => {}
             }
         }
+        let mut delay = backoff.next().unwrap_or(Duration::from_secs(10));
         match result {
             Err(SessionError::Stopped) => break,
+            Err(SessionError::Quota(q)) => {
+                tracing::error!(remote = %remote.name, quota = %q, retry_after = ?ctx.quota.retry_after, "the remote crossed a quota: its import is stopped, what was synced stays");
+                delay = ctx.quota.retry_after;
+            }
             Err(e) => tracing::warn!(remote = %remote.name, error = %e, "sync session ended"),
             Ok(()) => backoff = new_backoff(),
         }
-        let delay = backoff.next().unwrap_or(Duration::from_secs(10));
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             _ = stop.wait_for(|s| *s) => break,
@@ -436,6 +668,7 @@ async fn session(
         name: remote.name.clone(),
         id,
         mode: ctx.mode,
+        max_object_bytes: ctx.quota.object_bytes,
     };
 
     let resume = status.lock().ready;
@@ -456,7 +689,7 @@ async fn session(
     if resume {
         staleness.lock().set_synced(true, Instant::now());
     }
-    let mut staging: Option<BTreeMap<String, Vec<u8>>> = (!resume).then(BTreeMap::new);
+    let mut staging: Option<Tracked> = (!resume).then(Tracked::default);
     // A stream that carries nothing, not even heartbeats, until the remote would be withdrawn
     // is dead: end it and reconnect. (Unreachability itself is the staleness machine's call,
     // made from the time of the last message, not from this timeout.)
@@ -476,29 +709,67 @@ async fn session(
                         reason: "malformed",
                         detail: e.to_string(),
                     })
-                    .and_then(|o| cache_entry(&target, &o));
+                    .and_then(|mut o| {
+                        // A service that is valid otherwise keeps only the remote's own
+                        // endpoints as backends (an invalid one is rejected whole below).
+                        if let Object::Service(s) = &mut o
+                            && s.check_from_cluster(&remote.name, id).is_ok()
+                        {
+                            let state = staging.as_ref().unwrap_or(&cache.state);
+                            let foreign = restrict_backends(s, |ip| state.owns_endpoint(ip));
+                            if !foreign.is_empty() {
+                                count_reject(
+                                    status,
+                                    &remote.name,
+                                    &Reject {
+                                        kind: "services",
+                                        reason: "foreign-backend",
+                                        detail: format!(
+                                            "{}/{}: {foreign:?} are not endpoints of {}; imported without them",
+                                            s.namespace, s.name, remote.name
+                                        ),
+                                    },
+                                );
+                            }
+                        }
+                        cache_entry(&target, &o)
+                    })
+                    .and_then(|(key, value)| {
+                        claim(&ctx.ip_owners, &remote.name, &key).map(|()| (key, value))
+                    });
                 match entry {
                     Ok((key, value)) => match &mut staging {
                         Some(stage) => {
+                            stage.admit(&ctx.quota, &key, &value)?;
                             stage.insert(key, value);
                         }
-                        None => cache.put(key, value).await?,
+                        None => cache.put(&ctx.quota, key, value).await?,
                     },
                     Err(reject) => count_reject(status, &remote.name, &reject),
                 }
             }
             Some(Ev::Delete(d)) => match cache_key_of_delete(&target, &d) {
-                Ok(key) => match &mut staging {
-                    Some(stage) => {
-                        stage.remove(&key);
+                Ok(key) => {
+                    match &mut staging {
+                        Some(stage) => {
+                            stage.remove(&key);
+                        }
+                        None => cache.delete(&key).await?,
                     }
-                    None => cache.delete(&key).await?,
-                },
+                    if let Some(ip) = ip_of(&key) {
+                        let held = staging.as_ref().is_some_and(|s| s.ips.contains(&ip));
+                        if !held && !cache.state.ips.contains(&ip) {
+                            ctx.ip_owners.release(&ip, &remote.name);
+                        }
+                    }
+                }
                 Err(reject) => count_reject(status, &remote.name, &reject),
             },
             Some(Ev::Synced(_)) => {
                 if let Some(stage) = staging.take() {
+                    let keep = stage.ips.clone();
                     cache.replace(stage).await?;
+                    ctx.ip_owners.release_except(&remote.name, &keep);
                     let mut st = status.lock();
                     st.full_syncs += 1;
                     st.synced = ExportKind::ALL
@@ -506,19 +777,27 @@ async fn session(
                         .map(|k| k.segment().to_owned())
                         .collect();
                 }
-                status.lock().ready = true;
+                {
+                    let mut st = status.lock();
+                    st.ready = true;
+                    st.quota_exceeded = None;
+                    st.counts = cache.counts();
+                    st.bytes = cache.state.bytes;
+                }
                 staleness.lock().set_synced(true, Instant::now());
                 tracing::info!(remote = %remote.name, revision, "remote synced");
             }
             Some(Ev::Reset(r)) => {
                 tracing::info!(remote = %remote.name, reason = %r.reason, "remote reset: staging a new snapshot");
-                staging = Some(BTreeMap::new());
+                staging = Some(Tracked::default());
             }
             Some(Ev::Heartbeat(_)) | None => {}
         }
         if staging.is_none() && revision > *last_revision {
             *last_revision = revision;
-            status.lock().counts = cache.counts();
+            let mut st = status.lock();
+            st.counts = cache.counts();
+            st.bytes = cache.state.bytes;
         }
     }
 }

@@ -19,7 +19,7 @@ use clustermesh_model::keys::ExportKind;
 use clustermesh_proto::client::{ClientTls, server_name};
 use clustermesh_proto::v1::{self, watch_event::Event as Ev};
 use clustermesh_sync::staleness::StalenessConfig;
-use clustermesh_sync::worker::{RemoteConfig, RemoteWorker, SyncContext};
+use clustermesh_sync::worker::{Quota, RemoteConfig, RemoteWorker, SyncContext};
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
@@ -110,7 +110,7 @@ impl v1::export_server::Export for Hostile {
                     r#type: "InternalIP".into(),
                     ip: "192.0.2.2".into(),
                 }],
-                labels: (0..2000)
+                labels: (0..3000)
                     .map(|i| (format!("k{i}"), "v".repeat(500)))
                     .collect(),
                 ..Default::default()
@@ -261,9 +261,9 @@ impl v1::export_server::Export for Silent {
 async fn serve<S: v1::export_server::Export>(
     service: S,
     ca: &CertificateAuthority,
+    name: &ClusterName,
 ) -> std::net::SocketAddr {
-    let c2 = ClusterName::new("c2").unwrap();
-    let server = ca.server_cert(&c2, &[]).unwrap();
+    let server = ca.server_cert(name, &[]).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let tls = tonic::transport::ServerTlsConfig::new()
@@ -288,13 +288,15 @@ async fn import_from<S: v1::export_server::Export>(
     service: S,
     staleness: StalenessConfig,
 ) -> (RemoteWorker, Arc<dyn KvStore>, tempfile::TempDir) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let c2 = ClusterName::new("c2").unwrap();
-    let ca = CertificateAuthority::generate(&c2).unwrap();
-    let addr = serve(service, &ca).await;
-    let client = ca
-        .client_cert(&ClientIdentity::Remote(ClusterName::new("c1").unwrap()))
-        .unwrap();
+    import_with_quota(service, staleness, Quota::default()).await
+}
+
+/// [`import_from`] with the given quota.
+async fn import_with_quota<S: v1::export_server::Export>(
+    service: S,
+    staleness: StalenessConfig,
+    quota: Quota,
+) -> (RemoteWorker, Arc<dyn KvStore>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn KvStore> =
         Arc::new(SledStore::open(&SledConfig::new(dir.path().join("s"))).unwrap());
@@ -306,19 +308,40 @@ async fn import_from<S: v1::export_server::Export>(
         staleness,
         connected_ids: Arc::default(),
         keep_last_backends: true,
+        quota,
+        ip_owners: Arc::default(),
     };
+    let worker = spawn_worker(service, &ctx, "c2", 2).await;
+    (worker, store, dir)
+}
+
+/// Serves `service` as remote cluster `name` (ID `id`, a CA of its own) and starts a worker
+/// of `ctx` that imports it.
+async fn spawn_worker<S: v1::export_server::Export>(
+    service: S,
+    ctx: &SyncContext,
+    name: &str,
+    id: u32,
+) -> RemoteWorker {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cluster = ClusterName::new(name).unwrap();
+    let ca = CertificateAuthority::generate(&cluster).unwrap();
+    let addr = serve(service, &ca, &cluster).await;
+    let client = ca
+        .client_cert(&ClientIdentity::Remote(ctx.local.clone()))
+        .unwrap();
     let remote = RemoteConfig {
-        name: c2,
-        id: 2,
+        name: cluster,
+        id,
         address: addr.to_string(),
         tls: ClientTls {
             ca_pem: ca.cert().cert_pem.clone(),
             cert_pem: client.cert_pem,
             key_pem: client.key_pem,
-            server_name: server_name("c2"),
+            server_name: server_name(name),
         },
     };
-    (RemoteWorker::spawn(ctx, remote), store, dir)
+    RemoteWorker::spawn(ctx.clone(), remote)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -490,4 +513,369 @@ async fn after_a_reset_the_cache_converges_and_stale_keys_go() {
     assert_eq!(deleted.key, "cilium/cache/ip/v1/c2/10.2.0.6");
     assert_eq!(deleted.revision, at);
     worker.stop().await;
+}
+
+/// A remote that sends objects without end: `synced_after` of them, then `Synced`, then more;
+/// with `None`, never `Synced` (its snapshot never ends).
+struct Flood {
+    synced_after: Option<usize>,
+    object: fn(usize) -> v1::upsert::Object,
+}
+
+#[tonic::async_trait]
+impl v1::export_server::Export for Flood {
+    async fn get_cluster_config(
+        &self,
+        r: Request<v1::GetClusterConfigRequest>,
+    ) -> Result<Response<v1::ClusterConfig>, Status> {
+        Hostile.get_cluster_config(r).await
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchEvent, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        _: Request<v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let (synced_after, object) = (self.synced_after, self.object);
+        let events = futures::stream::iter(0..).flat_map(move |i| {
+            let mut out = Vec::new();
+            if synced_after == Some(i) {
+                out.push(Ok(v1::WatchEvent {
+                    revision: 10,
+                    event: Some(Ev::Synced(v1::Synced {})),
+                }));
+            }
+            let mut u = upsert(object(i));
+            u.revision = 11 + i64::try_from(i).unwrap();
+            out.push(Ok(u));
+            futures::stream::iter(out)
+        });
+        Ok(Response::new(Box::pin(events)))
+    }
+}
+
+fn pod_ip(i: usize) -> v1::upsert::Object {
+    ipcache(&format!("10.2.{}.{}", i / 250, 1 + i % 250), 131_080)
+}
+
+fn big_node(i: usize) -> v1::upsert::Object {
+    v1::upsert::Object::Node(v1::Node {
+        name: format!("n{i}"),
+        cluster: "c2".into(),
+        cluster_id: 2,
+        addresses: vec![v1::NodeAddress {
+            r#type: "InternalIP".into(),
+            ip: "192.0.2.2".into(),
+        }],
+        labels: (0..40)
+            .map(|l| (format!("k{l}"), "v".repeat(1000)))
+            .collect(),
+        ..Default::default()
+    })
+}
+
+async fn wait_for_quota_stop(worker: &RemoteWorker) -> clustermesh_sync::worker::RemoteStatus {
+    for _ in 0..400 {
+        if worker.status.lock().quota_stops > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    worker.status.lock().clone()
+}
+
+async fn cache_keys(store: &Arc<dyn KvStore>, prefix: &str) -> Vec<String> {
+    store
+        .list(prefix)
+        .await
+        .unwrap()
+        .kvs
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_never_ends_stops_at_the_object_quota_and_writes_nothing() {
+    let quota = Quota {
+        ip: 1000,
+        ..Quota::default()
+    };
+    let flood = Flood {
+        synced_after: None,
+        object: pod_ip,
+    };
+    let (worker, store, _dir) = import_with_quota(flood, StalenessConfig::default(), quota).await;
+    let status = wait_for_quota_stop(&worker).await;
+    assert_eq!(status.quota_stops, 1, "{status:?}");
+    assert_eq!(
+        status.quota_exceeded.as_deref(),
+        Some("more than 1000 ip objects")
+    );
+    assert!(!status.ready && !status.connected, "{status:?}");
+    assert_eq!(
+        status.last_failure.as_deref(),
+        Some("quota exceeded: more than 1000 ip objects; the import stops, what was synced stays")
+    );
+    // The staged snapshot was dropped: nothing reached the store.
+    assert!(cache_keys(&store, "cilium/cache/").await.is_empty());
+    // The import waits `retry_after` (60 s) before it tries again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(worker.status.lock().quota_stops, 1);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_over_the_byte_quota_stops_and_writes_nothing() {
+    let quota = Quota {
+        bytes: 200_000,
+        ..Quota::default()
+    };
+    let flood = Flood {
+        synced_after: None,
+        object: big_node,
+    };
+    let (worker, store, _dir) = import_with_quota(flood, StalenessConfig::default(), quota).await;
+    let status = wait_for_quota_stop(&worker).await;
+    assert_eq!(
+        status.quota_exceeded.as_deref(),
+        Some("more than 200000 bytes of objects"),
+        "{status:?}"
+    );
+    assert!(cache_keys(&store, "cilium/cache/").await.is_empty());
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crossing_the_quota_after_sync_keeps_what_was_synced() {
+    let quota = Quota {
+        ip: 10,
+        ..Quota::default()
+    };
+    let flood = Flood {
+        synced_after: Some(4),
+        object: pod_ip,
+    };
+    let (worker, store, _dir) = import_with_quota(flood, StalenessConfig::default(), quota).await;
+    let status = wait_for_quota_stop(&worker).await;
+    assert_eq!(
+        status.quota_exceeded.as_deref(),
+        Some("more than 10 ip objects"),
+        "{status:?}"
+    );
+    // Synced once; the cache holds the snapshot and the changes up to the quota, and the
+    // canaries of the sync.
+    assert!(status.ready, "{status:?}");
+    assert_eq!(status.full_syncs, 1);
+    assert_eq!(status.counts.get("ip"), Some(&10));
+    let keys = cache_keys(&store, "cilium/cache/ip/").await;
+    let expected: Vec<String> = (0..10)
+        .map(|i| match pod_ip(i) {
+            v1::upsert::Object::Ipcache(e) => format!("cilium/cache/ip/v1/c2/{}", e.ip),
+            _ => unreachable!(),
+        })
+        .collect();
+    let mut expected = expected;
+    expected.sort();
+    assert_eq!(keys, expected);
+    assert_eq!(
+        cache_keys(&store, "cilium/synced/c2/").await.len(),
+        ExportKind::ALL.len()
+    );
+    worker.stop().await;
+}
+
+/// A remote that sends `events`, then heartbeats: as cluster `name`, ID `id`.
+struct Scripted {
+    name: &'static str,
+    id: u32,
+    events: Vec<v1::WatchEvent>,
+}
+
+#[tonic::async_trait]
+impl v1::export_server::Export for Scripted {
+    async fn get_cluster_config(
+        &self,
+        _: Request<v1::GetClusterConfigRequest>,
+    ) -> Result<Response<v1::ClusterConfig>, Status> {
+        Ok(Response::new(v1::ClusterConfig {
+            name: self.name.into(),
+            id: self.id,
+            synced_canaries: true,
+            cached: true,
+            max_connected_clusters: 255,
+        }))
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchEvent, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        _: Request<v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let heartbeats = futures::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let beat = v1::WatchEvent {
+                revision: 10,
+                event: Some(Ev::Heartbeat(v1::Heartbeat {})),
+            };
+            Some((Ok(beat), ()))
+        });
+        Ok(Response::new(Box::pin(futures::StreamExt::chain(
+            futures::stream::iter(self.events.clone().into_iter().map(Ok)),
+            heartbeats,
+        ))))
+    }
+}
+
+fn pod_of(cluster: &str, ip: &str, identity: u32) -> v1::WatchEvent {
+    upsert(v1::upsert::Object::Ipcache(v1::IpCacheEntry {
+        cluster: cluster.into(),
+        ip: ip.into(),
+        identity,
+        host_ip: String::new(),
+        namespace: "prod".into(),
+        pod_name: "p".into(),
+        named_ports: vec![],
+    }))
+}
+
+fn synced() -> v1::WatchEvent {
+    v1::WatchEvent {
+        revision: 10,
+        event: Some(Ev::Synced(v1::Synced {})),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_cannot_take_another_clusters_ip_or_point_a_service_outside_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn KvStore> =
+        Arc::new(SledStore::open(&SledConfig::new(dir.path().join("s"))).unwrap());
+    let ctx = SyncContext {
+        local: ClusterName::new("c1").unwrap(),
+        local_id: ClusterId::new(1, MaxConnectedClusters::C255).unwrap(),
+        mode: MaxConnectedClusters::C255,
+        store: Arc::clone(&store),
+        staleness: StalenessConfig::default(),
+        connected_ids: Arc::default(),
+        keep_last_backends: true,
+        quota: Quota::default(),
+        ip_owners: Arc::default(),
+    };
+    // c3 imports first and owns 10.9.0.1.
+    let c3 = spawn_worker(
+        Scripted {
+            name: "c3",
+            id: 3,
+            events: vec![pod_of("c3", "10.9.0.1", 196_616), synced()],
+        },
+        &ctx,
+        "c3",
+        3,
+    )
+    .await;
+    support_wait(|| c3.status.lock().ready).await;
+    // c2 (a lower name: once the winner) claims it too, and lists it, an address outside the
+    // mesh and its own pod and node as backends of a global service.
+    let port = || v1::ServicePort {
+        name: "http".into(),
+        protocol: "TCP".into(),
+        port: 80,
+    };
+    let backend = |ip: &str| v1::Backend {
+        ip: ip.into(),
+        ports: vec![port()],
+        ready: true,
+        serving: true,
+        terminating: false,
+    };
+    let service = upsert(v1::upsert::Object::Service(v1::Service {
+        cluster: "c2".into(),
+        namespace: "prod".into(),
+        name: "web".into(),
+        cluster_id: 2,
+        global: true,
+        shared: true,
+        frontends: vec![v1::Frontend {
+            ip: "10.96.0.10".into(),
+            ports: vec![port()],
+        }],
+        backends: ["10.9.0.1", "10.9.0.2", "198.51.100.7", "192.0.2.2"]
+            .into_iter()
+            .map(backend)
+            .collect(),
+        affinity: "none".into(),
+        ..Default::default()
+    }));
+    let node = upsert(v1::upsert::Object::Node(v1::Node {
+        name: "n1".into(),
+        cluster: "c2".into(),
+        cluster_id: 2,
+        addresses: vec![v1::NodeAddress {
+            r#type: "InternalIP".into(),
+            ip: "192.0.2.2".into(),
+        }],
+        ..Default::default()
+    }));
+    let c2 = spawn_worker(
+        Scripted {
+            name: "c2",
+            id: 2,
+            events: vec![
+                pod_of("c2", "10.9.0.1", 131_080),
+                pod_of("c2", "10.9.0.2", 131_080),
+                node,
+                service,
+                synced(),
+            ],
+        },
+        &ctx,
+        "c2",
+        2,
+    )
+    .await;
+    support_wait(|| c2.status.lock().ready).await;
+    let status = c2.status.lock().clone();
+    let rejected: Vec<(&str, u64)> = status
+        .rejected
+        .iter()
+        .map(|(k, v)| (k.as_str(), *v))
+        .collect();
+    assert_eq!(
+        rejected,
+        [("ip/conflict", 1), ("services/foreign-backend", 1)]
+    );
+    let keys = cache_keys(&store, "cilium/cache/ip/").await;
+    assert_eq!(
+        keys,
+        [
+            "cilium/cache/ip/v1/c2/10.9.0.2",
+            "cilium/cache/ip/v1/c3/10.9.0.1"
+        ]
+    );
+    let web = store
+        .get("cilium/cache/services/v1/c2/prod/web")
+        .await
+        .unwrap()
+        .expect("the service is imported");
+    let web: clustermesh_model::service::ClusterService =
+        serde_json::from_slice(&web.value).unwrap();
+    let backends: Vec<String> = web.backends.keys().map(|ip| ip.to_string()).collect();
+    assert_eq!(backends, ["10.9.0.2", "192.0.2.2"]);
+    // The owner's import is untouched.
+    assert!(c3.status.lock().rejected.is_empty());
+    c2.stop().await;
+    c3.stop().await;
+}
+
+async fn support_wait(mut cond: impl FnMut() -> bool) {
+    for _ in 0..400 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out after 10 s");
 }

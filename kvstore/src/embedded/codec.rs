@@ -6,6 +6,7 @@
 //! | `k` + key | [`Record`]: create rev, mod rev, version, lease (0 = none), value |
 //! | `l` + revision (big endian) | [`LogEntry`]: the changes of that revision with the records they replaced |
 //! | `m` + name (`mrev`, `mfloor`, `mnext-lease`) | meta: `rev`, `floor`, `next-lease` as big-endian i64 |
+//! | `mclean` | present only while the store is closed cleanly (written on close, removed on open) |
 //! | `L` + lease id (big endian) | TTL in milliseconds |
 
 use crate::{Error, KeyValue, LeaseId, Result, Revision};
@@ -17,6 +18,7 @@ pub(super) const LEASE: u8 = b'L';
 pub(super) const META_REVISION: &[u8] = b"mrev";
 pub(super) const META_FLOOR: &[u8] = b"mfloor";
 pub(super) const META_NEXT_LEASE: &[u8] = b"mnext-lease";
+pub(super) const META_CLEAN: &[u8] = b"mclean";
 
 pub(super) fn data_key(key: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 1);

@@ -7,6 +7,7 @@ fn remote() -> Remote {
         name: ClusterName::new("c2").unwrap(),
         id: ClusterId::new(2, MaxConnectedClusters::C255).unwrap(),
         mode: MaxConnectedClusters::C255,
+        max_object_bytes: crate::validate::MAX_OBJECT_BYTES,
     }
 }
 

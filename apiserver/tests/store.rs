@@ -133,6 +133,8 @@ async fn scenario(cluster: TestCluster) {
         "cilium/synced/c1/cilium/state/ip/v1",
         "cilium/synced/c1/cilium/state/nodes/v1",
         "cilium/synced/c1/cilium/state/services/v1",
+        // The exported namespaces, recorded with the objects they govern.
+        "clustermesh/local/export-namespaces",
     ];
     let c = eventually(store, |c| {
         if keys_of(c) == base {

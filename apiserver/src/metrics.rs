@@ -1,5 +1,6 @@
 //! Prometheus metrics of the apiserver and the plain-HTTP health endpoints: `/healthz` (the
-//! process runs), `/readyz` (the first sync of the source into the store is done), `/metrics`.
+//! process runs), `/readyz` (the first sync of the source into the store is done and the
+//! store answers), `/metrics`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,10 +15,33 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+/// What the last probes of the kvstore found.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreHealth {
+    /// The last probe got an answer in time.
+    pub healthy: bool,
+    /// Why it did not.
+    pub error: Option<String>,
+    /// Since when (Unix seconds) the store has been in this state.
+    pub since: u64,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// The apiserver's metrics.
 pub struct Metrics {
     registry: Registry,
     ready: AtomicBool,
+    store_health: parking_lot::Mutex<StoreHealth>,
+    /// 1 while the kvstore answers its probes.
+    pub kvstore_healthy: Gauge,
+    /// Probes of the kvstore that failed or timed out.
+    pub kvstore_probe_failures: Counter,
     /// This cluster's name and ID, for `/status`.
     cluster: std::sync::OnceLock<(String, u16)>,
     /// Source documents that could not be used, per load.
@@ -115,9 +139,29 @@ impl Metrics {
             "Stored values the Export server did not send: larger than limits.maxObjectBytes",
             Counter::default(),
         );
+        let kvstore_healthy = m(
+            &mut registry,
+            "kvstore_healthy",
+            "1 while the kvstore answers its probes (every second, 3 s to answer), 0 while it does not (etcd without quorum, unreachable)",
+            Gauge::default(),
+        );
+        kvstore_healthy.set(1);
+        let kvstore_probe_failures = c(
+            &mut registry,
+            "kvstore_probe_failures",
+            "Probes of the kvstore that failed or timed out",
+            Counter::default(),
+        );
         Self {
             registry,
             ready: AtomicBool::new(false),
+            store_health: parking_lot::Mutex::new(StoreHealth {
+                healthy: true,
+                error: None,
+                since: unix_now(),
+            }),
+            kvstore_healthy,
+            kvstore_probe_failures,
             cluster: std::sync::OnceLock::new(),
             source_problems,
             store_writes,
@@ -137,9 +181,51 @@ impl Metrics {
         self.ready.store(true, Ordering::Release);
     }
 
-    /// Whether the apiserver is ready.
+    /// Whether the apiserver is ready: the first sync is done and the store answers.
     pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && self.store_health.lock().healthy
+    }
+
+    /// Whether the first sync of the source is done.
+    pub fn is_synced(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// The kvstore's health.
+    pub fn store_health(&self) -> StoreHealth {
+        self.store_health.lock().clone()
+    }
+
+    /// Records a probe of the kvstore; returns the new health when it changed.
+    pub fn record_store_probe(&self, result: Result<(), String>) -> Option<StoreHealth> {
+        let mut h = self.store_health.lock();
+        match result {
+            Ok(()) => {
+                self.kvstore_healthy.set(1);
+                if h.healthy {
+                    return None;
+                }
+                *h = StoreHealth {
+                    healthy: true,
+                    error: None,
+                    since: unix_now(),
+                };
+            }
+            Err(e) => {
+                self.kvstore_healthy.set(0);
+                self.kvstore_probe_failures.inc();
+                if !h.healthy {
+                    h.error = Some(e);
+                    return None;
+                }
+                *h = StoreHealth {
+                    healthy: false,
+                    error: Some(e),
+                    since: unix_now(),
+                };
+            }
+        }
+        Some(h.clone())
     }
 
     /// The text exposition format.
@@ -255,12 +341,22 @@ pub fn router_with_remotes(metrics: Arc<Metrics>, remotes: RemoteStatuses) -> Ro
         .route(
             "/readyz",
             get(|State(m): State<Arc<Metrics>>| async move {
-                if m.is_ready() {
-                    (StatusCode::OK, "ready\n")
+                let store = m.store_health();
+                if !store.healthy {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "not ready: the kvstore is unavailable since unix time {}: {}\n",
+                            store.since,
+                            store.error.unwrap_or_default()
+                        ),
+                    )
+                } else if m.is_synced() {
+                    (StatusCode::OK, "ready\n".to_owned())
                 } else {
                     (
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "not ready: the first sync is not done\n",
+                        "not ready: the first sync is not done\n".to_owned(),
                     )
                 }
             }),
@@ -291,6 +387,7 @@ pub fn router_with_remotes(metrics: Arc<Metrics>, remotes: RemoteStatuses) -> Ro
                         "cluster": s.metrics.cluster.get().map(|c| c.0.clone()),
                         "id": s.metrics.cluster.get().map(|c| c.1),
                         "ready": s.metrics.is_ready(),
+                        "store": s.metrics.store_health(),
                         "remotes": statuses,
                     })
                     .to_string(),

@@ -320,6 +320,11 @@ pub async fn start_with(
         default_global: config.global_namespaces_by_default,
     };
     let source_task = tokio::spawn(source.run(stop_rx.clone()));
+    let probe_task = tokio::spawn(probe_store(
+        Arc::clone(&store),
+        Arc::clone(&metrics),
+        stop_rx.clone(),
+    ));
     let supervisor_task = tokio::spawn(supervise_remotes(
         config.clone(),
         Arc::clone(&remotes),
@@ -333,8 +338,75 @@ pub async fn start_with(
         store,
         remotes,
         stop,
-        tasks: vec![source_task, grpc_task, health_task, supervisor_task],
+        tasks: vec![
+            source_task,
+            grpc_task,
+            health_task,
+            supervisor_task,
+            probe_task,
+        ],
     })
+}
+
+/// How often the kvstore is probed, and how long it has to answer.
+pub const STORE_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// See [`STORE_PROBE_INTERVAL`].
+pub const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Probes the store every second: a read of its revision (on etcd a linearizable read, which
+/// needs quorum), tried up to three times. Three failures, or no answer within 3 s, make the apiserver not ready
+/// (`/readyz`, `/status`), sets `clustermesh_kvstore_healthy` to 0 and is logged; so is the
+/// recovery.
+async fn probe_store(
+    store: Arc<dyn KvStore>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ServeError> {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(STORE_PROBE_INTERVAL) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+        // Up to three tries: a request that reached a dead member of a healthy etcd cluster
+        // fails at once, and the client's balancer then tries the others.
+        let probe = async {
+            let mut last = String::new();
+            for _ in 0..3 {
+                match store.current_revision().await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => last = error_chain(&e),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(last)
+        };
+        let result = match tokio::time::timeout(STORE_PROBE_TIMEOUT, probe).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {STORE_PROBE_TIMEOUT:?}")),
+        };
+        if let Some(h) = metrics.record_store_probe(result) {
+            if h.healthy {
+                tracing::info!("the kvstore answers again: ready");
+            } else {
+                tracing::error!(
+                    error = h.error.as_deref().unwrap_or(""),
+                    "the kvstore is unavailable (etcd without quorum, or unreachable): not ready until it answers"
+                );
+            }
+        }
+    }
+}
+
+/// An error with its causes, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// The remotes wanted now: the config file's plus the remotes directory's.

@@ -392,3 +392,130 @@ async fn identities_orphaned_by_a_crash_are_collected_after_the_grace() {
     assert_eq!(restarted.allocate(&web).await.unwrap(), web_id);
     assert_eq!(restarted.allocate(&db).await.unwrap(), db_id);
 }
+
+fn nodes_manifest(names: &[&str]) -> String {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            format!(
+                "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {n}}}\nstatus: {{addresses: [{{type: InternalIP, address: 192.0.2.{}}}]}}\n",
+                i + 1
+            )
+        })
+        .collect()
+}
+
+async fn stored_nodes(store: &dyn KvStore) -> Option<Vec<String>> {
+    let listing = store.list("cilium/state/nodes/v1/c1/").await.ok()?;
+    Some(
+        listing
+            .kvs
+            .into_iter()
+            .map(|kv| kv.key.rsplit('/').next().unwrap().to_owned())
+            .collect(),
+    )
+}
+
+async fn readyz(running: &clustermesh_apiserver::Running) -> String {
+    support::http_get(running.health_addr, "/readyz").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_member_etcd_losing_its_leader_then_its_quorum_is_seen_and_loses_nothing() {
+    use clustermesh_kvstore::testing::EtcdCluster;
+    let mut etcd = EtcdCluster::start(3).await;
+    let cluster = TestCluster::new(
+        "c1",
+        1,
+        Some(StoreConfig::Etcd {
+            endpoints: etcd.endpoints(),
+            tls: None,
+            max_txn_ops: None,
+            max_txn_bytes: None,
+        }),
+    );
+    cluster.write_manifest("nodes.yaml", &nodes_manifest(&["n1"]));
+    let running = cluster.start().await;
+
+    // The leader dies: the others elect a new one, the apiserver stays ready, writes land.
+    let leader = etcd.leader().await;
+    etcd.kill(leader);
+    cluster.write_manifest("nodes.yaml", &nodes_manifest(&["n1", "n2"]));
+    let mut landed = false;
+    for _ in 0..150 {
+        if stored_nodes(running.store.as_ref()).await == Some(vec!["n1".into(), "n2".into()]) {
+            landed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(landed, "a write after the leader's death never landed");
+    let r = readyz(&running).await;
+    assert!(r.contains(" 200 "), "{r}");
+
+    // A second member dies: no quorum. Within seconds the apiserver says so.
+    let second = (0..3).find(|i| *i != leader).unwrap();
+    etcd.kill(second);
+    let lost = std::time::Instant::now();
+    let mut seen = String::new();
+    for _ in 0..100 {
+        seen = readyz(&running).await;
+        if seen.contains(" 503 ") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        seen.contains("not ready: the kvstore is unavailable"),
+        "no sign of the lost quorum after {:?}: {seen}",
+        lost.elapsed()
+    );
+    let noticed = lost.elapsed();
+    assert!(!running.metrics.is_ready());
+    let metrics = support::http_get(running.health_addr, "/metrics").await;
+    assert!(
+        metrics.contains("clustermesh_kvstore_healthy 0"),
+        "{metrics}"
+    );
+    let status = support::http_get(running.health_addr, "/status").await;
+    assert!(
+        status.contains("\"ready\":false") && status.contains("\"healthy\":false"),
+        "{status}"
+    );
+    // A change made meanwhile waits for the store.
+    cluster.write_manifest("nodes.yaml", &nodes_manifest(&["n1", "n2", "n3"]));
+
+    // Quorum returns: ready again, and the change is written.
+    etcd.restart(leader);
+    etcd.restart(second);
+    let back = std::time::Instant::now();
+    let mut ready = false;
+    for _ in 0..300 {
+        if readyz(&running).await.contains(" 200 ") {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "not ready 30 s after quorum returned");
+    let recovered = back.elapsed();
+    let mut landed = false;
+    for _ in 0..300 {
+        if stored_nodes(running.store.as_ref()).await
+            == Some(vec!["n1".into(), "n2".into(), "n3".into()])
+        {
+            landed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(landed, "the change made without quorum never landed");
+    let metrics = support::http_get(running.health_addr, "/metrics").await;
+    assert!(
+        metrics.contains("clustermesh_kvstore_healthy 1"),
+        "{metrics}"
+    );
+    eprintln!("quorum loss seen after {noticed:?}; ready again {recovered:?} after its return");
+    running.stop().await.unwrap();
+}

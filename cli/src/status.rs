@@ -44,9 +44,18 @@ fn render(s: &Value, remotes: &[Value]) -> String {
         s["cluster"].as_str().unwrap_or("?"),
         s["id"].as_u64().map_or("?".to_owned(), |i| i.to_string()),
         if s["ready"] == true {
-            "ready"
+            "ready".to_owned()
+        } else if s["store"]["healthy"] == false {
+            format!(
+                "NOT READY (kvstore unavailable{}: {})",
+                ago(s["store"]["since"].as_u64())
+                    .trim_end()
+                    .replace('(', " since ")
+                    .replace(')', ""),
+                s["store"]["error"].as_str().unwrap_or("?")
+            )
         } else {
-            "NOT READY (first sync not done)"
+            "NOT READY (first sync not done)".to_owned()
         }
     );
     if remotes.is_empty() {

@@ -54,6 +54,9 @@ pub struct EtcdConfig {
     pub tls: Option<EtcdTls>,
     /// How long to wait for a connection.
     pub connect_timeout: Duration,
+    /// The deadline of every request (for a watch or a lease keep-alive stream: until it is
+    /// open). Without quorum etcd holds requests; this turns the wait into an error.
+    pub request_timeout: Duration,
     /// What one transaction may hold: `max_ops` must not exceed the servers'
     /// `--max-txn-ops` (etcd's default 128), `max_bytes` must stay below their
     /// `--max-request-bytes` (default 1.5 MiB).
@@ -68,12 +71,13 @@ pub const ETCD_DEFAULT_TXN_LIMITS: TxnLimits = TxnLimits {
 };
 
 impl EtcdConfig {
-    /// Plain connections with a 5 s connect timeout.
+    /// Plain connections with a 5 s connect timeout and a 10 s request deadline.
     pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
         Self {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             tls: None,
             connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
             txn_limits: ETCD_DEFAULT_TXN_LIMITS,
         }
     }
@@ -151,6 +155,7 @@ impl EtcdStore {
     pub async fn connect(config: &EtcdConfig) -> Result<Self> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(config.connect_timeout)
+            .with_timeout(config.request_timeout)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
         if let Some(tls) = &config.tls {
             let ca = Certificate::from_pem(read_pem(&tls.ca)?);

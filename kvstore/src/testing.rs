@@ -248,3 +248,175 @@ impl Drop for EtcdServer {
         self.stop();
     }
 }
+
+/// A real etcd cluster of several members on loopback (plain connections), each member a
+/// process that can be killed and started again: leader loss, quorum loss and return. Every
+/// member is killed on drop.
+pub struct EtcdCluster {
+    dir: TempDir,
+    members: Vec<Member>,
+}
+
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members and waits until the cluster answers (has quorum).
+    pub async fn start(size: usize) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("clustermesh-etcd-cluster-")
+            .tempdir()
+            .expect("creating a temp dir must work");
+        let members = (0..size)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                child: None,
+            })
+            .collect();
+        let mut cluster = Self { dir, members };
+        for i in 0..size {
+            cluster.launch(i);
+        }
+        cluster.wait_for_quorum().await;
+        cluster
+    }
+
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect()
+    }
+
+    /// Kills member `i` (SIGKILL, as a crash would).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts member `i` again on its data directory.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.launch(i);
+    }
+
+    /// The index of the current leader, as a running member reports it.
+    pub async fn leader(&self) -> usize {
+        for _ in 0..100 {
+            for (i, m) in self.members.iter().enumerate() {
+                if m.child.is_none() {
+                    continue;
+                }
+                let url = format!("http://127.0.0.1:{}", m.client_port);
+                let Ok(mut client) = etcd_client::Client::connect([url], None).await else {
+                    continue;
+                };
+                let Ok(status) = client.status().await else {
+                    continue;
+                };
+                let me = status.header().map(|h| h.member_id());
+                if me == Some(status.leader()) {
+                    return i;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "no member reports itself the leader within 10 s\n{}",
+            self.log()
+        );
+    }
+
+    /// Waits until the cluster answers a linearizable read.
+    pub async fn wait_for_quorum(&self) {
+        for _ in 0..200 {
+            let mut config = EtcdConfig::new(self.endpoints());
+            config.connect_timeout = Duration::from_millis(500);
+            config.request_timeout = Duration::from_secs(1);
+            if EtcdStore::connect(&config).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "the etcd cluster did not answer within 20 s\n{}",
+            self.log()
+        );
+    }
+
+    fn initial_cluster(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn log(&self) -> String {
+        let mut out = String::new();
+        for m in &self.members {
+            let log = std::fs::read_to_string(self.dir.path().join(format!("{}.log", m.name)))
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            out.push_str(&format!(
+                "--- {} (last lines)\n{}\n",
+                m.name,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ));
+        }
+        out
+    }
+
+    fn launch(&mut self, i: usize) {
+        let initial = self.initial_cluster();
+        let m = &self.members[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", m.name)))
+            .expect("the etcd log file must be writable");
+        let client_url = format!("http://127.0.0.1:{}", m.client_port);
+        let peer_url = format!("http://127.0.0.1:{}", m.peer_port);
+        let child = Command::new(etcd_binary())
+            .arg(format!("--name={}", m.name))
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.path().join(&m.name).display()
+            ))
+            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={client_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster={initial}"))
+            .arg("--initial-cluster-state=new")
+            .arg("--initial-cluster-token=clustermesh-test")
+            .arg("--heartbeat-interval=50")
+            .arg("--election-timeout=500")
+            .arg("--logger=zap")
+            .arg("--log-outputs=stderr")
+            .arg("--log-level=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {} failed: {e}", etcd_binary().display()));
+        self.members[i].child = Some(child);
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}

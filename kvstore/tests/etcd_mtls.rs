@@ -1,4 +1,5 @@
-//! The etcd backend over mutual TLS against a real etcd that requires client certificates.
+//! The etcd backend against a real etcd: over mutual TLS (the server requires client
+//! certificates), and the request deadline.
 
 use clustermesh_kvstore::etcd::{EtcdStore, EtcdTls};
 use clustermesh_kvstore::testing::{EtcdServer, TlsFiles};
@@ -92,4 +93,29 @@ async fn missing_tls_files_are_a_clear_error() {
         Err(Error::TlsFile { path, .. }) => assert_eq!(path, "/nonexistent/ca.pem"),
         other => panic!("expected TlsFile, got {:?}", other.err()),
     }
+}
+
+/// The request deadline bounds how long a request may wait, not how long a watch or a lease
+/// keep-alive stream lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_deadline_does_not_end_watches_or_leases() {
+    use futures::StreamExt;
+    let etcd = EtcdServer::start().await;
+    let mut config = etcd.config();
+    config.request_timeout = std::time::Duration::from_secs(1);
+    let store = EtcdStore::connect(&config).await.unwrap();
+    let lease = store
+        .grant_lease(std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut watch = store.watch("w/", 0).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    store.keep_alive(lease).await.unwrap();
+    let rev = store.put("w/a", b"v", Some(lease)).await.unwrap();
+    let event = tokio::time::timeout(std::time::Duration::from_secs(5), watch.next())
+        .await
+        .expect("the watch still delivers after the deadline")
+        .unwrap()
+        .unwrap();
+    assert_eq!((event.key.as_str(), event.revision), ("w/a", rev));
 }

@@ -518,6 +518,10 @@ async fn run_watch(
     let mut held = Held::for_client(remote);
     let mut resume = (since > 0).then_some(since);
     loop {
+        // Marked now, before the snapshot or the resume reads the filter: a change from here
+        // on resets the stream, even one made while the snapshot is being sent.
+        let mut namespaces = inner.namespaces.clone();
+        namespaces.borrow_and_update();
         let from = match resume.take() {
             Some(since) => match resume_from(&inner, remote, &wanted, since).await {
                 Resume::From(holding) => {
@@ -545,7 +549,13 @@ async fn run_watch(
                 }
             }
         };
-        match follow(&inner, remote, &common, &matches, from, &tx, &mut held).await {
+        let stream = Followed {
+            remote,
+            common: &common,
+            matches: &matches,
+            tx: &tx,
+        };
+        match follow(&inner, &stream, from, &mut held, namespaces).await {
             Stop::Gone => return,
             Stop::Resnapshot => continue,
         }
@@ -644,15 +654,27 @@ async fn snapshot(
 }
 
 /// Streams changes after `from` until the client leaves or a new snapshot is needed.
-async fn follow(
-    inner: &Inner,
+/// What one watch stream follows, and where it sends.
+struct Followed<'a, M: Fn(&str) -> bool> {
     remote: bool,
-    common: &str,
-    matches: &impl Fn(&str) -> bool,
+    common: &'a str,
+    matches: &'a M,
+    tx: &'a EventTx,
+}
+
+async fn follow<M: Fn(&str) -> bool>(
+    inner: &Inner,
+    stream: &Followed<'_, M>,
     from: Revision,
-    tx: &EventTx,
     held: &mut Held,
+    mut namespaces: tokio::sync::watch::Receiver<Option<NamespaceFilter>>,
 ) -> Stop {
+    let Followed {
+        remote,
+        common,
+        matches,
+        tx,
+    } = *stream;
     let mut watch = match inner.store.watch(common, from).await {
         Ok(w) => w,
         Err(e) => {
@@ -662,8 +684,6 @@ async fn follow(
     };
     let mut last = from;
     let mut shutdown = inner.shutdown.clone();
-    let mut namespaces = inner.namespaces.clone();
-    namespaces.mark_unchanged();
     // A heartbeat goes out when nothing was *sent* for the interval, however busy the store
     // is with keys this client does not watch.
     let mut beat_at = tokio::time::Instant::now() + inner.settings.heartbeat;

@@ -136,8 +136,10 @@ impl IdentityAllocator {
             .collect();
         let mut deleted = Vec::new();
         for (id, rev) in due {
+            // Forgotten only once it is settled: a store error leaves it for the next pass.
+            let current = self.store.get(&id_key(id)).await?;
             self.orphans.remove(&id);
-            let Some(kv) = self.store.get(&id_key(id)).await? else {
+            let Some(kv) = current else {
                 self.taken.remove(&id.get());
                 continue;
             };

@@ -219,16 +219,19 @@ impl RemoteSet {
             .map(|k| k.cache_prefix(&name))
             .collect();
         prefixes.push(format!("cilium/synced/{name}/"));
+        let mut complete = true;
         for prefix in prefixes {
             match store.list(&prefix).await {
                 Ok(listing) => {
                     for kv in listing.kvs {
                         if let Err(e) = store.delete(&kv.key).await {
+                            complete = false;
                             tracing::warn!(key = %kv.key, error = %e, "deleting a removed remote's key failed");
                         }
                     }
                 }
                 Err(e) => {
+                    complete = false;
                     tracing::warn!(%prefix, error = %e, "listing a removed remote's cache failed")
                 }
             }
@@ -241,7 +244,11 @@ impl RemoteSet {
                 .to_string(),
             )
             .await;
-        self.ctx.ip_owners.release_all(&name);
+        // Its pod IPs are free for others only once its cache is gone, and only if it did not
+        // come back meanwhile.
+        if complete && !self.workers.lock().contains_key(&name) {
+            self.ctx.ip_owners.release_all(&name);
+        }
         tracing::info!(remote = %name, "deleted the cached state of a removed remote");
     }
 

@@ -248,11 +248,6 @@ impl Tracked {
         t
     }
 
-    /// Whether `ip` is one of the remote's own endpoints: a pod IP or a node address.
-    fn owns_endpoint(&self, ip: &IpAddr) -> bool {
-        self.ips.contains(ip) || self.node_addrs.contains_key(ip)
-    }
-
     fn index(&mut self, key: &str, value: &[u8], add: bool) {
         if let Some(ip) = ip_of(key) {
             if add {
@@ -489,29 +484,7 @@ async fn run(
         Arc::clone(&status),
         stop.clone(),
     ));
-    let mut cache = loop {
-        let loaded = match Cache::load(Arc::clone(&ctx.store), &remote.name).await {
-            Ok(mut c) => c.claim_loaded(&ctx.ip_owners).await.map(|lost| (c, lost)),
-            Err(e) => Err(e),
-        };
-        match loaded {
-            Ok((c, lost)) => {
-                for reject in &lost {
-                    count_reject(&status, &remote.name, reject);
-                }
-                break c;
-            }
-            Err(e) => {
-                tracing::warn!(remote = %remote.name, error = %e, "reading the cache failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    };
-    {
-        let mut st = status.lock();
-        st.counts = cache.counts();
-        st.bytes = cache.state.bytes;
-    }
+    let mut cache = load_cache(&ctx, &remote.name, &status, &mut stop).await;
     let mut last_revision = 0;
     let mut backoff = new_backoff();
     loop {
@@ -519,6 +492,18 @@ async fn run(
             r = session(&ctx, &remote, &status, &staleness, &mut cache, &mut last_revision) => r,
             _ = stop.wait_for(|s| *s) => Err(SessionError::Stopped),
         };
+        match &result {
+            // The store may hold writes the mirror missed (a timed-out put that committed, a
+            // replace cut between transactions): read it again, then take a full snapshot.
+            Err(SessionError::Store(_)) => {
+                cache = load_cache(&ctx, &remote.name, &status, &mut stop).await;
+                last_revision = 0;
+            }
+            // A resume would replay the object that crossed the quota before any change that
+            // brings the remote back under it: the next session takes a full snapshot.
+            Err(SessionError::Quota(_)) => last_revision = 0,
+            _ => {}
+        }
         // Addresses claimed by a snapshot that was never applied go back.
         ctx.ip_owners.release_except(&remote.name, &cache.state.ips);
         if let Ok(id) = u16::try_from(remote.id) {
@@ -562,6 +547,46 @@ async fn run(
         }
     }
     let _ = ticker.await;
+}
+
+/// Reads the remote's cache from the store and claims its pod IPs (retrying every second
+/// until the store answers, or until stopped).
+async fn load_cache(
+    ctx: &SyncContext,
+    remote: &ClusterName,
+    status: &Mutex<RemoteStatus>,
+    stop: &mut watch::Receiver<bool>,
+) -> Cache {
+    loop {
+        let loaded = match Cache::load(Arc::clone(&ctx.store), remote).await {
+            Ok(mut c) => c.claim_loaded(&ctx.ip_owners).await.map(|lost| (c, lost)),
+            Err(e) => Err(e),
+        };
+        match loaded {
+            Ok((c, lost)) => {
+                for reject in &lost {
+                    count_reject(status, remote, reject);
+                }
+                let mut st = status.lock();
+                st.counts = c.counts();
+                st.bytes = c.state.bytes;
+                return c;
+            }
+            Err(e) => {
+                tracing::warn!(remote = %remote, error = %e, "reading the cache failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.wait_for(|s| *s) => {
+                        return Cache {
+                            store: Arc::clone(&ctx.store),
+                            remote: remote.clone(),
+                            state: Tracked::default(),
+                        };
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn new_backoff() -> impl Iterator<Item = Duration> {
@@ -671,7 +696,8 @@ async fn session(
         max_object_bytes: ctx.quota.object_bytes,
     };
 
-    let resume = status.lock().ready;
+    // A resume needs a revision to resume from (none after a store failure or a quota stop).
+    let resume = status.lock().ready && *last_revision > 0;
     let since = if resume { *last_revision } else { 0 };
     let kinds = [
         v1::Kind::Identities,
@@ -703,12 +729,34 @@ async fn session(
         let revision = message.revision;
         match message.event {
             Some(Ev::Upsert(u)) => {
-                let entry = Object::try_from(&u)
-                    .map_err(|e| crate::validate::Reject {
-                        kind: "other",
-                        reason: "malformed",
-                        detail: e.to_string(),
-                    })
+                let object = Object::try_from(&u).map_err(|e| crate::validate::Reject {
+                    kind: "other",
+                    reason: "malformed",
+                    detail: e.to_string(),
+                });
+                // A node address serves as a backend (host-network pods) only when no pod of
+                // this cluster has it and no other remote owns it.
+                let mut local_pods = HashSet::new();
+                if let Ok(Object::Service(s)) = &object {
+                    let state = staging.as_ref().unwrap_or(&cache.state);
+                    let candidates: Vec<IpAddr> = s
+                        .backends
+                        .keys()
+                        .filter(|ip| !state.ips.contains(ip) && state.node_addrs.contains_key(ip))
+                        .copied()
+                        .collect();
+                    for ip in candidates {
+                        if ctx
+                            .store
+                            .get(&Key::IpCache { ip }.to_string())
+                            .await?
+                            .is_some()
+                        {
+                            local_pods.insert(ip);
+                        }
+                    }
+                }
+                let entry = object
                     .and_then(|mut o| {
                         // A service that is valid otherwise keeps only the remote's own
                         // endpoints as backends (an invalid one is rejected whole below).
@@ -716,7 +764,15 @@ async fn session(
                             && s.check_from_cluster(&remote.name, id).is_ok()
                         {
                             let state = staging.as_ref().unwrap_or(&cache.state);
-                            let foreign = restrict_backends(s, |ip| state.owns_endpoint(ip));
+                            let foreign = restrict_backends(s, |ip| {
+                                state.ips.contains(ip)
+                                    || (state.node_addrs.contains_key(ip)
+                                        && !local_pods.contains(ip)
+                                        && ctx
+                                            .ip_owners
+                                            .owner(ip)
+                                            .is_none_or(|o| o == remote.name))
+                            });
                             if !foreign.is_empty() {
                                 count_reject(
                                     status,

@@ -764,6 +764,11 @@ async fn a_remote_cannot_take_another_clusters_ip_or_point_a_service_outside_its
         quota: Quota::default(),
         ip_owners: Arc::default(),
     };
+    // A pod of this cluster.
+    store
+        .put("cilium/state/ip/v1/default/10.1.0.9", b"{}", None)
+        .await
+        .unwrap();
     // c3 imports first and owns 10.9.0.1.
     let c3 = spawn_worker(
         Scripted {
@@ -802,10 +807,16 @@ async fn a_remote_cannot_take_another_clusters_ip_or_point_a_service_outside_its
             ip: "10.96.0.10".into(),
             ports: vec![port()],
         }],
-        backends: ["10.9.0.1", "10.9.0.2", "198.51.100.7", "192.0.2.2"]
-            .into_iter()
-            .map(backend)
-            .collect(),
+        backends: [
+            "10.9.0.1",
+            "10.9.0.2",
+            "198.51.100.7",
+            "192.0.2.2",
+            "10.1.0.9",
+        ]
+        .into_iter()
+        .map(backend)
+        .collect(),
         affinity: "none".into(),
         ..Default::default()
     }));
@@ -813,10 +824,15 @@ async fn a_remote_cannot_take_another_clusters_ip_or_point_a_service_outside_its
         name: "n1".into(),
         cluster: "c2".into(),
         cluster_id: 2,
-        addresses: vec![v1::NodeAddress {
-            r#type: "InternalIP".into(),
-            ip: "192.0.2.2".into(),
-        }],
+        // Its own address, and (hostile) c3's pod and a pod of this cluster as "node"
+        // addresses, to pass them off as host-network backends.
+        addresses: ["192.0.2.2", "10.9.0.1", "10.1.0.9"]
+            .into_iter()
+            .map(|ip| v1::NodeAddress {
+                r#type: "InternalIP".into(),
+                ip: ip.into(),
+            })
+            .collect(),
         ..Default::default()
     }));
     let c2 = spawn_worker(
@@ -878,4 +894,77 @@ async fn support_wait(mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("timed out after 10 s");
+}
+
+/// A remote that crosses the quota after its first sync, then shrinks: its second session
+/// must be a full snapshot (a resume would replay the crossing object first).
+struct Shrinks {
+    requests: Arc<parking_lot::Mutex<Vec<i64>>>,
+}
+
+#[tonic::async_trait]
+impl v1::export_server::Export for Shrinks {
+    async fn get_cluster_config(
+        &self,
+        r: Request<v1::GetClusterConfigRequest>,
+    ) -> Result<Response<v1::ClusterConfig>, Status> {
+        Hostile.get_cluster_config(r).await
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchEvent, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        r: Request<v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let first = {
+            let mut requests = self.requests.lock();
+            requests.push(r.get_ref().since_revision);
+            requests.len() == 1
+        };
+        let ips: Vec<usize> = if first {
+            (0..20).collect()
+        } else {
+            (0..3).collect()
+        };
+        let mut events: Vec<v1::WatchEvent> = Vec::new();
+        for i in ips {
+            if first && i == 5 {
+                events.push(synced());
+            }
+            events.push(upsert(pod_ip(i)));
+        }
+        if !first {
+            events.push(synced());
+        }
+        Ok(Response::new(Box::pin(futures::StreamExt::chain(
+            futures::stream::iter(events.into_iter().map(Ok)),
+            futures::stream::pending(),
+        ))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_quota_stop_the_next_import_is_a_full_snapshot_and_recovers() {
+    let quota = Quota {
+        ip: 10,
+        retry_after: Duration::from_millis(300),
+        ..Quota::default()
+    };
+    let requests = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let remote = Shrinks {
+        requests: Arc::clone(&requests),
+    };
+    let (worker, store, _dir) = import_with_quota(remote, StalenessConfig::default(), quota).await;
+    support_wait(|| worker.status.lock().full_syncs == 2).await;
+    let status = worker.status.lock().clone();
+    assert_eq!(status.quota_stops, 1, "{status:?}");
+    assert_eq!(status.quota_exceeded, None, "cleared by the new sync");
+    assert_eq!(
+        *requests.lock(),
+        [0, 0],
+        "the second session asked for a snapshot"
+    );
+    assert_eq!(cache_keys(&store, "cilium/cache/ip/").await.len(), 3);
+    worker.stop().await;
 }

@@ -254,6 +254,10 @@ pub struct Config {
     /// that sends nothing is closed.
     #[serde(default = "default_handshake")]
     pub export_handshake_timeout_millis: u64,
+    /// Export watch streams one remote cluster may hold open at once (default 8; an importer
+    /// uses one).
+    #[serde(default = "default_streams_per_remote")]
+    pub export_max_streams_per_remote: usize,
     /// Remote clusters to import.
     #[serde(default)]
     pub remotes: Vec<RemoteSection>,
@@ -365,6 +369,10 @@ fn default_lag() -> u64 {
 
 fn default_max_connections() -> usize {
     512
+}
+
+fn default_streams_per_remote() -> usize {
+    8
 }
 
 fn default_handshake() -> u64 {

@@ -47,6 +47,8 @@ pub struct ExportSettings {
     /// another tool, or under a larger limit) is never sent, so that no reader is handed a
     /// message it cannot receive.
     pub max_object_bytes: usize,
+    /// Watch streams one remote cluster may hold open at once (an importer needs one).
+    pub max_streams_per_remote: usize,
 }
 
 impl Default for ExportSettings {
@@ -56,6 +58,7 @@ impl Default for ExportSettings {
             buffer: 1024,
             lag_timeout: Duration::from_secs(5),
             max_object_bytes: clustermesh_sync::validate::MAX_OBJECT_BYTES,
+            max_streams_per_remote: 8,
         }
     }
 }
@@ -150,6 +153,26 @@ struct Inner {
     namespaces: tokio::sync::watch::Receiver<Option<NamespaceFilter>>,
     /// The clusters whose `remote-` certificates are accepted; a removed one's streams end.
     peers: tokio::sync::watch::Receiver<BTreeSet<ClusterName>>,
+    /// Open watch streams per remote cluster.
+    remote_streams: Arc<parking_lot::Mutex<std::collections::HashMap<ClusterName, usize>>>,
+}
+
+/// One open watch stream of a remote, counted until dropped.
+struct RemoteStreamSlot {
+    streams: Arc<parking_lot::Mutex<std::collections::HashMap<ClusterName, usize>>>,
+    cluster: ClusterName,
+}
+
+impl Drop for RemoteStreamSlot {
+    fn drop(&mut self) {
+        let mut streams = self.streams.lock();
+        if let Some(n) = streams.get_mut(&self.cluster) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                streams.remove(&self.cluster);
+            }
+        }
+    }
 }
 
 impl ExportService {
@@ -178,6 +201,7 @@ impl ExportService {
                 metrics,
                 namespaces,
                 peers,
+                remote_streams: Arc::default(),
             }),
         }
     }
@@ -805,6 +829,26 @@ impl v1::export_server::Export for ExportService {
                 "since_revision must not be negative",
             ));
         }
+        // A remote holds at most a few streams: one importer needs one.
+        let slot = match &client {
+            ClientIdentity::Remote(name) => {
+                let mut streams = self.inner.remote_streams.lock();
+                let open = streams.entry(name.clone()).or_insert(0);
+                let max = self.inner.settings.max_streams_per_remote;
+                if *open >= max {
+                    self.inner.metrics.export_streams_refused.inc();
+                    return Err(Status::resource_exhausted(format!(
+                        "cluster {name} already has {max} Export streams open (exportMaxStreamsPerRemote)"
+                    )));
+                }
+                *open += 1;
+                Some(RemoteStreamSlot {
+                    streams: Arc::clone(&self.inner.remote_streams),
+                    cluster: name.clone(),
+                })
+            }
+            ClientIdentity::Local(_) => None,
+        };
         let (tx, rx) = mpsc::channel(self.inner.settings.buffer);
         let inner = Arc::clone(&self.inner);
         if let ClientIdentity::Remote(name) = &client {
@@ -833,6 +877,7 @@ impl v1::export_server::Export for ExportService {
             let metrics = Arc::clone(&inner.metrics);
             run_watch(inner, remote, kinds, body.since_revision, tx).await;
             metrics.export_watchers.dec();
+            drop(slot);
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),

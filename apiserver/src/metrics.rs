@@ -65,6 +65,8 @@ pub struct Metrics {
     /// Stored values the Export server did not send because they exceed
     /// `limits.maxObjectBytes`.
     pub export_oversized: Counter,
+    /// Watch requests refused because the remote had `exportMaxStreamsPerRemote` open.
+    pub export_streams_refused: Counter,
 }
 
 impl Metrics {
@@ -152,6 +154,12 @@ impl Metrics {
             "Probes of the kvstore that failed or timed out",
             Counter::default(),
         );
+        let export_streams_refused = c(
+            &mut registry,
+            "export_streams_refused",
+            "Export watch requests refused: the remote already had exportMaxStreamsPerRemote streams open",
+            Counter::default(),
+        );
         Self {
             registry,
             ready: AtomicBool::new(false),
@@ -173,6 +181,7 @@ impl Metrics {
             export_undecodable,
             export_refused,
             export_oversized,
+            export_streams_refused,
         }
     }
 

@@ -237,6 +237,7 @@ pub async fn start_with(
         buffer: config.export_buffer_events.max(1),
         lag_timeout: Duration::from_millis(config.export_lag_timeout_millis.max(1)),
         max_object_bytes: config.limits.max_object_bytes,
+        max_streams_per_remote: config.export_max_streams_per_remote.max(1),
     };
     // Unset until the source's first pass: remote streams wait for it.
     let (namespaces_tx, namespaces_rx) = watch::channel(None);

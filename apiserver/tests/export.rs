@@ -725,3 +725,60 @@ async fn remotes_never_hear_of_objects_they_were_never_sent() {
     );
     running.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_holds_at_most_its_share_of_streams_and_local_agents_are_not_capped() {
+    let cluster = TestCluster::with_settings("c1", 1, None, "exportMaxStreamsPerRemote: 3\n");
+    cluster.write_manifest("all.yaml", SERVICES);
+    let running = cluster.start().await;
+    let kinds = [Kind::Services];
+    let mut c2 = cluster
+        .client(&running, &ClientIdentity::Remote(c("c2")))
+        .await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut s = c2.watch(watch(&kinds, 0)).await.unwrap().into_inner();
+        snapshot(&mut s).await;
+        open.push(s);
+    }
+    let err = c2.watch(watch(&kinds, 0)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("exportMaxStreamsPerRemote"), "{err}");
+    // Another remote and the local agents are not affected.
+    let mut c3 = cluster
+        .client(&running, &ClientIdentity::Remote(c("c3")))
+        .await;
+    let mut s3 = c3.watch(watch(&kinds, 0)).await.unwrap().into_inner();
+    snapshot(&mut s3).await;
+    let mut local = cluster
+        .client(&running, &ClientIdentity::Local(c("c1")))
+        .await;
+    for _ in 0..5 {
+        let mut s = local.watch(watch(&kinds, 0)).await.unwrap().into_inner();
+        snapshot(&mut s).await;
+        open.push(s);
+    }
+    // A stream that ends frees its slot.
+    drop(open.remove(0));
+    let mut again = None;
+    for _ in 0..100 {
+        match c2.watch(watch(&kinds, 0)).await {
+            Ok(s) => {
+                again = Some(s.into_inner());
+                break;
+            }
+            Err(e) => assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    snapshot(&mut again.expect("a slot is free again")).await;
+    // Counted: the refusal above, and any retry made before the slot was free.
+    let metrics = running.metrics.render();
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("clustermesh_export_streams_refused_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(refused >= 1, "{metrics}");
+    running.stop().await.unwrap();
+}

@@ -296,6 +296,14 @@ pub struct LimitsSection {
     /// What one remote may place in this cluster's store.
     #[serde(default)]
     pub remote: RemoteLimits,
+    /// The largest manifest file read; a larger one is a broken file (its last good objects
+    /// stay).
+    #[serde(default = "default_manifest_file_bytes")]
+    pub manifest_file_bytes: u64,
+    /// The most bytes read from the manifest directory: files past it (in path order) are
+    /// broken files.
+    #[serde(default = "default_manifest_total_bytes")]
+    pub manifest_total_bytes: u64,
 }
 
 impl Default for LimitsSection {
@@ -303,8 +311,18 @@ impl Default for LimitsSection {
         Self {
             max_object_bytes: default_object_bytes(),
             remote: RemoteLimits::default(),
+            manifest_file_bytes: default_manifest_file_bytes(),
+            manifest_total_bytes: default_manifest_total_bytes(),
         }
     }
+}
+
+fn default_manifest_file_bytes() -> u64 {
+    crate::source::manifest::MAX_FILE_BYTES
+}
+
+fn default_manifest_total_bytes() -> u64 {
+    crate::source::manifest::MAX_TOTAL_BYTES
 }
 
 fn default_object_bytes() -> usize {

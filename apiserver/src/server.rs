@@ -297,7 +297,11 @@ pub async fn start_with(
         )),
     })?;
     let input = match (&config.source.manifest_dir, client) {
-        (Some(dir), _) => Input::Dir(Some(manifest::ManifestDir::new(dir))),
+        (Some(dir), _) => Input::Dir(Some(manifest::ManifestDir::with_limits(
+            dir,
+            config.limits.manifest_file_bytes,
+            config.limits.manifest_total_bytes,
+        ))),
         (None, Some(client)) => {
             let (tx, rx) = watch::channel(None);
             tokio::spawn(crate::source::kubernetes::run(client, tx, stop_rx.clone()));

@@ -56,8 +56,13 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The largest manifest file read (16 MiB); a larger one is a broken file.
+/// The largest manifest file read by default (16 MiB, `limits.manifestFileBytes`); a larger
+/// one is a broken file.
 pub const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// The most bytes of manifests read from one directory by default (256 MiB,
+/// `limits.manifestTotalBytes`).
+pub const MAX_TOTAL_BYTES: u64 = 256 << 20;
 
 /// The manifest files under `dir`, sorted.
 pub fn files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -117,6 +122,11 @@ pub struct ManifestDir {
     files: BTreeMap<PathBuf, FileState>,
     /// Whether a poll has produced a result yet.
     polled: bool,
+    /// The largest file read.
+    max_file_bytes: u64,
+    /// The most bytes read from the whole directory: the files (in path order) past it are
+    /// broken files (their last good objects stay).
+    max_total_bytes: u64,
 }
 
 /// What one read of a file gave.
@@ -125,7 +135,7 @@ struct FileRead {
     problems: Vec<SourceProblem>,
 }
 
-fn read_file(root: &Path, path: &Path) -> FileRead {
+fn read_file(root: &Path, path: &Path, max_file_bytes: u64) -> FileRead {
     let origin = path.display().to_string();
     let fail = |reason: String| FileRead {
         objects: SourceObjects::default(),
@@ -142,9 +152,9 @@ fn read_file(root: &Path, path: &Path) -> FileRead {
     if !meta.is_file() {
         return fail("is not a regular file".into());
     }
-    if meta.len() > MAX_FILE_BYTES {
+    if meta.len() > max_file_bytes {
         return fail(format!(
-            "is {} bytes, more than the {MAX_FILE_BYTES} bytes a manifest file may have",
+            "is {} bytes, more than the {max_file_bytes} bytes a manifest file may have (limits.manifestFileBytes)",
             meta.len()
         ));
     }
@@ -162,14 +172,14 @@ fn read_file(root: &Path, path: &Path) -> FileRead {
     let mut bytes = Vec::new();
     let read = std::fs::File::open(path).and_then(|f| {
         use std::io::Read as _;
-        f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)
+        f.take(max_file_bytes + 1).read_to_end(&mut bytes)
     });
     if let Err(e) = read {
         return fail(format!("cannot be read: {e}"));
     }
-    if bytes.len() as u64 > MAX_FILE_BYTES {
+    if bytes.len() as u64 > max_file_bytes {
         return fail(format!(
-            "grew past the {MAX_FILE_BYTES} bytes a manifest file may have"
+            "grew past the {max_file_bytes} bytes a manifest file may have (limits.manifestFileBytes)"
         ));
     }
     let text = match String::from_utf8(bytes) {
@@ -224,10 +234,17 @@ fn merge_map<K: Ord + Clone + std::fmt::Debug, V: Clone>(
 impl ManifestDir {
     /// A directory not read yet.
     pub fn new(dir: &Path) -> Self {
+        Self::with_limits(dir, MAX_FILE_BYTES, MAX_TOTAL_BYTES)
+    }
+
+    /// [`ManifestDir::new`] with the largest file and the most bytes in all.
+    pub fn with_limits(dir: &Path, max_file_bytes: u64, max_total_bytes: u64) -> Self {
         Self {
             dir: dir.to_owned(),
             files: BTreeMap::new(),
             polled: false,
+            max_file_bytes,
+            max_total_bytes,
         }
     }
 
@@ -239,6 +256,7 @@ impl ManifestDir {
         let before = self.files.len();
         self.files.retain(|p, _| paths.binary_search(p).is_ok());
         changed |= self.files.len() != before;
+        let mut total: u64 = 0;
         for path in paths {
             // A dangling link or an unreadable entry is read below, and fails there.
             let stamp = std::fs::metadata(&path).map_or((SystemTime::UNIX_EPOCH, 0), |meta| {
@@ -247,13 +265,28 @@ impl ManifestDir {
                     meta.len(),
                 )
             });
+            total = total.saturating_add(stamp.1);
+            let over_total = total > self.max_total_bytes;
             let prev = self.files.get(&path);
             // Unchanged good files are not read again; broken ones are (a permission or a
             // content may be fixed without a new modification time).
-            if prev.is_some_and(|s| s.stamp == stamp && s.broken.is_none()) {
+            if !over_total && prev.is_some_and(|s| s.stamp == stamp && s.broken.is_none()) {
                 continue;
             }
-            let read = read_file(&self.dir, &path);
+            let read = if over_total {
+                FileRead {
+                    objects: SourceObjects::default(),
+                    problems: vec![SourceProblem {
+                        origin: path.display().to_string(),
+                        reason: format!(
+                            "not read: the manifest files up to it hold {total} bytes, more than limits.manifestTotalBytes ({})",
+                            self.max_total_bytes
+                        ),
+                    }],
+                }
+            } else {
+                read_file(&self.dir, &path, self.max_file_bytes)
+            };
             let next = if read.problems.is_empty() {
                 FileState {
                     stamp,

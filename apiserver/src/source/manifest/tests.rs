@@ -389,3 +389,37 @@ fn deeply_nested_yaml_is_refused_before_parsing() {
     parse_text("q.yaml", &quoted, &mut l);
     assert!(l.problems.is_empty(), "{:?}", l.problems);
 }
+
+#[test]
+fn files_past_the_total_limit_are_broken_and_keep_their_last_good_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = |name: &str| POLICY.replace("name: web", &format!("name: {name}"));
+    let (a, b) = (policy("a"), policy("b"));
+    std::fs::write(dir.path().join("a.yaml"), &a).unwrap();
+    std::fs::write(dir.path().join("b.yaml"), &b).unwrap();
+    let total = (a.len() + b.len()) as u64;
+    let mut d = ManifestDir::with_limits(dir.path(), MAX_FILE_BYTES, total);
+    let l = d.poll().unwrap().unwrap();
+    assert_eq!(policies(&l), ["a", "b"]);
+    assert!(l.problems.is_empty(), "{:?}", l.problems);
+
+    // a grows past the total: b (after it in path order) is no longer read, and keeps its
+    // policy; a is read.
+    std::fs::write(dir.path().join("a.yaml"), format!("{a}# padding\n")).unwrap();
+    let l = d.poll().unwrap().unwrap();
+    assert_eq!(policies(&l), ["a", "b"], "b's policy stays");
+    assert_eq!(l.problems.len(), 1, "{:?}", l.problems);
+    assert!(l.problems[0].origin.ends_with("b.yaml"));
+    assert!(
+        l.problems[0].reason.contains("limits.manifestTotalBytes")
+            && l.problems[0].reason.contains("last good objects are kept"),
+        "{}",
+        l.problems[0].reason
+    );
+    // A file over the per-file limit is broken the same way.
+    let mut small = ManifestDir::with_limits(dir.path(), 10, u64::MAX);
+    let l = small.poll().unwrap().unwrap();
+    assert!(policies(&l).is_empty());
+    assert_eq!(l.problems.len(), 2);
+    assert!(l.problems[0].reason.contains("limits.manifestFileBytes"));
+}

@@ -275,49 +275,64 @@ fn remote_metrics(remotes: &RemoteStatuses) -> String {
     let statuses = remotes();
     out.push_str("# TYPE clustermesh_remote_clusters gauge\n");
     out.push_str(&format!("clustermesh_remote_clusters {}\n", statuses.len()));
-    out.push_str("# TYPE clustermesh_remote_cluster_readiness_status gauge\n");
-    for s in &statuses {
-        out.push_str(&format!(
-            "clustermesh_remote_cluster_readiness_status{{target_cluster=\"{}\"}} {}\n",
-            s.name,
-            u8::from(s.ready && s.connected)
-        ));
-    }
-    out.push_str("# TYPE clustermesh_remote_cluster_failures counter\n");
-    for s in &statuses {
-        out.push_str(&format!(
-            "clustermesh_remote_cluster_failures_total{{target_cluster=\"{}\"}} {}\n",
-            s.name, s.failures
-        ));
-    }
-    out.push_str("# TYPE clustermesh_remote_cluster_last_message_seconds gauge\n");
-    for s in &statuses {
-        out.push_str(&format!(
-            "clustermesh_remote_cluster_last_message_seconds{{target_cluster=\"{}\"}} {:.3}\n",
-            s.name, s.seconds_since_last_message
-        ));
-    }
-    out.push_str("# HELP clustermesh_remote_quota_exceeded 1 while a remote's import is stopped because it crossed a quota\n# TYPE clustermesh_remote_quota_exceeded gauge\n");
-    for s in &statuses {
-        out.push_str(&format!(
-            "clustermesh_remote_quota_exceeded{{target_cluster=\"{}\"}} {}\n",
-            s.name,
-            u8::from(s.quota_exceeded.is_some())
-        ));
-    }
-    out.push_str("# HELP clustermesh_remote_quota_stops Imports stopped because the remote crossed a quota\n# TYPE clustermesh_remote_quota_stops counter\n");
-    for s in &statuses {
-        out.push_str(&format!(
-            "clustermesh_remote_quota_stops_total{{target_cluster=\"{}\"}} {}\n",
-            s.name, s.quota_stops
-        ));
-    }
-    out.push_str("# HELP clustermesh_remote_cache_bytes Bytes of keys and values a remote has in this cluster's store\n# TYPE clustermesh_remote_cache_bytes gauge\n");
-    for s in &statuses {
-        out.push_str(&format!(
-            "clustermesh_remote_cache_bytes{{target_cluster=\"{}\"}} {}\n",
-            s.name, s.bytes
-        ));
+    type Value = fn(&clustermesh_sync::worker::RemoteStatus) -> String;
+    // (family, type, help, sample suffix, value)
+    let series: [(&str, &str, Option<&str>, &str, Value); 6] = [
+        (
+            "clustermesh_remote_cluster_readiness_status",
+            "gauge",
+            None,
+            "",
+            |s| u8::from(s.ready && s.connected).to_string(),
+        ),
+        (
+            "clustermesh_remote_cluster_failures",
+            "counter",
+            None,
+            "_total",
+            |s| s.failures.to_string(),
+        ),
+        (
+            "clustermesh_remote_cluster_last_message_seconds",
+            "gauge",
+            None,
+            "",
+            |s| format!("{:.3}", s.seconds_since_last_message),
+        ),
+        (
+            "clustermesh_remote_quota_exceeded",
+            "gauge",
+            Some("1 while a remote's import is stopped because it crossed a quota"),
+            "",
+            |s| u8::from(s.quota_exceeded.is_some()).to_string(),
+        ),
+        (
+            "clustermesh_remote_quota_stops",
+            "counter",
+            Some("Imports stopped because the remote crossed a quota"),
+            "_total",
+            |s| s.quota_stops.to_string(),
+        ),
+        (
+            "clustermesh_remote_cache_bytes",
+            "gauge",
+            Some("Bytes of keys and values a remote has in this cluster's store"),
+            "",
+            |s| s.bytes.to_string(),
+        ),
+    ];
+    for (family, kind, help, suffix, value) in series {
+        if let Some(help) = help {
+            out.push_str(&format!("# HELP {family} {help}\n"));
+        }
+        out.push_str(&format!("# TYPE {family} {kind}\n"));
+        for s in &statuses {
+            out.push_str(&format!(
+                "{family}{suffix}{{target_cluster=\"{}\"}} {}\n",
+                s.name,
+                value(s)
+            ));
+        }
     }
     out.push_str("# TYPE clustermesh_sync_rejected counter\n");
     for s in &statuses {

@@ -80,6 +80,23 @@ fn names(objects: &[Object]) -> Vec<String> {
     n
 }
 
+/// A watch from revision 0, retried for 10 s while it is refused with `refusal` (any other
+/// error fails the test); `None` if it never got through.
+async fn watch_once_allowed(
+    client: &mut v1::export_client::ExportClient<tonic::transport::Channel>,
+    kinds: &[Kind],
+    refusal: tonic::Code,
+) -> Option<Streaming<WatchEvent>> {
+    for _ in 0..100 {
+        match client.watch(watch(kinds, 0)).await {
+            Ok(s) => return Some(s.into_inner()),
+            Err(e) => assert_eq!(e.code(), refusal, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
 fn watch(kinds: &[Kind], since: i64) -> v1::WatchRequest {
     v1::WatchRequest {
         kinds: kinds.iter().map(|k| *k as i32).collect(),
@@ -534,18 +551,9 @@ async fn only_connected_remotes_may_watch_and_disconnect_revokes() {
         "name: c2\nid: 2\naddress: \"127.0.0.1:9\"\nca: c2-ca.pem\ncert: c2-client.pem\nkey: c2-client-key.pem\n",
     )
     .unwrap();
-    let mut stream = None;
-    for _ in 0..100 {
-        match c2.watch(watch(&kinds, 0)).await {
-            Ok(s) => {
-                stream = Some(s.into_inner());
-                break;
-            }
-            Err(e) => assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut stream = stream.expect("c2 allowed once connected");
+    let mut stream = watch_once_allowed(&mut c2, &kinds, tonic::Code::PermissionDenied)
+        .await
+        .expect("c2 allowed once connected");
     let (objects, _) = snapshot(&mut stream).await;
     assert_eq!(names(&objects), ["Services/prod/web"]);
 
@@ -760,18 +768,10 @@ async fn a_remote_holds_at_most_its_share_of_streams_and_local_agents_are_not_ca
     }
     // A stream that ends frees its slot.
     drop(open.remove(0));
-    let mut again = None;
-    for _ in 0..100 {
-        match c2.watch(watch(&kinds, 0)).await {
-            Ok(s) => {
-                again = Some(s.into_inner());
-                break;
-            }
-            Err(e) => assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    snapshot(&mut again.expect("a slot is free again")).await;
+    let mut again = watch_once_allowed(&mut c2, &kinds, tonic::Code::ResourceExhausted)
+        .await
+        .expect("a slot is free again");
+    snapshot(&mut again).await;
     // Counted: the refusal above, and any retry made before the slot was free.
     let metrics = running.metrics.render();
     let refused: u64 = metrics

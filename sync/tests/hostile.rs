@@ -297,6 +297,16 @@ async fn import_with_quota<S: v1::export_server::Export>(
     staleness: StalenessConfig,
     quota: Quota,
 ) -> (RemoteWorker, Arc<dyn KvStore>, tempfile::TempDir) {
+    let (ctx, store, dir) = local_c1(staleness, quota);
+    let worker = spawn_worker(service, &ctx, "c2", 2).await;
+    (worker, store, dir)
+}
+
+/// Local cluster c1's sync context on a fresh embedded store.
+fn local_c1(
+    staleness: StalenessConfig,
+    quota: Quota,
+) -> (SyncContext, Arc<dyn KvStore>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn KvStore> =
         Arc::new(SledStore::open(&SledConfig::new(dir.path().join("s"))).unwrap());
@@ -311,8 +321,7 @@ async fn import_with_quota<S: v1::export_server::Export>(
         quota,
         ip_owners: Arc::default(),
     };
-    let worker = spawn_worker(service, &ctx, "c2", 2).await;
-    (worker, store, dir)
+    (ctx, store, dir)
 }
 
 /// Serves `service` as remote cluster `name` (ID `id`, a CA of its own) and starts a worker
@@ -750,20 +759,7 @@ fn synced() -> v1::WatchEvent {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_cannot_take_another_clusters_ip_or_point_a_service_outside_itself() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn KvStore> =
-        Arc::new(SledStore::open(&SledConfig::new(dir.path().join("s"))).unwrap());
-    let ctx = SyncContext {
-        local: ClusterName::new("c1").unwrap(),
-        local_id: ClusterId::new(1, MaxConnectedClusters::C255).unwrap(),
-        mode: MaxConnectedClusters::C255,
-        store: Arc::clone(&store),
-        staleness: StalenessConfig::default(),
-        connected_ids: Arc::default(),
-        keep_last_backends: true,
-        quota: Quota::default(),
-        ip_owners: Arc::default(),
-    };
+    let (ctx, store, _dir) = local_c1(StalenessConfig::default(), Quota::default());
     // A pod of this cluster.
     store
         .put("cilium/state/ip/v1/default/10.1.0.9", b"{}", None)

@@ -29,8 +29,22 @@ use crate::writer::{self, StateWriter};
 /// kind covers it).
 pub const EXPORT_FILTER_KEY: &str = "clustermesh/local/export-namespaces";
 
-/// How often the manifest directory is checked for changes.
+/// Where the last good content of each manifest file is saved (the key's rest is the file's
+/// path relative to the directory), so that a file broken across a restart keeps its objects.
+/// Read by nobody but this apiserver; no Export kind covers it.
+pub const MANIFEST_LAST_GOOD_PREFIX: &str = "clustermesh/local/manifest-last-good/";
+
+/// How often the source loop runs its housekeeping (retries, identity release), and how often
+/// the manifest directory is read when it cannot be watched.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// How often a watched manifest directory is read in full anyway (a change the watch cannot
+/// see: a network filesystem, a lost event).
+pub const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How long a change notification waits for more before the directory is read (a file being
+/// written gives several).
+const SETTLE: Duration = Duration::from_millis(50);
 
 /// Why the apiserver could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -297,10 +311,13 @@ pub async fn start_with(
         )),
     })?;
     let input = match (&config.source.manifest_dir, client) {
-        (Some(dir), _) => Input::Dir(Some(manifest::ManifestDir::with_limits(
-            dir,
-            config.limits.manifest_file_bytes,
-            config.limits.manifest_total_bytes,
+        (Some(dir), _) => Input::Dir(Box::new(DirInput::new(
+            manifest::ManifestDir::with_limits(
+                dir,
+                config.limits.manifest_file_bytes,
+                config.limits.manifest_total_bytes,
+            )
+            .with_max_saved_bytes(config.limits.max_object_bytes),
         ))),
         (None, Some(client)) => {
             let (tx, rx) = watch::channel(None);
@@ -489,10 +506,173 @@ async fn supervise_remotes(
     }
 }
 
+/// A manifest directory and how it is followed.
+struct DirInput {
+    /// The directory (taken while a poll runs on a blocking thread).
+    dir: Option<manifest::ManifestDir>,
+    /// Its path.
+    path: std::path::PathBuf,
+    /// The change notification; none when inotify cannot be used (then it is read every
+    /// [`POLL_INTERVAL`]).
+    watch: Option<crate::source::watch::DirWatch>,
+    /// Why the last attempt to watch failed (logged once per reason).
+    watch_error: Option<String>,
+    /// The saved copies were read back ([`MANIFEST_LAST_GOOD_PREFIX`]).
+    restored: bool,
+    /// When the directory was last read in full.
+    last_read: Option<Instant>,
+    /// Copies not saved yet (their write failed): saved before the next pass is written.
+    unsaved: std::collections::BTreeMap<String, Option<String>>,
+}
+
+impl DirInput {
+    fn new(dir: manifest::ManifestDir) -> Self {
+        Self {
+            path: dir.path().to_owned(),
+            dir: Some(dir),
+            watch: None,
+            watch_error: None,
+            restored: false,
+            last_read: None,
+            unsaved: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// Watches the directory if it is not watched yet (before it is read, so no change is
+    /// missed).
+    fn ensure_watch(&mut self) {
+        if self.watch.is_some() {
+            return;
+        }
+        match crate::source::watch::DirWatch::new(&self.path) {
+            Ok(w) => {
+                tracing::info!(dir = %self.path.display(), "watching the manifest directory (inotify)");
+                self.watch = Some(w);
+                self.watch_error = None;
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if self.watch_error.as_ref() != Some(&e) {
+                    tracing::warn!(dir = %self.path.display(), error = %e, "the manifest directory cannot be watched; reading it every {} ms", POLL_INTERVAL.as_millis());
+                }
+                self.watch_error = Some(e);
+            }
+        }
+    }
+
+    /// Reads the saved copies of the files' last good content back into the directory.
+    async fn restore(&mut self, store: &dyn KvStore) -> Result<(), clustermesh_kvstore::Error> {
+        let Some(dir) = self.dir.as_mut() else {
+            return Ok(());
+        };
+        for kv in store.list(MANIFEST_LAST_GOOD_PREFIX).await?.kvs {
+            let rel = kv
+                .key
+                .strip_prefix(MANIFEST_LAST_GOOD_PREFIX)
+                .unwrap_or_default();
+            let restored = std::str::from_utf8(&kv.value)
+                .map_err(|e| format!("is not UTF-8 ({e})"))
+                .and_then(|text| dir.restore(std::path::Path::new(rel), text));
+            if let Err(e) = restored {
+                tracing::warn!(key = %kv.key, error = %e, "a saved manifest copy is not used");
+            }
+        }
+        self.restored = true;
+        Ok(())
+    }
+
+    /// Saves (or deletes) the copies the last reads produced; on failure they are kept for
+    /// the next try. A copy the store refuses (too large for it) is not saved, and its older
+    /// copy is deleted instead (it must not come back after a restart).
+    async fn save(&mut self, store: &dyn KvStore) -> Result<(), clustermesh_kvstore::Error> {
+        if let Some(dir) = self.dir.as_mut() {
+            self.unsaved.extend(dir.take_saves());
+        }
+        while let Some((rel, text)) = self.unsaved.pop_first() {
+            let key = format!("{MANIFEST_LAST_GOOD_PREFIX}{rel}");
+            let put = match &text {
+                Some(t) => store.put(&key, t.as_bytes(), None).await.map(|_| ()),
+                None => Ok(()),
+            };
+            let done = match put {
+                Ok(()) if text.is_some() => Ok(()),
+                Ok(()) => store.delete(&key).await.map(|_| ()),
+                Err(e) => {
+                    let deleted = store.delete(&key).await.map(|_| ());
+                    if deleted.is_ok() {
+                        tracing::warn!(file = %rel, error = %e, "the file's good content is not saved; if it is broken when the apiserver starts, only its usable documents apply");
+                    }
+                    deleted
+                }
+            };
+            if let Err(e) = done {
+                self.unsaved.insert(rel, text);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the directory if it is due: at the first pass, when the watch reported a
+    /// change, every [`RESCAN_INTERVAL`], and every pass when it cannot be watched.
+    async fn read(&mut self) -> Result<Option<manifest::Loaded>, ServeError> {
+        self.ensure_watch();
+        let changes = self.watch.as_ref().map(|w| w.take()).unwrap_or_default();
+        if changes.root_gone {
+            // Watched again (the new directory, if any) at the next pass.
+            self.watch = None;
+        }
+        let due = self.watch.is_none()
+            || !changes.is_empty()
+            || self
+                .last_read
+                .is_none_or(|t| t.elapsed() >= RESCAN_INTERVAL);
+        if !due {
+            return Ok(None);
+        }
+        let Some(mut dir) = self.dir.take() else {
+            return Ok(None);
+        };
+        // On a blocking thread of its own: reading and parsing files never holds up the
+        // threads that serve health and Export.
+        let named = if changes.rescan {
+            BTreeSet::from([self.path.clone()])
+        } else {
+            changes.paths
+        };
+        let (dir, polled) = tokio::task::spawn_blocking(move || {
+            let r = dir.poll_named(&named);
+            (dir, r)
+        })
+        .await
+        .map_err(|e| ServeError::Source(e.to_string()))?;
+        self.dir = Some(dir);
+        self.last_read = Some(Instant::now());
+        match polled {
+            Ok(l) => Ok(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "the manifest directory cannot be listed; keeping the current state");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Waits for a change notification, and a little more for the rest of its burst.
+    async fn changed(&self) {
+        match &self.watch {
+            Some(w) => {
+                w.changed().await;
+                tokio::time::sleep(SETTLE).await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// Where the source loop reads from.
 enum Input {
-    /// A manifest directory, polled (taken while a poll runs on a blocking thread).
-    Dir(Option<manifest::ManifestDir>),
+    /// A manifest directory.
+    Dir(Box<DirInput>),
     /// The Kubernetes source's complete snapshots.
     Kube(watch::Receiver<Option<manifest::Loaded>>),
 }
@@ -531,29 +711,18 @@ impl SourceLoop {
         // The Kubernetes source published (seen by the wait below, which marks it read).
         let mut kube_changed = false;
         loop {
+            let store = Arc::clone(self.writer.store());
             let loaded = match &mut self.input {
-                Input::Dir(slot) => {
-                    if let Some(l) = retry.take() {
-                        Some(l)
-                    } else if let Some(mut dir) = slot.take() {
-                        // On a blocking thread of its own: reading and parsing files never
-                        // holds up the threads that serve health and Export.
-                        let (dir, polled) = tokio::task::spawn_blocking(move || {
-                            let r = dir.poll();
-                            (dir, r)
-                        })
-                        .await
-                        .map_err(|e| ServeError::Source(e.to_string()))?;
-                        *slot = Some(dir);
-                        match polled {
-                            Ok(l) => l,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "the manifest directory cannot be listed; keeping the current state");
-                                None
-                            }
-                        }
-                    } else {
+                Input::Dir(input) => {
+                    if !input.restored
+                        && let Err(e) = input.restore(store.as_ref()).await
+                    {
+                        tracing::warn!(error = %e, "reading the saved manifest copies failed; retrying");
                         None
+                    } else if let Some(l) = retry.take() {
+                        Some(l)
+                    } else {
+                        input.read().await?
                     }
                 }
                 Input::Kube(rx) => {
@@ -564,7 +733,17 @@ impl SourceLoop {
                 }
             };
             if let Some(loaded) = loaded {
-                match self.reconcile(&loaded).await {
+                // A file's good content is saved before its objects are written: after a
+                // crash in between, the saved copy is at least as new as the store.
+                let saved = match &mut self.input {
+                    Input::Dir(input) => input.save(store.as_ref()).await,
+                    Input::Kube(_) => Ok(()),
+                };
+                let written = match saved {
+                    Ok(()) => self.reconcile(&loaded).await,
+                    Err(e) => Err(format!("saving the manifest files' good content: {e}").into()),
+                };
+                match written {
                     Ok(labels) => {
                         in_use = labels;
                         pending = None;
@@ -602,7 +781,7 @@ impl SourceLoop {
                             std::future::pending::<()>().await;
                         }
                     }
-                    Input::Dir(_) => std::future::pending::<()>().await,
+                    Input::Dir(input) => input.changed().await,
                 }
             };
             tokio::select! {

@@ -101,10 +101,22 @@ async fn eventually(
     panic!("the store never reached the expected state: {last}");
 }
 
+const SAVED: &str = "clustermesh/local/manifest-last-good/";
+
 fn keys_of(c: &BTreeMap<String, Vec<u8>>) -> Vec<&str> {
     c.keys()
         .map(String::as_str)
-        .filter(|k| !k.starts_with("cilium/state/identities/"))
+        .filter(|k| !k.starts_with("cilium/state/identities/") && !k.starts_with(SAVED))
+        .collect()
+}
+
+/// The saved copies of the manifest files' good content: file -> content.
+fn saved_copies(c: &BTreeMap<String, Vec<u8>>) -> BTreeMap<&str, String> {
+    c.iter()
+        .filter_map(|(k, v)| {
+            let file = k.strip_prefix(SAVED)?;
+            Some((file, String::from_utf8(v.clone()).unwrap()))
+        })
         .collect()
 }
 
@@ -144,6 +156,15 @@ async fn scenario(cluster: TestCluster) {
         }
     })
     .await;
+    // Each file's good content is saved, under its name.
+    assert_eq!(
+        saved_copies(&c),
+        BTreeMap::from([
+            ("ns-svc.yaml", NAMESPACE_AND_SERVICE.to_owned()),
+            ("pods.yaml", pods(true)),
+            ("slice.yaml", slice(false)),
+        ])
+    );
     let web = identity_of(&c, "10.1.0.5");
     let db = identity_of(&c, "10.1.0.7");
     assert_eq!(
@@ -228,7 +249,7 @@ async fn scenario(cluster: TestCluster) {
 
     // Step 3: the service's file is deleted.
     cluster.remove_manifest("ns-svc.yaml");
-    eventually(store, |c| {
+    let c = eventually(store, |c| {
         if c.contains_key("cilium/state/services/v1/c1/prod/web") {
             Err("service still there".into())
         } else {
@@ -236,6 +257,11 @@ async fn scenario(cluster: TestCluster) {
         }
     })
     .await;
+    // Its saved copy is gone too.
+    assert_eq!(
+        saved_copies(&c).keys().copied().collect::<Vec<_>>(),
+        ["pods.yaml", "slice.yaml"]
+    );
     running.stop().await.unwrap();
 }
 

@@ -135,4 +135,34 @@ fn the_userspace_datapath_serves_the_same_agent() {
     let ep = agent.get("/explain/endpoint/10.244.2.10");
     assert_eq!(ep["enforce_ingress"], true, "the policy stays: {ep}");
     assert_eq!(ep["entries"][0]["port"], "8080/TCP");
+
+    // Still broken across a crash and a restart of the apiserver: the file's good content was
+    // saved in the store, so the policy stays.
+    b.kill();
+    b.start();
+    wait_until(
+        Duration::from_secs(30),
+        "the broken file to be reported after the restart",
+        || {
+            clustermesh_e2e::http_get(b.health_addr(), "/metrics")
+                .is_some_and(|(_, m)| m.contains("clustermesh_source_problems 1"))
+        },
+    );
+    let log = std::fs::read_to_string(b.dir.path().join("apiserver.log")).unwrap();
+    assert!(
+        log.contains("the file's last good objects, saved before the restart, are kept"),
+        "{log}"
+    );
+    b.write_manifest(
+        "d.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: later, namespace: prod, labels: {app: late}}\nstatus: {podIP: 10.244.2.98, hostIP: 192.0.2.2}\n",
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the pod written after the restart on the agent",
+        || agent.get("/status")["view"]["ipcache"].as_u64() == Some(ipcache + 2),
+    );
+    let ep = agent.get("/explain/endpoint/10.244.2.10");
+    assert_eq!(ep["enforce_ingress"], true, "the policy stays: {ep}");
+    assert_eq!(ep["entries"][0]["port"], "8080/TCP");
 }

@@ -14,6 +14,7 @@ use clustermesh_kvstore::{KvStore, Write};
 use clustermesh_model::cluster::{ClusterId, ClusterName, ClusterStatus, MaxConnectedClusters};
 use clustermesh_model::keys::{CachedObject, ExportKind, Key};
 use clustermesh_model::node::Node;
+use clustermesh_model::service::ClusterService;
 use clustermesh_proto::Object;
 use clustermesh_proto::client::{ClientTls, connect};
 use clustermesh_proto::v1::{self, watch_event::Event as Ev};
@@ -209,6 +210,26 @@ struct Tracked {
     ips: HashSet<IpAddr>,
     /// Its nodes' addresses, with the number of nodes that have each.
     node_addrs: HashMap<IpAddr, usize>,
+    /// The service keys that have each address as a backend.
+    backend_refs: HashMap<IpAddr, HashSet<String>>,
+}
+
+/// The backend addresses of a cached service value.
+fn service_backends(key: &str, value: &[u8]) -> Vec<IpAddr> {
+    match cached_object(key) {
+        Some(CachedObject::Service { .. }) => serde_json::from_slice::<ClusterService>(value)
+            .map(|s| s.backends.into_keys().collect())
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+/// The addresses a cache entry makes the remote's own (a pod IP, a node's addresses): what
+/// stops being the remote's own when the entry changes or goes.
+fn own_addresses(key: &str, value: &[u8]) -> Vec<IpAddr> {
+    let mut out = node_addresses(key, value);
+    out.extend(ip_of(key));
+    out
 }
 
 fn cached_object(key: &str) -> Option<CachedObject> {
@@ -254,6 +275,19 @@ impl Tracked {
                 self.ips.insert(ip);
             } else {
                 self.ips.remove(&ip);
+            }
+        }
+        for addr in service_backends(key, value) {
+            if add {
+                self.backend_refs
+                    .entry(addr)
+                    .or_default()
+                    .insert(key.to_owned());
+            } else if let Some(keys) = self.backend_refs.get_mut(&addr) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.backend_refs.remove(&addr);
+                }
             }
         }
         for addr in node_addresses(key, value) {
@@ -426,6 +460,52 @@ impl Cache {
 
     fn counts(&self) -> BTreeMap<String, usize> {
         self.state.counts.clone()
+    }
+
+    /// Removes, from the remote's cached services, the backends among `addrs` that are no
+    /// longer the remote's own endpoints (its pod IP was deleted, its node went or changed
+    /// address): an address the remote gave up may be claimed by another cluster next, and
+    /// the remote's service must not keep pointing at it. Returns the services changed, with
+    /// the addresses removed.
+    async fn drop_lost_backends(
+        &mut self,
+        quota: &Quota,
+        addrs: &[IpAddr],
+    ) -> Result<Vec<(String, Vec<IpAddr>)>, SessionError> {
+        let lost: HashSet<IpAddr> = addrs
+            .iter()
+            .filter(|a| !self.state.ips.contains(*a) && !self.state.node_addrs.contains_key(*a))
+            .copied()
+            .collect();
+        let mut keys: Vec<String> = lost
+            .iter()
+            .filter_map(|a| self.state.backend_refs.get(a))
+            .flatten()
+            .cloned()
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let mut changed = Vec::new();
+        for key in keys {
+            let Some(value) = self.state.entries.get(&key) else {
+                continue;
+            };
+            let Ok(mut service) = serde_json::from_slice::<ClusterService>(value) else {
+                continue;
+            };
+            let removed = restrict_backends(&mut service, |ip| !lost.contains(ip));
+            if removed.is_empty() {
+                continue;
+            }
+            let value = serde_json::to_vec(&service).map_err(|e| {
+                SessionError::Store(clustermesh_kvstore::Error::UnexpectedResponse(
+                    e.to_string(),
+                ))
+            })?;
+            self.put(quota, key.clone(), value).await?;
+            changed.push((key, removed));
+        }
+        Ok(changed)
     }
 }
 
@@ -799,7 +879,17 @@ async fn session(
                             stage.admit(&ctx.quota, &key, &value)?;
                             stage.insert(key, value);
                         }
-                        None => cache.put(&ctx.quota, key, value).await?,
+                        None => {
+                            let before = cache
+                                .state
+                                .entries
+                                .get(&key)
+                                .map(|old| own_addresses(&key, old))
+                                .unwrap_or_default();
+                            cache.put(&ctx.quota, key, value).await?;
+                            let dropped = cache.drop_lost_backends(&ctx.quota, &before).await?;
+                            count_dropped(status, &remote.name, &dropped);
+                        }
                     },
                     Err(reject) => count_reject(status, &remote.name, &reject),
                 }
@@ -810,7 +900,17 @@ async fn session(
                         Some(stage) => {
                             stage.remove(&key);
                         }
-                        None => cache.delete(&key).await?,
+                        None => {
+                            let before = cache
+                                .state
+                                .entries
+                                .get(&key)
+                                .map(|old| own_addresses(&key, old))
+                                .unwrap_or_default();
+                            cache.delete(&key).await?;
+                            let dropped = cache.drop_lost_backends(&ctx.quota, &before).await?;
+                            count_dropped(status, &remote.name, &dropped);
+                        }
                     }
                     if let Some(ip) = ip_of(&key) {
                         let held = staging.as_ref().is_some_and(|s| s.ips.contains(&ip));
@@ -855,6 +955,27 @@ async fn session(
             st.counts = cache.counts();
             st.bytes = cache.state.bytes;
         }
+    }
+}
+
+/// Reports the backends [`Cache::drop_lost_backends`] removed.
+fn count_dropped(
+    status: &Mutex<RemoteStatus>,
+    remote: &ClusterName,
+    dropped: &[(String, Vec<IpAddr>)],
+) {
+    for (key, addrs) in dropped {
+        count_reject(
+            status,
+            remote,
+            &Reject {
+                kind: "services",
+                reason: "foreign-backend",
+                detail: format!(
+                    "{key}: {addrs:?} are no longer endpoints of {remote}; removed from the service"
+                ),
+            },
+        );
     }
 }
 

@@ -780,57 +780,20 @@ async fn a_remote_cannot_take_another_clusters_ip_or_point_a_service_outside_its
     support_wait(|| c3.status.lock().ready).await;
     // c2 (a lower name: once the winner) claims it too, and lists it, an address outside the
     // mesh and its own pod and node as backends of a global service.
-    let port = || v1::ServicePort {
-        name: "http".into(),
-        protocol: "TCP".into(),
-        port: 80,
-    };
-    let backend = |ip: &str| v1::Backend {
-        ip: ip.into(),
-        ports: vec![port()],
-        ready: true,
-        serving: true,
-        terminating: false,
-    };
-    let service = upsert(v1::upsert::Object::Service(v1::Service {
-        cluster: "c2".into(),
-        namespace: "prod".into(),
-        name: "web".into(),
-        cluster_id: 2,
-        global: true,
-        shared: true,
-        frontends: vec![v1::Frontend {
-            ip: "10.96.0.10".into(),
-            ports: vec![port()],
-        }],
-        backends: [
+    let service = global_service(
+        "c2",
+        2,
+        &[
             "10.9.0.1",
             "10.9.0.2",
             "198.51.100.7",
             "192.0.2.2",
             "10.1.0.9",
-        ]
-        .into_iter()
-        .map(backend)
-        .collect(),
-        affinity: "none".into(),
-        ..Default::default()
-    }));
-    let node = upsert(v1::upsert::Object::Node(v1::Node {
-        name: "n1".into(),
-        cluster: "c2".into(),
-        cluster_id: 2,
-        // Its own address, and (hostile) c3's pod and a pod of this cluster as "node"
-        // addresses, to pass them off as host-network backends.
-        addresses: ["192.0.2.2", "10.9.0.1", "10.1.0.9"]
-            .into_iter()
-            .map(|ip| v1::NodeAddress {
-                r#type: "InternalIP".into(),
-                ip: ip.into(),
-            })
-            .collect(),
-        ..Default::default()
-    }));
+        ],
+    );
+    // Its own address, and (hostile) c3's pod and a pod of this cluster as "node" addresses,
+    // to pass them off as host-network backends.
+    let node = node_of("c2", 2, "n1", &["192.0.2.2", "10.9.0.1", "10.1.0.9"]);
     let c2 = spawn_worker(
         Scripted {
             name: "c2",
@@ -878,6 +841,145 @@ async fn a_remote_cannot_take_another_clusters_ip_or_point_a_service_outside_its
     assert_eq!(backends, ["10.9.0.2", "192.0.2.2"]);
     // The owner's import is untouched.
     assert!(c3.status.lock().rejected.is_empty());
+    c2.stop().await;
+    c3.stop().await;
+}
+
+fn global_service(cluster: &str, id: u32, backends: &[&str]) -> v1::WatchEvent {
+    let port = || v1::ServicePort {
+        name: "http".into(),
+        protocol: "TCP".into(),
+        port: 80,
+    };
+    upsert(v1::upsert::Object::Service(v1::Service {
+        cluster: cluster.into(),
+        namespace: "prod".into(),
+        name: "web".into(),
+        cluster_id: id,
+        global: true,
+        shared: true,
+        frontends: vec![v1::Frontend {
+            ip: "10.96.0.10".into(),
+            ports: vec![port()],
+        }],
+        backends: backends
+            .iter()
+            .map(|ip| v1::Backend {
+                ip: (*ip).into(),
+                ports: vec![port()],
+                ready: true,
+                serving: true,
+                terminating: false,
+            })
+            .collect(),
+        affinity: "none".into(),
+        ..Default::default()
+    }))
+}
+
+fn node_of(cluster: &str, id: u32, name: &str, addresses: &[&str]) -> v1::WatchEvent {
+    upsert(v1::upsert::Object::Node(v1::Node {
+        name: name.into(),
+        cluster: cluster.into(),
+        cluster_id: id,
+        addresses: addresses
+            .iter()
+            .map(|ip| v1::NodeAddress {
+                r#type: "InternalIP".into(),
+                ip: (*ip).into(),
+            })
+            .collect(),
+        ..Default::default()
+    }))
+}
+
+fn delete(cluster: &str, kind: v1::Kind, name: &str) -> v1::WatchEvent {
+    v1::WatchEvent {
+        revision: 11,
+        event: Some(Ev::Delete(v1::Delete {
+            kind: kind as i32,
+            cluster: cluster.into(),
+            name: name.into(),
+        })),
+    }
+}
+
+async fn cached_backends(store: &Arc<dyn KvStore>, key: &str) -> Vec<String> {
+    let kv = store
+        .get(key)
+        .await
+        .unwrap()
+        .expect("the service is cached");
+    let service: clustermesh_model::service::ClusterService =
+        serde_json::from_slice(&kv.value).unwrap();
+    service.backends.keys().map(|ip| ip.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_the_remote_gives_up_leaves_its_service_before_another_cluster_can_claim_it() {
+    let (ctx, store, _dir) = local_c1(StalenessConfig::default(), Quota::default());
+    // c2's service has its pod 10.9.0.5 and its node address 192.0.2.5 as backends, and its
+    // pod 10.9.0.6. After the sync c2 deletes the pod 10.9.0.5 and the node, but never
+    // updates the service.
+    let c2 = spawn_worker(
+        Scripted {
+            name: "c2",
+            id: 2,
+            events: vec![
+                pod_of("c2", "10.9.0.5", 131_080),
+                pod_of("c2", "10.9.0.6", 131_080),
+                node_of("c2", 2, "n1", &["192.0.2.5"]),
+                global_service("c2", 2, &["10.9.0.5", "10.9.0.6", "192.0.2.5"]),
+                synced(),
+                delete("c2", v1::Kind::Ipcache, "10.9.0.5"),
+                delete("c2", v1::Kind::Nodes, "n1"),
+                pod_of("c2", "10.9.0.7", 131_080),
+            ],
+        },
+        &ctx,
+        "c2",
+        2,
+    )
+    .await;
+    let marker = "cilium/cache/ip/v1/c2/10.9.0.7";
+    for _ in 0..400 {
+        if store.get(marker).await.unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        cached_backends(&store, "cilium/cache/services/v1/c2/prod/web").await,
+        ["10.9.0.6"],
+        "the given-up pod IP and node address left the service"
+    );
+    assert_eq!(
+        c2.status.lock().rejected.get("services/foreign-backend"),
+        Some(&2),
+        "counted: one service change per removed entry"
+    );
+    // Now c3 claims the address c2 gave up: it is c3's, and c2's service does not reach it.
+    let c3 = spawn_worker(
+        Scripted {
+            name: "c3",
+            id: 3,
+            events: vec![pod_of("c3", "10.9.0.5", 196_616), synced()],
+        },
+        &ctx,
+        "c3",
+        3,
+    )
+    .await;
+    support_wait(|| c3.status.lock().ready).await;
+    assert!(c3.status.lock().rejected.is_empty());
+    assert_eq!(
+        cache_keys(&store, "cilium/cache/ip/").await,
+        [
+            "cilium/cache/ip/v1/c2/10.9.0.6",
+            "cilium/cache/ip/v1/c2/10.9.0.7",
+            "cilium/cache/ip/v1/c3/10.9.0.5"
+        ]
+    );
     c2.stop().await;
     c3.stop().await;
 }

@@ -5,7 +5,7 @@
 //! its position and the reason. Files fail closed ([`ManifestDir`]): a file whose content
 //! cannot be read whole, is empty or holds an unusable document keeps its last good objects.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -100,6 +100,11 @@ struct FileState {
     partial: Option<SourceObjects>,
     /// What is wrong with the current content, and since when (unset while it is good).
     broken: Option<(Vec<SourceProblem>, SystemTime)>,
+    /// A digest of the good content last handed out to be saved ([`ManifestDir::take_saves`]).
+    saved: Option<u64>,
+    /// `applied` came from a saved copy ([`ManifestDir::restore`]), not from reading the file
+    /// in this process.
+    restored: bool,
 }
 
 impl FileState {
@@ -127,12 +132,27 @@ pub struct ManifestDir {
     /// The most bytes read from the whole directory: the files (in path order) past it are
     /// broken files (their last good objects stay).
     max_total_bytes: u64,
+    /// The largest good content handed out to be saved; a larger good file's saved copy is
+    /// deleted instead (an older copy must not come back after a restart).
+    max_saved_bytes: usize,
+    /// Copies to save (`Some`) or delete (`None`), by path.
+    saves: BTreeMap<PathBuf, Option<String>>,
 }
 
 /// What one read of a file gave.
 struct FileRead {
     objects: SourceObjects,
     problems: Vec<SourceProblem>,
+    /// The content, when the read was good.
+    text: Option<String>,
+}
+
+/// A digest of a file's content, to tell whether a saved copy is current.
+fn digest(text: &str) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
 }
 
 fn read_file(root: &Path, path: &Path, max_file_bytes: u64) -> FileRead {
@@ -143,6 +163,7 @@ fn read_file(root: &Path, path: &Path, max_file_bytes: u64) -> FileRead {
             origin: origin.clone(),
             reason,
         }],
+        text: None,
     };
     // What it is, checked before it is opened: opening a FIFO would block, a device never end.
     let meta = match std::fs::metadata(path) {
@@ -198,9 +219,11 @@ fn read_file(root: &Path, path: &Path, max_file_bytes: u64) -> FileRead {
     }
     let mut loaded = Loaded::default();
     parse_text(&origin, &text, &mut loaded);
+    let good = loaded.problems.is_empty();
     FileRead {
         objects: loaded.objects,
         problems: loaded.problems,
+        text: good.then_some(text),
     }
 }
 
@@ -245,16 +268,96 @@ impl ManifestDir {
             polled: false,
             max_file_bytes,
             max_total_bytes,
+            max_saved_bytes: usize::MAX,
+            saves: BTreeMap::new(),
         }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Sets the largest content handed out by [`ManifestDir::take_saves`] (the store's
+    /// largest value).
+    pub fn with_max_saved_bytes(mut self, bytes: usize) -> Self {
+        self.max_saved_bytes = bytes;
+        self
+    }
+
+    /// Takes a saved copy of a file's last good content (`relative` to the directory), from
+    /// before a restart: if the file cannot be read or used now, these objects stay. Fails,
+    /// changing nothing, when the copy itself is not wholly usable or the file was read
+    /// already.
+    pub fn restore(&mut self, relative: &Path, text: &str) -> Result<(), String> {
+        if relative.is_absolute()
+            || relative
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(format!(
+                "{} is not a path inside the directory",
+                relative.display()
+            ));
+        }
+        let path = self.dir.join(relative);
+        if self.files.contains_key(&path) {
+            return Err(format!("{} was read already", path.display()));
+        }
+        let mut loaded = Loaded::default();
+        parse_text(&path.display().to_string(), text, &mut loaded);
+        if let Some(p) = loaded.problems.first() {
+            return Err(p.to_string());
+        }
+        self.files.insert(
+            path,
+            FileState {
+                // Never a real stamp: the file is read at the next poll.
+                stamp: (SystemTime::UNIX_EPOCH, u64::MAX),
+                applied: Some(loaded.objects),
+                partial: None,
+                broken: None,
+                saved: Some(digest(text)),
+                restored: true,
+            },
+        );
+        Ok(())
+    }
+
+    /// The copies of good content to save since the last call, by path relative to the
+    /// directory: `Some(text)` to save, `None` to delete (the file was deleted, or its good
+    /// content is too large to save). Paths that are not UTF-8 are not saved.
+    pub fn take_saves(&mut self) -> Vec<(String, Option<String>)> {
+        std::mem::take(&mut self.saves)
+            .into_iter()
+            .filter_map(|(path, text)| {
+                let rel = path.strip_prefix(&self.dir).ok()?.to_str()?.to_owned();
+                Some((rel, text))
+            })
+            .collect()
     }
 
     /// Reads what changed. `Ok(None)`: nothing changed since the last poll; `Ok(Some)`: the
     /// whole state to apply; `Err`: the directory cannot be listed (keep the current state).
     pub fn poll(&mut self) -> std::io::Result<Option<Loaded>> {
+        self.poll_named(&BTreeSet::new())
+    }
+
+    /// [`ManifestDir::poll`], reading again the files named in `named` (or below a directory
+    /// named there) even if their modification time and size are what they were: a change
+    /// notification names them.
+    pub fn poll_named(&mut self, named: &BTreeSet<PathBuf>) -> std::io::Result<Option<Loaded>> {
         let paths = files(&self.dir)?;
         let mut changed = !self.polled;
         let before = self.files.len();
-        self.files.retain(|p, _| paths.binary_search(p).is_ok());
+        let saves = &mut self.saves;
+        self.files.retain(|p, f| {
+            let keep = paths.binary_search(p).is_ok();
+            if !keep && f.saved.is_some() {
+                saves.insert(p.clone(), None);
+            }
+            keep
+        });
         changed |= self.files.len() != before;
         let mut total: u64 = 0;
         for path in paths {
@@ -270,7 +373,11 @@ impl ManifestDir {
             let prev = self.files.get(&path);
             // Unchanged good files are not read again; broken ones are (a permission or a
             // content may be fixed without a new modification time).
-            if !over_total && prev.is_some_and(|s| s.stamp == stamp && s.broken.is_none()) {
+            let is_named = || path.ancestors().any(|a| named.contains(a));
+            if !over_total
+                && prev.is_some_and(|s| s.stamp == stamp && s.broken.is_none())
+                && !is_named()
+            {
                 continue;
             }
             let read = if over_total {
@@ -283,16 +390,31 @@ impl ManifestDir {
                             self.max_total_bytes
                         ),
                     }],
+                    text: None,
                 }
             } else {
                 read_file(&self.dir, &path, self.max_file_bytes)
             };
             let next = if read.problems.is_empty() {
+                let text = read.text.unwrap_or_default();
+                let hash = digest(&text);
+                let mut saved = prev.and_then(|p| p.saved);
+                if saved != Some(hash) {
+                    if text.len() <= self.max_saved_bytes {
+                        self.saves.insert(path.clone(), Some(text));
+                        saved = Some(hash);
+                    } else if saved.is_some() {
+                        self.saves.insert(path.clone(), None);
+                        saved = None;
+                    }
+                }
                 FileState {
                     stamp,
                     applied: Some(read.objects),
                     partial: None,
                     broken: None,
+                    saved,
+                    restored: false,
                 }
             } else {
                 let since = prev
@@ -305,6 +427,8 @@ impl ManifestDir {
                     applied,
                     partial,
                     broken: Some((read.problems, since)),
+                    saved: prev.and_then(|p| p.saved),
+                    restored: prev.is_some_and(|p| p.restored),
                 }
             };
             if prev.is_none_or(|p| !p.same(&next)) {
@@ -321,10 +445,12 @@ impl ManifestDir {
         let mut out = Loaded::default();
         for (path, f) in &self.files {
             if let Some((problems, t)) = &f.broken {
-                let kept = if f.applied.is_some() {
-                    "; the file's last good objects are kept"
-                } else {
-                    ""
+                let kept = match (&f.applied, f.restored) {
+                    (Some(_), false) => "; the file's last good objects are kept",
+                    (Some(_), true) => {
+                        "; the file's last good objects, saved before the restart, are kept"
+                    }
+                    (None, _) => "",
                 };
                 for p in problems {
                     out.problems.push(SourceProblem {
@@ -401,9 +527,15 @@ fn too_deep(text: &str) -> bool {
 
 /// Parses the documents of one file into `loaded`.
 pub fn parse_text(file: &str, text: &str, loaded: &mut Loaded) {
+    // A byte-order mark (Windows editors write one) is not content; kubectl ignores it too.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let origin = format!("{file} (document {})", i + 1);
-        let value = match serde_json::Value::deserialize(doc) {
+        // Through YAML's own value first: it refuses a mapping with a key twice (which one
+        // would win is a guess, and a policy must not be a guess), where JSON's keeps the last.
+        let value = match serde_yaml_ng::Value::deserialize(doc)
+            .and_then(|v| serde_json::to_value(v).map_err(serde::de::Error::custom))
+        {
             Ok(v) => v,
             Err(e) => {
                 loaded.problems.push(SourceProblem {

@@ -15,6 +15,7 @@ pub mod endpoints;
 pub mod k8s;
 pub mod kubernetes;
 pub mod manifest;
+pub mod watch;
 
 /// A namespaced name.
 pub type NsName = (String, String);

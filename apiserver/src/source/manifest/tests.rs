@@ -423,3 +423,168 @@ fn files_past_the_total_limit_are_broken_and_keep_their_last_good_objects() {
     assert_eq!(l.problems.len(), 2);
     assert!(l.problems[0].reason.contains("limits.manifestFileBytes"));
 }
+
+#[test]
+fn a_saved_copy_keeps_a_broken_files_objects_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    let file = dir.path().join("sub/p.yaml");
+    let other = dir.path().join("other.yaml");
+    let good = format!("{NS}{POLICY}");
+    std::fs::write(&file, &good).unwrap();
+    std::fs::write(&other, NS.replace("prod", "dev")).unwrap();
+    let mut d = ManifestDir::new(dir.path());
+    d.poll().unwrap().unwrap();
+    let saves = d.take_saves();
+    assert_eq!(
+        saves,
+        [
+            ("other.yaml".to_owned(), Some(NS.replace("prod", "dev"))),
+            ("sub/p.yaml".to_owned(), Some(good.clone())),
+        ],
+        "paths relative to the directory, the content as read"
+    );
+    // Read again unchanged, or named by a notification without a change: nothing to save.
+    assert!(d.poll().unwrap().is_none());
+    assert!(
+        d.poll_named(&BTreeSet::from([file.clone()]))
+            .unwrap()
+            .is_none()
+    );
+    assert!(d.take_saves().is_empty());
+
+    // The process stops; the file is cut while it is down.
+    std::fs::write(&file, &good[..good.len() - 12]).unwrap();
+    let mut restarted = ManifestDir::new(dir.path());
+    for (rel, text) in &saves {
+        restarted
+            .restore(Path::new(rel), text.as_deref().unwrap())
+            .unwrap();
+    }
+    let l = restarted.poll().unwrap().unwrap();
+    assert_eq!(policies(&l), ["web"], "the policy stays after the restart");
+    assert_eq!(l.problems.len(), 1, "{:?}", l.problems);
+    assert!(
+        l.problems[0]
+            .reason
+            .contains("the file's last good objects, saved before the restart, are kept"),
+        "{:?}",
+        l.problems
+    );
+    assert!(
+        restarted.take_saves().is_empty(),
+        "a broken file saves nothing"
+    );
+
+    // A file deleted while the process was down: its objects go, and its copy with them.
+    std::fs::remove_file(&other).unwrap();
+    let mut again = ManifestDir::new(dir.path());
+    for (rel, text) in &saves {
+        again
+            .restore(Path::new(rel), text.as_deref().unwrap())
+            .unwrap();
+    }
+    let l = again.poll().unwrap().unwrap();
+    assert_eq!(
+        l.objects.namespaces.keys().collect::<Vec<_>>(),
+        ["prod"],
+        "dev's file is gone"
+    );
+    assert_eq!(again.take_saves(), [("other.yaml".to_owned(), None)]);
+
+    // Fixed with the saved content: nothing to save again. With new content: saved.
+    std::fs::write(&file, &good).unwrap();
+    let l = again.poll().unwrap().unwrap();
+    assert!(l.problems.is_empty(), "{:?}", l.problems);
+    assert!(again.take_saves().is_empty());
+    let newer = good.replace("name: web", "name: web2");
+    std::fs::write(&file, &newer).unwrap();
+    assert_eq!(policies(&again.poll().unwrap().unwrap()), ["web2"]);
+    assert_eq!(again.take_saves(), [("sub/p.yaml".to_owned(), Some(newer))]);
+}
+
+#[test]
+fn a_saved_copy_that_is_not_good_or_points_outside_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = ManifestDir::new(dir.path());
+    let good = format!("{NS}{POLICY}");
+    for (rel, text, why) in [
+        ("../x.yaml", good.as_str(), "not a path inside"),
+        ("/etc/x.yaml", good.as_str(), "not a path inside"),
+        ("a/./../../x.yaml", good.as_str(), "not a path inside"),
+        ("p.yaml", &good[..good.len() - 12], "not valid YAML"),
+        (
+            "p.yaml",
+            "kind: Nope\napiVersion: v1\n",
+            "not a supported kind",
+        ),
+    ] {
+        let e = d.restore(Path::new(rel), text).unwrap_err();
+        assert!(e.contains(why), "{rel}: {e}");
+    }
+    d.restore(Path::new("p.yaml"), &good).unwrap();
+    assert!(d.restore(Path::new("p.yaml"), &good).is_err(), "twice");
+    // No file behind it: its objects go at the first read.
+    let l = d.poll().unwrap().unwrap();
+    assert!(l.objects.policies.is_empty());
+    assert_eq!(d.take_saves(), [("p.yaml".to_owned(), None)]);
+}
+
+#[test]
+fn a_good_file_too_large_to_save_deletes_its_older_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.yaml");
+    let good = format!("{NS}{POLICY}");
+    std::fs::write(&file, &good).unwrap();
+    let mut d = ManifestDir::new(dir.path()).with_max_saved_bytes(good.len() + 10);
+    d.poll().unwrap().unwrap();
+    assert_eq!(d.take_saves().len(), 1);
+    let larger = format!("{good}# {}\n", "x".repeat(40));
+    std::fs::write(&file, &larger).unwrap();
+    d.poll().unwrap();
+    assert_eq!(
+        d.take_saves(),
+        [("p.yaml".to_owned(), None)],
+        "an older copy must not come back after a restart"
+    );
+}
+
+#[test]
+fn a_file_named_by_a_notification_is_read_again_even_with_the_same_stamp() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.yaml");
+    let good = format!("{NS}{POLICY}");
+    std::fs::write(&file, &good).unwrap();
+    let mut d = ManifestDir::new(dir.path());
+    d.poll().unwrap().unwrap();
+    // Same size, and the modification time put back: a stamp cannot see this change.
+    let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+    let changed = good.replace("name: web", "name: bew");
+    assert_eq!(changed.len(), good.len());
+    std::fs::write(&file, &changed).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    assert!(d.poll().unwrap().is_none(), "the stamp is the same");
+    let l = d
+        .poll_named(&BTreeSet::from([file.clone()]))
+        .unwrap()
+        .unwrap();
+    assert_eq!(policies(&l), ["bew"]);
+    // A directory named: everything below it.
+    std::fs::write(&file, &good).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let l = d
+        .poll_named(&BTreeSet::from([dir.path().to_owned()]))
+        .unwrap()
+        .unwrap();
+    assert_eq!(policies(&l), ["web"]);
+}

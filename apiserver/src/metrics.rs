@@ -283,7 +283,7 @@ fn remote_metrics(remotes: &RemoteStatuses) -> String {
             "gauge",
             None,
             "",
-            |s| u8::from(s.ready && s.connected).to_string(),
+            |s| u8::from(s.ready).to_string(),
         ),
         (
             "clustermesh_remote_cluster_failures",

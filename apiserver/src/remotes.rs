@@ -107,7 +107,7 @@ impl RemoteSet {
         self.workers
             .lock()
             .values()
-            .map(|e| e.worker.status.lock().clone())
+            .map(|e| e.worker.status.lock().clone().with_ready())
             .collect()
     }
 
@@ -117,7 +117,7 @@ impl RemoteSet {
             .lock()
             .iter()
             .find(|(n, _)| n.as_str() == name)
-            .map(|(_, e)| e.worker.status.lock().clone())
+            .map(|(_, e)| e.worker.status.lock().clone().with_ready())
     }
 
     fn spawn(&self, section: &RemoteSection) -> Result<RemoteWorker, String> {

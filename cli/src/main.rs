@@ -115,6 +115,9 @@ enum Command {
         /// Loopback addresses to use: cluster i listens on <prefix>.<10+i>.
         #[arg(long, default_value = "127.0.0", value_parser = up::loopback_prefix)]
         ip_prefix: String,
+        /// Stop or start one cluster of the running mesh (to watch failover).
+        #[command(subcommand)]
+        action: Option<UpAction>,
     },
     /// Run a program inside a pod of `up --datapath bpf` (its network namespace, and its
     /// cluster's socket load-balancing cgroup), e.g.
@@ -180,6 +183,13 @@ enum Command {
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
         output: Format,
+        /// Wait until the apiserver and every remote are ready (as `cilium clustermesh status
+        /// --wait`), then print the status; exit 1 if they are not within --wait-duration.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits (e.g. 30s, 2m, 1h).
+        #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration, requires = "wait")]
+        wait_duration: std::time::Duration,
     },
     /// Every service of every cluster, merged by namespace and name.
     Services(DirArgs),
@@ -315,6 +325,22 @@ enum CertsCommand {
     },
 }
 
+/// What `clustermesh up --dir D` does to a running mesh.
+#[derive(Subcommand)]
+enum UpAction {
+    /// Stop a cluster's apiserver and agent and keep them stopped (the other clusters
+    /// withdraw it), e.g. `clustermesh up --dir clustermesh-data stop c3`.
+    Stop {
+        /// The cluster's name.
+        cluster: String,
+    },
+    /// Start a cluster stopped with `stop` again.
+    Start {
+        /// The cluster's name.
+        cluster: String,
+    },
+}
+
 #[derive(Subcommand)]
 enum ExplainCommand {
     /// Each backend of a service, in or out, and why.
@@ -445,10 +471,19 @@ async fn run(command: Command, log_format: &'static str) -> anyhow::Result<bool>
             ..
         } => agent(config, datapath, node_name, exit_with_parent).await?,
         Command::Up {
+            action: Some(action),
+            dir,
+            ..
+        } => match action {
+            UpAction::Stop { cluster } => up::control(&dir, &cluster, true).await?,
+            UpAction::Start { cluster } => up::control(&dir, &cluster, false).await?,
+        },
+        Command::Up {
             clusters,
             dir,
             datapath,
             ip_prefix,
+            action: None,
         } => {
             up::up(up::UpOptions {
                 clusters,
@@ -576,13 +611,19 @@ async fn run(command: Command, log_format: &'static str) -> anyhow::Result<bool>
             dir,
             server,
             output,
+            wait,
+            wait_duration,
         } => {
             let health = match (server, dir) {
                 (Some(s), _) => s,
                 (None, Some(d)) => clusterdir::ClusterDir::open(&d)?.apiserver.listen.health,
                 (None, None) => bail!("say which apiserver: --dir CLUSTER_DIR or --server ADDR"),
             };
-            let (ready, text) = status::status(&health, output).await?;
+            let (ready, text) = if wait {
+                status::wait(&health, output, wait_duration).await?
+            } else {
+                status::status(&health, output).await?
+            };
             print!("{text}");
             return Ok(ready);
         }

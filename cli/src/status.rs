@@ -1,6 +1,7 @@
 //! `clustermesh status`: this cluster's apiserver and each remote it imports, from the
 //! apiserver's `/status` on its health port. Exit code 1 when the apiserver or any remote is
-//! not ready.
+//! not ready; a remote is ready only while it is connected, its snapshot is imported and its
+//! backends are not withdrawn (the same `ready` as the JSON and the READY column).
 
 use anyhow::Context;
 use serde_json::Value;
@@ -13,15 +14,37 @@ pub(crate) async fn status(health: &str, format: Format) -> anyhow::Result<(bool
         .await
         .with_context(|| format!("asking the apiserver at {health} (is it running?)"))?;
     let remotes = s["remotes"].as_array().cloned().unwrap_or_default();
-    let all_ready = s["ready"] == true
-        && remotes
-            .iter()
-            .all(|r| r["ready"] == true && r["connected"] == true);
+    let all_ready = s["ready"] == true && remotes.iter().all(|r| r["ready"] == true);
     let text = match format {
         Format::Json => serde_json::to_string_pretty(&s)? + "\n",
         Format::Table => render(&s, &remotes),
     };
     Ok((all_ready, text))
+}
+
+/// [`status`] once everything is ready, or at the end of `limit` (then not ready, with a
+/// line on standard error saying so). Asked every second; an apiserver that does not answer
+/// yet is waited for too.
+pub(crate) async fn wait(
+    health: &str,
+    format: Format,
+    limit: std::time::Duration,
+) -> anyhow::Result<(bool, String)> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let last = status(health, format).await;
+        if matches!(last, Ok((true, _))) || tokio::time::Instant::now() >= deadline {
+            if !matches!(last, Ok((true, _))) {
+                eprintln!("not ready after {}", humantime::format_duration(limit));
+            }
+            return last;
+        }
+        tokio::time::sleep(
+            std::time::Duration::from_secs(1)
+                .min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+        )
+        .await;
+    }
 }
 
 /// `"(12s ago) "` for a Unix time.

@@ -56,6 +56,81 @@ struct Member {
     admin: String,
     apiserver: Option<Child>,
     agent: Option<Child>,
+    /// How the apiserver and the agent are started, and their restarts.
+    supervision: [Supervised; 2],
+    /// Stopped on purpose (`clustermesh up --dir D stop NAME`): not restarted.
+    held: bool,
+}
+
+/// The file `clustermesh up stop` leaves in a cluster's directory while the running `up`
+/// must keep the cluster stopped.
+pub(crate) const STOPPED_MARKER: &str = "up.stopped";
+
+/// The first wait before restarting a process that exited; doubled each time it exits again
+/// within [`RESTART_RESET`], up to [`RESTART_MAX`] (as a kubelet backs off a crashing
+/// container).
+const RESTART_FIRST: Duration = Duration::from_secs(1);
+const RESTART_MAX: Duration = Duration::from_secs(30);
+/// A process that ran this long before it exited starts again after [`RESTART_FIRST`].
+const RESTART_RESET: Duration = Duration::from_secs(60);
+
+/// How one process of a member is started and restarted.
+#[derive(Debug, Clone)]
+struct Supervised {
+    what: &'static str,
+    args: Vec<String>,
+    config: PathBuf,
+    log: PathBuf,
+    started: Instant,
+    /// Exits in a row (each within RESTART_RESET of its start).
+    exits: u32,
+    /// When an exited process is started again.
+    restart_at: Option<Instant>,
+    /// How it last exited.
+    last_exit: Option<String>,
+}
+
+impl Supervised {
+    fn new(what: &'static str, args: &[&str], config: PathBuf, log: PathBuf) -> Self {
+        Self {
+            what,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            config,
+            log,
+            started: Instant::now(),
+            exits: 0,
+            restart_at: None,
+            last_exit: None,
+        }
+    }
+
+    /// Records an exit at `now`; returns the wait before the restart.
+    fn exited(&mut self, status: String, now: Instant) -> Duration {
+        if now.saturating_duration_since(self.started) >= RESTART_RESET {
+            self.exits = 0;
+        }
+        let wait = RESTART_FIRST
+            .saturating_mul(1 << self.exits.min(5))
+            .min(RESTART_MAX);
+        self.exits += 1;
+        self.restart_at = Some(now + wait);
+        self.last_exit = Some(status);
+        wait
+    }
+
+    /// What the live view shows for a process that is not running.
+    fn down(&self, held: bool, now: Instant) -> String {
+        if held {
+            return "stopped".to_owned();
+        }
+        match (&self.last_exit, self.restart_at) {
+            (Some(exit), Some(at)) => format!(
+                "down ({exit}; restart in {} s)",
+                at.saturating_duration_since(now).as_secs()
+            ),
+            _ => "down".to_owned(),
+        }
+    }
 }
 
 fn spawn(exe: &Path, args: &[&str], config: &Path, log: &Path) -> anyhow::Result<Child> {
@@ -172,12 +247,24 @@ fn prepare(o: &UpOptions) -> anyhow::Result<Vec<Member>> {
         };
         let health = dir.apiserver.listen.health.clone();
         let admin = dir.agent_admin()?;
+        // A stop asked of an earlier run does not carry over.
+        let _ = std::fs::remove_file(dir.path.join(STOPPED_MARKER));
         members.push(Member {
+            supervision: [
+                Supervised::new(
+                    "apiserver",
+                    &[],
+                    dir.apiserver_config(),
+                    dir.path.join("apiserver.log"),
+                ),
+                Supervised::new("agent", &[], dir.agent_config(), dir.path.join("agent.log")),
+            ],
             dir,
             health,
             admin,
             apiserver: None,
             agent: None,
+            held: false,
         });
     }
     for i in 0..members.len() {
@@ -314,13 +401,19 @@ pub(crate) async fn merged_services(admin: &str) -> anyhow::Result<BTreeMap<Stri
 async fn render(members: &[Member]) -> String {
     let mut rows = Vec::new();
     let mut services: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let now = Instant::now();
     for m in members {
         let (api, rr, rn, agent_ready, agent) = cluster_state(m).await;
+        let state = |running: bool, ready: bool, sup: &Supervised| match (running, ready) {
+            (false, _) => sup.down(m.held, now),
+            (true, true) => "ready".to_owned(),
+            (true, false) => "starting".to_owned(),
+        };
         rows.push(vec![
             m.dir.name().to_string(),
-            if api { "ready" } else { "starting" }.to_owned(),
+            state(m.apiserver.is_some(), api, &m.supervision[0]),
             format!("{rr}/{rn}"),
-            if agent_ready { "ready" } else { "starting" }.to_owned(),
+            state(m.agent.is_some(), agent_ready, &m.supervision[1]),
             agent["maps"]["services"].to_string(),
             agent["maps"]["ipcache"].to_string(),
             agent["maps"]["policy"].to_string(),
@@ -654,17 +747,15 @@ pub(crate) async fn up(o: UpOptions) -> anyhow::Result<()> {
     let started = (|| {
         for m in &mut members {
             let log = m.dir.path.join("apiserver.log");
-            let child = spawn(
-                &exe,
-                &[
-                    "apiserver",
-                    "--exit-with-parent",
-                    "--log-format",
-                    o.log_format,
-                ],
-                &m.dir.apiserver_config(),
-                &log,
-            )?;
+            let args = [
+                "apiserver",
+                "--exit-with-parent",
+                "--log-format",
+                o.log_format,
+            ];
+            m.supervision[0] =
+                Supervised::new("apiserver", &args, m.dir.apiserver_config(), log.clone());
+            let child = spawn(&exe, &args, &m.dir.apiserver_config(), &log)?;
             if let Some(k) = &mut kernel {
                 k.watch_pid(&child);
             }
@@ -679,19 +770,16 @@ pub(crate) async fn up(o: UpOptions) -> anyhow::Result<()> {
         }
         for m in &mut members {
             let log = m.dir.path.join("agent.log");
-            let child = spawn(
-                &exe,
-                &[
-                    "agent",
-                    "--exit-with-parent",
-                    "--datapath",
-                    datapath,
-                    "--log-format",
-                    o.log_format,
-                ],
-                &m.dir.agent_config(),
-                &log,
-            )?;
+            let args = [
+                "agent",
+                "--exit-with-parent",
+                "--datapath",
+                datapath,
+                "--log-format",
+                o.log_format,
+            ];
+            m.supervision[1] = Supervised::new("agent", &args, m.dir.agent_config(), log.clone());
+            let child = spawn(&exe, &args, &m.dir.agent_config(), &log)?;
             if let Some(k) = &mut kernel {
                 k.watch_pid(&child);
             }
@@ -717,7 +805,7 @@ pub(crate) async fn up(o: UpOptions) -> anyhow::Result<()> {
         anyhow::Ok(())
     })();
     let result = match started {
-        Ok(()) => run(&mut members).await,
+        Ok(()) => run(&mut members, &exe, kernel.as_mut()).await,
         Err(e) => Err(e),
     };
     say!("stopping every process");
@@ -735,7 +823,11 @@ pub(crate) async fn up(o: UpOptions) -> anyhow::Result<()> {
     result
 }
 
-async fn run(members: &mut [Member]) -> anyhow::Result<()> {
+async fn run(
+    members: &mut [Member],
+    exe: &Path,
+    mut kernel: Option<&mut Kernel>,
+) -> anyhow::Result<()> {
     let stop = shutdown_signal();
     tokio::pin!(stop);
     let tty = std::io::stdout().is_terminal();
@@ -766,7 +858,7 @@ async fn run(members: &mut [Member]) -> anyhow::Result<()> {
             say!("{line}");
             last = line;
         }
-        exited(members)?;
+        supervise(members, exe, kernel.as_deref_mut()).await;
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(300)) => {}
             _ = &mut stop => return Ok(()),
@@ -782,29 +874,157 @@ async fn run(members: &mut [Member]) -> anyhow::Result<()> {
             say!("{view}");
         }
         shown = view;
-        exited(members)?;
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(2)) => {}
-            _ = &mut stop => return Ok(()),
+        // Checked every 500 ms, the view redrawn every 2 s.
+        for _ in 0..4 {
+            supervise(members, exe, kernel.as_deref_mut()).await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = &mut stop => return Ok(()),
+            }
         }
     }
 }
 
-/// Fails when a process of the mesh has exited on its own.
-fn exited(members: &mut [Member]) -> anyhow::Result<()> {
+/// Keeps the mesh running: a process that exited on its own is reported and started again
+/// after a backoff, while the rest of the mesh runs on; a cluster stopped on purpose
+/// ([`STOPPED_MARKER`]) has its processes stopped and not restarted until it is started again.
+async fn supervise(members: &mut [Member], exe: &Path, mut kernel: Option<&mut Kernel>) {
+    let now = Instant::now();
     for m in members.iter_mut() {
-        for (what, child) in [("apiserver", &mut m.apiserver), ("agent", &mut m.agent)] {
+        let held = m.dir.path.join(STOPPED_MARKER).exists();
+        if held != m.held {
+            m.held = held;
+            if held {
+                say!(
+                    "{}: stopping its apiserver and agent (clustermesh up stop)",
+                    m.dir.name()
+                );
+                let children: Vec<&mut Child> = [m.agent.as_mut(), m.apiserver.as_mut()]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                stop_all(children).await;
+                m.agent = None;
+                m.apiserver = None;
+            } else {
+                say!("{}: starting it again (clustermesh up start)", m.dir.name());
+                for s in &mut m.supervision {
+                    s.exits = 0;
+                    s.restart_at = Some(now);
+                    s.last_exit = None;
+                }
+            }
+        }
+        let Member {
+            dir,
+            apiserver,
+            agent,
+            supervision,
+            ..
+        } = m;
+        for (child, sup) in [apiserver, agent].into_iter().zip(supervision.iter_mut()) {
             if let Some(c) = child
                 && let Ok(Some(status)) = c.try_wait()
             {
                 *child = None;
-                bail!(
-                    "{}'s {what} exited ({status}); see {}",
-                    m.dir.name(),
-                    m.dir.path.join(format!("{what}.log")).display()
+                let wait = sup.exited(status.to_string(), now);
+                say!(
+                    "{}'s {} exited ({status}); restarting it in {} s (log {})",
+                    dir.name(),
+                    sup.what,
+                    wait.as_secs(),
+                    sup.log.display()
                 );
             }
+            if child.is_some() || held || sup.restart_at.is_none_or(|t| t > now) {
+                continue;
+            }
+            let args: Vec<&str> = sup.args.iter().map(String::as_str).collect();
+            let spawned = tokio::task::block_in_place(|| spawn(exe, &args, &sup.config, &sup.log));
+            match spawned {
+                Ok(c) => {
+                    if let Some(k) = kernel.as_deref_mut() {
+                        k.watch_pid(&c);
+                    }
+                    say!("{}'s {} started again", dir.name(), sup.what);
+                    sup.started = Instant::now();
+                    sup.restart_at = None;
+                    *child = Some(c);
+                }
+                Err(e) => {
+                    let wait = sup.exited(
+                        format!("{e:#}")
+                            .lines()
+                            .next()
+                            .unwrap_or_default()
+                            .to_owned(),
+                        now,
+                    );
+                    say!(
+                        "{}'s {} did not start; trying again in {} s: {e:#}",
+                        dir.name(),
+                        sup.what,
+                        wait.as_secs()
+                    );
+                }
+            }
         }
+    }
+}
+
+/// `clustermesh up --dir D stop|start NAME`: asks the running `up` to stop the cluster's
+/// apiserver and agent and keep them stopped (`stop`), or to start them again (`start`), and
+/// waits until it has. To watch failover with the main command.
+pub(crate) async fn control(dir: &Path, cluster: &str, stop: bool) -> anyhow::Result<()> {
+    let cd = ClusterDir::open(&dir.join(cluster))?;
+    let marker = cd.path.join(STOPPED_MARKER);
+    let health = cd.apiserver.listen.health.clone();
+    let answers = || async { get(&health, "/healthz").await.is_ok() };
+    if stop {
+        if marker.exists() {
+            bail!(
+                "{cluster} is stopped already; `clustermesh up --dir {} start {cluster}` starts it",
+                dir.display()
+            );
+        }
+        if !answers().await {
+            bail!(
+                "{cluster}'s apiserver does not answer at {health}: is `clustermesh up --dir {}` running?",
+                dir.display()
+            );
+        }
+        write_atomic(&marker, "stopped by clustermesh up stop\n")?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while answers().await {
+            if Instant::now() >= deadline {
+                let _ = std::fs::remove_file(&marker);
+                bail!(
+                    "{cluster} was not stopped within 30 s: is `clustermesh up --dir {}` running?",
+                    dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!(
+            "{cluster} stopped (apiserver and agent); `clustermesh up --dir {} start {cluster}` starts it again",
+            dir.display()
+        );
+    } else {
+        if !marker.exists() {
+            bail!("{cluster} was not stopped by `clustermesh up stop`");
+        }
+        std::fs::remove_file(&marker).with_context(|| format!("removing {}", marker.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !matches!(get(&health, "/readyz").await, Ok((200, _))) {
+            if Instant::now() >= deadline {
+                bail!(
+                    "{cluster}'s apiserver is not ready 60 s after the start: see {}",
+                    cd.path.join("apiserver.log").display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!("{cluster} started: its apiserver is ready, its agent starting");
     }
     Ok(())
 }

@@ -34,8 +34,12 @@ impl Drop for Up {
 }
 
 fn start_up(dir: &Path) -> (Up, mpsc::Receiver<String>) {
+    start_up_at(dir, "127.0.77")
+}
+
+fn start_up_at(dir: &Path, prefix: &str) -> (Up, mpsc::Receiver<String>) {
     let mut child = Command::new(BIN)
-        .args(["up", "--clusters", "3", "--ip-prefix", "127.0.77", "--dir"])
+        .args(["up", "--clusters", "3", "--ip-prefix", prefix, "--dir"])
         .arg(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -292,6 +296,114 @@ fn up_runs_the_example_mesh_and_stops_cleanly() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The PID of the process whose command line contains every one of `needles`.
+fn pid_of(needles: &[&str]) -> u32 {
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if needles.iter().all(|n| cmd.contains(n)) {
+                return pid;
+            }
+        }
+    }
+    panic!("no process with {needles:?}");
+}
+
+/// `clustermesh status --dir DIR -o json ARGS`: its exit code and its JSON.
+fn status_json(dir: &Path, args: &[&str]) -> (i32, serde_json::Value) {
+    let out = Command::new(BIN)
+        .args(["status", "-o", "json", "--dir"])
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        serde_json::from_slice(&out.stdout).unwrap_or_default(),
+    )
+}
+
+fn remote<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["remotes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == name)
+        .unwrap()
+}
+
+#[test]
+fn up_restarts_what_dies_and_stops_and_starts_a_cluster_on_request() {
+    let data = tempfile::tempdir().unwrap();
+    let (mut up, rx) = start_up_at(data.path(), "127.0.76");
+    wait_line(&rx, "mesh ready: 3 clusters");
+    let c1 = data.path().join("c1");
+
+    // c3's apiserver dies: it is reported and started again; the mesh keeps running.
+    let config = data.path().join("c3/apiserver.yaml");
+    let pid = pid_of(&["apiserver", &config.display().to_string()]);
+    Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    let seen = wait_line(&rx, "c3's apiserver started again");
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("c3's apiserver exited (signal: 9")
+                && l.contains("restarting it in 1 s")),
+        "{seen:#?}"
+    );
+    assert!(
+        up.0.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "up stopped"
+    );
+    let (code, status) = status_json(&c1, &["--wait", "--wait-duration", "60s"]);
+    assert_eq!(code, 0, "{status}");
+    assert_eq!(remote(&status, "c3")["ready"], true);
+
+    // Stopped on purpose: not restarted; c1 sees c3 go and withdraws it.
+    let d = data.path().display().to_string();
+    let out = cm(&["up", "--dir", &d, "stop", "c3"]);
+    assert!(out.starts_with("c3 stopped"), "{out}");
+    wait_line(&rx, "c3: stopping its apiserver and agent");
+    let t = std::time::Instant::now();
+    loop {
+        let (code, status) = status_json(&c1, &[]);
+        if remote(&status, "c3")["withdrawn"] == true {
+            assert_eq!(code, 1);
+            assert_eq!(remote(&status, "c3")["ready"], false);
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{status}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        processes_of(&data.path().join("c3")).is_empty(),
+        "{:?}",
+        processes_of(&data.path().join("c3"))
+    );
+    // Twice is refused.
+    let again = Command::new(BIN)
+        .args(["up", "--dir", &d, "stop", "c3"])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("stopped already"));
+
+    // Started again: c1 has it back.
+    let out = cm(&["up", "--dir", &d, "start", "c3"]);
+    assert!(out.starts_with("c3 started"), "{out}");
+    let (code, status) = status_json(&c1, &["--wait", "--wait-duration", "60s"]);
+    assert_eq!(code, 0, "{status}");
+    assert_eq!(remote(&status, "c3")["withdrawn"], false);
+
+    interrupt(up.0.take().unwrap());
+    assert_eq!(processes_of(data.path()), Vec::<String>::new());
 }
 
 /// What the machine's kernel and host namespace hold that `up --datapath bpf` could change:

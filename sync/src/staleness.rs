@@ -57,6 +57,8 @@ pub struct Staleness {
     health: Health,
     last_message: Instant,
     synced: bool,
+    /// The connection broke and no message came since.
+    broken: bool,
 }
 
 impl Staleness {
@@ -67,6 +69,7 @@ impl Staleness {
             health: Health::Reachable,
             last_message: now,
             synced: false,
+            broken: false,
         }
     }
 
@@ -88,8 +91,19 @@ impl Staleness {
     /// A message (event or heartbeat) arrived.
     pub fn message(&mut self, now: Instant) {
         self.last_message = now;
+        self.broken = false;
         if let Health::Unreachable { .. } = self.health {
             self.health = Health::Reachable;
+        }
+    }
+
+    /// The connection broke (a reset, a transport error, a refused reconnect): the remote is
+    /// unreachable from `now`, without waiting for `unreachable_after` of silence. The next
+    /// message makes it reachable again.
+    pub fn disconnected(&mut self, now: Instant) {
+        self.broken = true;
+        if let Health::Reachable = self.health {
+            self.health = Health::Unreachable { since: now };
         }
     }
 
@@ -104,7 +118,7 @@ impl Staleness {
 
     /// Advances time; returns true when the withdrawn state changed.
     pub fn tick(&mut self, now: Instant) -> bool {
-        let silent = self.silence(now) >= self.config.unreachable_after;
+        let silent = self.broken || self.silence(now) >= self.config.unreachable_after;
         let before = self.withdrawn();
         self.health = match self.health {
             Health::Reachable if silent => Health::Unreachable {
@@ -209,6 +223,36 @@ mod tests {
             "restored 10 s after it was synced again"
         );
         assert_eq!(s.health(), Health::Reachable);
+    }
+
+    #[test]
+    fn a_broken_connection_is_unreachable_at_once_and_withdrawn_after_withdraw_after() {
+        let t0 = Instant::now();
+        let mut s = Staleness::new(cfg(), t0);
+        s.message(at(t0, 1.0));
+        s.disconnected(at(t0, 1.5));
+        assert!(!s.tick(at(t0, 1.6)));
+        assert_eq!(
+            s.health(),
+            Health::Unreachable { since: at(t0, 1.5) },
+            "not after 3 s of silence: now"
+        );
+        assert!(!s.tick(at(t0, 6.4)), "withdraw_after (5 s) not over");
+        assert!(s.tick(at(t0, 6.5)));
+        assert!(s.withdrawn());
+    }
+
+    #[test]
+    fn a_quick_reconnect_after_a_broken_connection_cancels_the_withdrawal() {
+        let t0 = Instant::now();
+        let mut s = Staleness::new(cfg(), t0);
+        s.disconnected(at(t0, 1.0));
+        s.tick(at(t0, 2.0));
+        // The restarted apiserver answers 2 s later.
+        s.message(at(t0, 3.0));
+        s.tick(at(t0, 3.1));
+        assert_eq!(s.health(), Health::Reachable);
+        assert!(!s.tick(at(t0, 6.5)) && !s.withdrawn());
     }
 
     #[test]

@@ -122,7 +122,9 @@ pub struct RemoteStatus {
     pub name: String,
     /// A session is up.
     pub connected: bool,
-    /// Its snapshot has been imported at least once.
+    /// Its snapshot has been imported at least once (its cache is complete as of some time).
+    pub imported: bool,
+    /// In use now: connected, imported and not withdrawn ([`RemoteStatus::with_ready`]).
     pub ready: bool,
     /// Objects in its cache, per kind.
     pub counts: BTreeMap<String, usize>,
@@ -151,6 +153,15 @@ pub struct RemoteStatus {
     pub quota_stops: u64,
     /// Bytes of keys and values in its cache.
     pub bytes: u64,
+}
+
+impl RemoteStatus {
+    /// This status with `ready` worked out from the rest: a remote is ready only while it is
+    /// connected, its snapshot is imported and its backends are not withdrawn.
+    pub fn with_ready(mut self) -> Self {
+        self.ready = self.connected && self.imported && !self.withdrawn;
+        self
+    }
 }
 
 /// A running worker.
@@ -534,7 +545,7 @@ async fn publish(ctx: &SyncContext, remote: &ClusterName, status: &RemoteStatus)
     let value = ClusterStatus {
         cluster: remote.clone(),
         connected: status.connected,
-        ready: status.ready,
+        ready: status.imported,
         withdrawn: status.withdrawn,
         keep_last_backends: ctx.keep_last_backends,
     };
@@ -566,10 +577,11 @@ async fn run(
     ));
     let mut cache = load_cache(&ctx, &remote.name, &status, &mut stop).await;
     let mut last_revision = 0;
-    let mut backoff = new_backoff();
+    let mut reconnect = Reconnect::default();
     loop {
+        let mut synced = false;
         let result = tokio::select! {
-            r = session(&ctx, &remote, &status, &staleness, &mut cache, &mut last_revision) => r,
+            r = session(&ctx, &remote, &status, &staleness, &mut cache, &mut last_revision, &mut synced) => r,
             _ = stop.wait_for(|s| *s) => Err(SessionError::Stopped),
         };
         match &result {
@@ -589,7 +601,16 @@ async fn run(
         if let Ok(id) = u16::try_from(remote.id) {
             ctx.connected_ids.lock().remove(&id);
         }
-        staleness.lock().set_synced(false, Instant::now());
+        {
+            let now = Instant::now();
+            let mut st = staleness.lock();
+            st.set_synced(false, now);
+            // A broken stream (reset, transport error, refused reconnect) is known now; a hung
+            // peer is caught by its silence.
+            if !matches!(result, Err(SessionError::Stopped)) {
+                st.disconnected(now);
+            }
+        }
         {
             let mut s = status.lock();
             s.connected = false;
@@ -611,15 +632,17 @@ async fn run(
                 Ok(()) => {}
             }
         }
-        let mut delay = backoff.next().unwrap_or(Duration::from_secs(10));
+        let mut delay = reconnect.after_session(synced);
         match result {
             Err(SessionError::Stopped) => break,
             Err(SessionError::Quota(q)) => {
                 tracing::error!(remote = %remote.name, quota = %q, retry_after = ?ctx.quota.retry_after, "the remote crossed a quota: its import is stopped, what was synced stays");
                 delay = ctx.quota.retry_after;
             }
-            Err(e) => tracing::warn!(remote = %remote.name, error = %e, "sync session ended"),
-            Ok(()) => backoff = new_backoff(),
+            Err(e) => {
+                tracing::warn!(remote = %remote.name, error = %e, synced, retry_in = ?delay, "sync session ended")
+            }
+            Ok(()) => {}
         }
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
@@ -669,13 +692,39 @@ async fn load_cache(
     }
 }
 
-fn new_backoff() -> impl Iterator<Item = Duration> {
+fn new_backoff() -> backon::ExponentialBackoff {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(Duration::from_secs(10))
         .with_jitter()
         .without_max_times()
         .build()
+}
+
+/// The wait before reconnecting: exponential (100 ms up to 10 s, with jitter) over sessions
+/// that failed before they were in sync, and back to the start after a session that was in
+/// sync (it received a complete snapshot, or resumed and heard from the remote), so that a
+/// remote that restarts after hours of service is reconnected at once.
+struct Reconnect {
+    backoff: backon::ExponentialBackoff,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Self {
+            backoff: new_backoff(),
+        }
+    }
+}
+
+impl Reconnect {
+    /// The wait after a session that ended; `synced`: it was in sync.
+    fn after_session(&mut self, synced: bool) -> Duration {
+        if synced {
+            self.backoff = new_backoff();
+        }
+        self.backoff.next().unwrap_or(Duration::from_secs(10))
+    }
 }
 
 /// Drives the staleness state machine and publishes status changes.
@@ -695,9 +744,10 @@ async fn tick(
             let mut s = status.lock();
             s.withdrawn = st.withdrawn();
             s.seconds_since_last_message = st.silence(now).as_secs_f64();
+            s.ready = s.connected && s.imported && !s.withdrawn;
             s.clone()
         };
-        let state = (snapshot.connected, snapshot.ready, snapshot.withdrawn);
+        let state = (snapshot.connected, snapshot.imported, snapshot.withdrawn);
         if published != Some(state) {
             publish(&ctx, &remote, &snapshot).await;
             published = Some(state);
@@ -716,6 +766,7 @@ async fn session(
     staleness: &Mutex<Staleness>,
     cache: &mut Cache,
     last_revision: &mut i64,
+    synced: &mut bool,
 ) -> Result<(), SessionError> {
     let mut client = tokio::time::timeout(
         Duration::from_secs(10),
@@ -777,7 +828,7 @@ async fn session(
     };
 
     // A resume needs a revision to resume from (none after a store failure or a quota stop).
-    let resume = status.lock().ready && *last_revision > 0;
+    let resume = status.lock().imported && *last_revision > 0;
     let since = if resume { *last_revision } else { 0 };
     let kinds = [
         v1::Kind::Identities,
@@ -806,6 +857,8 @@ async fn session(
             .map_err(|_| SessionError::Silent(silence))??
             .ok_or(SessionError::Closed)?;
         staleness.lock().message(Instant::now());
+        // A resumed session is in sync from its first message on.
+        *synced |= resume;
         let revision = message.revision;
         match message.event {
             Some(Ev::Upsert(u)) => {
@@ -922,6 +975,7 @@ async fn session(
                 Err(reject) => count_reject(status, &remote.name, &reject),
             },
             Some(Ev::Synced(_)) => {
+                *synced = true;
                 if let Some(stage) = staging.take() {
                     let keep = stage.ips.clone();
                     cache.replace(stage).await?;
@@ -935,7 +989,7 @@ async fn session(
                 }
                 {
                     let mut st = status.lock();
-                    st.ready = true;
+                    st.imported = true;
                     st.quota_exceeded = None;
                     st.counts = cache.counts();
                     st.bytes = cache.state.bytes;
@@ -990,4 +1044,27 @@ fn count_reject(
         .rejected
         .entry(format!("{}/{}", reject.kind, reject.reason))
         .or_insert(0) += 1;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reconnect_wait_grows_over_failures_and_starts_again_after_a_synced_session() {
+        let mut r = Reconnect::default();
+        let first = r.after_session(false);
+        assert!(first <= Duration::from_millis(200), "{first:?}");
+        let mut last = first;
+        for _ in 0..12 {
+            last = r.after_session(false);
+        }
+        assert!(last >= Duration::from_secs(5), "grown: {last:?}");
+        let after_sync = r.after_session(true);
+        assert!(
+            after_sync <= Duration::from_millis(200),
+            "a session that was in sync resets the wait: {after_sync:?}"
+        );
+        assert!(r.after_session(false) <= Duration::from_millis(400));
+    }
 }

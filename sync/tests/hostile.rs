@@ -183,13 +183,13 @@ impl v1::export_server::Export for Hostile {
 async fn invalid_objects_are_rejected_and_counted_and_the_rest_is_imported() {
     let (worker, store, _dir) = import_from(Hostile, StalenessConfig::default()).await;
     for _ in 0..200 {
-        if worker.status.lock().ready {
+        if worker.status.lock().imported {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let status = worker.status.lock().clone();
-    assert!(status.ready, "{status:?}");
+    assert!(status.imported, "{status:?}");
     let rejected: Vec<(&str, u64)> = status
         .rejected
         .iter()
@@ -622,7 +622,7 @@ async fn a_snapshot_that_never_ends_stops_at_the_object_quota_and_writes_nothing
         status.quota_exceeded.as_deref(),
         Some("more than 1000 ip objects")
     );
-    assert!(!status.ready && !status.connected, "{status:?}");
+    assert!(!status.imported && !status.connected, "{status:?}");
     assert_eq!(
         status.last_failure.as_deref(),
         Some("quota exceeded: more than 1000 ip objects; the import stops, what was synced stays")
@@ -675,7 +675,7 @@ async fn crossing_the_quota_after_sync_keeps_what_was_synced() {
     );
     // Synced once; the cache holds the snapshot and the changes up to the quota, and the
     // canaries of the sync.
-    assert!(status.ready, "{status:?}");
+    assert!(status.imported, "{status:?}");
     assert_eq!(status.full_syncs, 1);
     assert_eq!(status.counts.get("ip"), Some(&10));
     let keys = cache_keys(&store, "cilium/cache/ip/").await;
@@ -777,7 +777,7 @@ async fn a_remote_cannot_take_another_clusters_ip_or_point_a_service_outside_its
         3,
     )
     .await;
-    support_wait(|| c3.status.lock().ready).await;
+    support_wait(|| c3.status.lock().imported).await;
     // c2 (a lower name: once the winner) claims it too, and lists it, an address outside the
     // mesh and its own pod and node as backends of a global service.
     let service = global_service(
@@ -811,7 +811,7 @@ async fn a_remote_cannot_take_another_clusters_ip_or_point_a_service_outside_its
         2,
     )
     .await;
-    support_wait(|| c2.status.lock().ready).await;
+    support_wait(|| c2.status.lock().imported).await;
     let status = c2.status.lock().clone();
     let rejected: Vec<(&str, u64)> = status
         .rejected
@@ -970,7 +970,7 @@ async fn a_backend_the_remote_gives_up_leaves_its_service_before_another_cluster
         3,
     )
     .await;
-    support_wait(|| c3.status.lock().ready).await;
+    support_wait(|| c3.status.lock().imported).await;
     assert!(c3.status.lock().rejected.is_empty());
     assert_eq!(
         cache_keys(&store, "cilium/cache/ip/").await,

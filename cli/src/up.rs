@@ -398,6 +398,11 @@ pub(crate) async fn merged_services(admin: &str) -> anyhow::Result<BTreeMap<Stri
     Ok(out)
 }
 
+/// A count from an agent's `/status`, or `-` while the agent does not answer.
+fn count_or_dash(v: &Value) -> String {
+    v.as_u64().map_or_else(|| "-".to_owned(), |n| n.to_string())
+}
+
 async fn render(members: &[Member]) -> String {
     let mut rows = Vec::new();
     let mut services: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -414,9 +419,9 @@ async fn render(members: &[Member]) -> String {
             state(m.apiserver.is_some(), api, &m.supervision[0]),
             format!("{rr}/{rn}"),
             state(m.agent.is_some(), agent_ready, &m.supervision[1]),
-            agent["maps"]["services"].to_string(),
-            agent["maps"]["ipcache"].to_string(),
-            agent["maps"]["policy"].to_string(),
+            count_or_dash(&agent["maps"]["services"]),
+            count_or_dash(&agent["maps"]["ipcache"]),
+            count_or_dash(&agent["maps"]["policy"]),
         ]);
         if let Ok(merged) = merged_services(&m.admin).await {
             for (svc, backends) in merged {

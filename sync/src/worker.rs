@@ -692,16 +692,20 @@ async fn load_cache(
     }
 }
 
+/// The longest wait between reconnects (before jitter): a remote that comes back is found
+/// within about this long, and a dead peer costs a refused TCP connect this often.
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+
 fn new_backoff() -> backon::ExponentialBackoff {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(10))
+        .with_max_delay(RECONNECT_MAX)
         .with_jitter()
         .without_max_times()
         .build()
 }
 
-/// The wait before reconnecting: exponential (100 ms up to 10 s, with jitter) over sessions
+/// The wait before reconnecting: exponential (100 ms up to 2 s, with jitter) over sessions
 /// that failed before they were in sync, and back to the start after a session that was in
 /// sync (it received a complete snapshot, or resumed and heard from the remote), so that a
 /// remote that restarts after hours of service is reconnected at once.
@@ -723,7 +727,7 @@ impl Reconnect {
         if synced {
             self.backoff = new_backoff();
         }
-        self.backoff.next().unwrap_or(Duration::from_secs(10))
+        self.backoff.next().unwrap_or(RECONNECT_MAX)
     }
 }
 
@@ -1059,7 +1063,10 @@ mod tests {
         for _ in 0..12 {
             last = r.after_session(false);
         }
-        assert!(last >= Duration::from_secs(5), "grown: {last:?}");
+        assert!(
+            last >= RECONNECT_MAX && last <= 2 * RECONNECT_MAX,
+            "grown to the cap (with its jitter): {last:?}"
+        );
         let after_sync = r.after_session(true);
         assert!(
             after_sync <= Duration::from_millis(200),

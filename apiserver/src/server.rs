@@ -46,6 +46,11 @@ pub const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
 /// written gives several).
 const SETTLE: Duration = Duration::from_millis(50);
 
+/// The first and the longest wait before a failed watch of the manifest directory is tried
+/// again (each try walks the tree).
+const WATCH_RETRY_MIN: Duration = Duration::from_secs(1);
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// Why the apiserver could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -517,6 +522,8 @@ struct DirInput {
     watch: Option<crate::source::watch::DirWatch>,
     /// Why the last attempt to watch failed (logged once per reason).
     watch_error: Option<String>,
+    /// When to try to watch again after a failure, and the wait after the next failure.
+    watch_retry: (Option<Instant>, Duration),
     /// The saved copies were read back ([`MANIFEST_LAST_GOOD_PREFIX`]).
     restored: bool,
     /// When the directory was last read in full.
@@ -532,6 +539,7 @@ impl DirInput {
             dir: Some(dir),
             watch: None,
             watch_error: None,
+            watch_retry: (None, WATCH_RETRY_MIN),
             restored: false,
             last_read: None,
             unsaved: std::collections::BTreeMap::new(),
@@ -539,44 +547,66 @@ impl DirInput {
     }
 
     /// Watches the directory if it is not watched yet (before it is read, so no change is
-    /// missed).
-    fn ensure_watch(&mut self) {
-        if self.watch.is_some() {
+    /// missed). Setting up a recursive watch walks the tree, so it runs on a blocking thread;
+    /// after a failure it is tried again with a back-off (1 s doubling to 30 s).
+    async fn ensure_watch(&mut self) {
+        if self.watch.is_some() || self.watch_retry.0.is_some_and(|t| Instant::now() < t) {
             return;
         }
-        match crate::source::watch::DirWatch::new(&self.path) {
+        let path = self.path.clone();
+        let made = tokio::task::spawn_blocking(move || crate::source::watch::DirWatch::new(&path))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match made {
             Ok(w) => {
                 tracing::info!(dir = %self.path.display(), "watching the manifest directory (inotify)");
                 self.watch = Some(w);
                 self.watch_error = None;
+                self.watch_retry = (None, WATCH_RETRY_MIN);
+                // Whatever changed before the watch existed is seen by a full read now.
+                self.last_read = None;
             }
             Err(e) => {
-                let e = e.to_string();
                 if self.watch_error.as_ref() != Some(&e) {
                     tracing::warn!(dir = %self.path.display(), error = %e, "the manifest directory cannot be watched; reading it every {} ms", POLL_INTERVAL.as_millis());
                 }
                 self.watch_error = Some(e);
+                let wait = self.watch_retry.1;
+                self.watch_retry = (Some(Instant::now() + wait), (wait * 2).min(WATCH_RETRY_MAX));
             }
         }
     }
 
-    /// Reads the saved copies of the files' last good content back into the directory.
+    /// Reads the saved copies of the files' last good content back into the directory
+    /// (parsed on a blocking thread).
     async fn restore(&mut self, store: &dyn KvStore) -> Result<(), clustermesh_kvstore::Error> {
-        let Some(dir) = self.dir.as_mut() else {
+        let kvs = store.list(MANIFEST_LAST_GOOD_PREFIX).await?.kvs;
+        let Some(mut dir) = self.dir.take() else {
             return Ok(());
         };
-        for kv in store.list(MANIFEST_LAST_GOOD_PREFIX).await?.kvs {
-            let rel = kv
-                .key
-                .strip_prefix(MANIFEST_LAST_GOOD_PREFIX)
-                .unwrap_or_default();
-            let restored = std::str::from_utf8(&kv.value)
-                .map_err(|e| format!("is not UTF-8 ({e})"))
-                .and_then(|text| dir.restore(std::path::Path::new(rel), text));
-            if let Err(e) = restored {
-                tracing::warn!(key = %kv.key, error = %e, "a saved manifest copy is not used");
+        let dir = tokio::task::spawn_blocking(move || {
+            for kv in kvs {
+                let rel = kv
+                    .key
+                    .strip_prefix(MANIFEST_LAST_GOOD_PREFIX)
+                    .unwrap_or_default();
+                let restored = std::str::from_utf8(&kv.value)
+                    .map_err(|e| format!("is not UTF-8 ({e})"))
+                    .and_then(|text| dir.restore(std::path::Path::new(rel), text));
+                if let Err(e) = restored {
+                    tracing::warn!(key = %kv.key, error = %e, "a saved manifest copy is not used");
+                }
             }
-        }
+            dir
+        })
+        .await
+        .map_err(|e| {
+            clustermesh_kvstore::Error::UnexpectedResponse(format!(
+                "restoring the saved manifest copies: {e}"
+            ))
+        })?;
+        self.dir = Some(dir);
         self.restored = true;
         Ok(())
     }
@@ -597,13 +627,17 @@ impl DirInput {
             let done = match put {
                 Ok(()) if text.is_some() => Ok(()),
                 Ok(()) => store.delete(&key).await.map(|_| ()),
-                Err(e) => {
+                // Refused for what it is (too large for the store): never saved, so the older
+                // copy goes (it must not come back after a restart).
+                Err(e) if e.is_about_the_request() => {
                     let deleted = store.delete(&key).await.map(|_| ());
                     if deleted.is_ok() {
                         tracing::warn!(file = %rel, error = %e, "the file's good content is not saved; if it is broken when the apiserver starts, only its usable documents apply");
                     }
                     deleted
                 }
+                // The store failed: the older copy stays, and this one is tried again.
+                Err(e) => Err(e),
             };
             if let Err(e) = done {
                 self.unsaved.insert(rel, text);
@@ -616,7 +650,7 @@ impl DirInput {
     /// Reads the directory if it is due: at the first pass, when the watch reported a
     /// change, every [`RESCAN_INTERVAL`], and every pass when it cannot be watched.
     async fn read(&mut self) -> Result<Option<manifest::Loaded>, ServeError> {
-        self.ensure_watch();
+        self.ensure_watch().await;
         let changes = self.watch.as_ref().map(|w| w.take()).unwrap_or_default();
         if changes.root_gone {
             // Watched again (the new directory, if any) at the next pass.
@@ -933,5 +967,195 @@ impl SourceLoop {
             "applied the source"
         );
         Ok(desired.label_sets().into_iter().cloned().collect())
+    }
+}
+
+#[cfg(test)]
+mod dir_input_tests {
+    #![allow(
+        clippy::unwrap_used,
+        reason = "test code: a panic is the failure report"
+    )]
+
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    use clustermesh_kvstore::{
+        CasOutcome, CreateOutcome, Error, KeyValue, LeaseId, Listing, Result, Revision, TxnLimits,
+        WatchStream, Write,
+    };
+
+    use super::*;
+
+    const OK: u8 = 0;
+    const DOWN: u8 = 1;
+    const TOO_LARGE: u8 = 2;
+
+    /// The embedded store, whose puts fail while `fail` says so: as a store that is down, or
+    /// as one that refuses the value as too large.
+    struct Flaky {
+        inner: SledStore,
+        fail: AtomicU8,
+    }
+
+    #[async_trait::async_trait]
+    impl KvStore for Flaky {
+        async fn current_revision(&self) -> Result<Revision> {
+            self.inner.current_revision().await
+        }
+        async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+            self.inner.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Listing> {
+            self.inner.list(prefix).await
+        }
+        async fn list_at(&self, prefix: &str, revision: Revision) -> Result<Listing> {
+            self.inner.list_at(prefix, revision).await
+        }
+        async fn put(&self, key: &str, value: &[u8], lease: Option<LeaseId>) -> Result<Revision> {
+            match self.fail.load(Ordering::SeqCst) {
+                DOWN => Err(Error::UnexpectedResponse("the store is down".into())),
+                TOO_LARGE => Err(Error::TooLarge(key.into())),
+                _ => self.inner.put(key, value, lease).await,
+            }
+        }
+        async fn delete(&self, key: &str) -> Result<Option<Revision>> {
+            self.inner.delete(key).await
+        }
+        async fn create(
+            &self,
+            key: &str,
+            value: &[u8],
+            lease: Option<LeaseId>,
+        ) -> Result<CreateOutcome> {
+            self.inner.create(key, value, lease).await
+        }
+        async fn compare_and_swap(
+            &self,
+            key: &str,
+            expected: Revision,
+            value: &[u8],
+            lease: Option<LeaseId>,
+        ) -> Result<CasOutcome> {
+            self.inner
+                .compare_and_swap(key, expected, value, lease)
+                .await
+        }
+        async fn compare_and_delete(&self, key: &str, expected: Revision) -> Result<CasOutcome> {
+            self.inner.compare_and_delete(key, expected).await
+        }
+        async fn apply(&self, writes: &[Write]) -> Result<Option<Revision>> {
+            self.inner.apply(writes).await
+        }
+        fn txn_limits(&self) -> TxnLimits {
+            self.inner.txn_limits()
+        }
+        async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
+            self.inner.grant_lease(ttl).await
+        }
+        async fn keep_alive(&self, lease: LeaseId) -> Result<Duration> {
+            self.inner.keep_alive(lease).await
+        }
+        async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
+            self.inner.revoke_lease(lease).await
+        }
+        async fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream> {
+            self.inner.watch(prefix, after).await
+        }
+        async fn compact(&self, revision: Revision) -> Result<()> {
+            self.inner.compact(revision).await
+        }
+    }
+
+    fn namespace(name: &str) -> String {
+        format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n")
+    }
+
+    async fn saved(store: &dyn KvStore) -> Option<String> {
+        let kv = store
+            .get(&format!("{MANIFEST_LAST_GOOD_PREFIX}a.yaml"))
+            .await
+            .unwrap()?;
+        Some(String::from_utf8(kv.value).unwrap())
+    }
+
+    /// Reads until the directory's state is handed out (the watch may need a moment).
+    async fn read_changed(input: &mut DirInput) {
+        for _ in 0..100 {
+            if input.read().await.unwrap().is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the change was never read");
+    }
+
+    #[tokio::test]
+    async fn a_copy_the_store_failed_to_save_keeps_the_older_one_and_is_saved_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Flaky {
+            inner: SledStore::open(&SledConfig::new(dir.path().join("store"))).unwrap(),
+            fail: AtomicU8::new(OK),
+        };
+        let manifests = dir.path().join("m");
+        std::fs::create_dir(&manifests).unwrap();
+        std::fs::write(manifests.join("a.yaml"), namespace("one")).unwrap();
+        let mut input = DirInput::new(manifest::ManifestDir::new(&manifests));
+        read_changed(&mut input).await;
+        input.save(&store).await.unwrap();
+        assert_eq!(saved(&store).await, Some(namespace("one")));
+
+        // The store is down: the older copy stays, and the new one is saved once it is back.
+        std::fs::write(manifests.join("a.yaml"), namespace("two")).unwrap();
+        read_changed(&mut input).await;
+        store.fail.store(DOWN, Ordering::SeqCst);
+        assert!(input.save(&store).await.is_err());
+        assert_eq!(saved(&store).await, Some(namespace("one")));
+        store.fail.store(OK, Ordering::SeqCst);
+        input.save(&store).await.unwrap();
+        assert_eq!(saved(&store).await, Some(namespace("two")));
+
+        // The store refuses the copy itself: the older copy goes (it must not come back after
+        // a restart), and nothing is left to retry.
+        std::fs::write(manifests.join("a.yaml"), namespace("three")).unwrap();
+        read_changed(&mut input).await;
+        store.fail.store(TOO_LARGE, Ordering::SeqCst);
+        input.save(&store).await.unwrap();
+        assert_eq!(saved(&store).await, None);
+        assert!(input.unsaved.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_directory_watched_late_is_read_in_full_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifests = dir.path().join("m");
+        let mut input = DirInput::new(manifest::ManifestDir::new(&manifests));
+        // Missing: not watched, and its read fails (the state is kept).
+        assert!(input.read().await.unwrap().is_none());
+        assert!(input.watch.is_none());
+        assert!(input.watch_error.is_some());
+        // It appears with a file, between the read and the next try to watch it.
+        std::fs::create_dir(&manifests).unwrap();
+        std::fs::write(manifests.join("a.yaml"), namespace("one")).unwrap();
+        tokio::time::sleep(WATCH_RETRY_MIN + Duration::from_millis(100)).await;
+        // The pass that sets the watch up reads the file, not one 30 s later.
+        let loaded = input.read().await.unwrap().expect("read in full at once");
+        assert!(input.watch.is_some());
+        assert_eq!(loaded.objects.namespaces.len(), 1, "{loaded:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_watch_is_tried_again_with_a_back_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut input = DirInput::new(manifest::ManifestDir::new(&dir.path().join("m")));
+        input.read().await.unwrap();
+        let (first, wait) = input.watch_retry;
+        assert_eq!(wait, WATCH_RETRY_MIN * 2);
+        let first = first.expect("a retry time");
+        // Passes before the retry time do not try again.
+        input.read().await.unwrap();
+        assert_eq!(input.watch_retry.0, Some(first));
+        tokio::time::sleep(WATCH_RETRY_MIN + Duration::from_millis(50)).await;
+        input.read().await.unwrap();
+        assert_eq!(input.watch_retry.1, WATCH_RETRY_MIN * 4);
     }
 }

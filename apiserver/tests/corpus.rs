@@ -72,6 +72,27 @@ fn decode_value(name: &str, bytes: &[u8]) -> bool {
     }
 }
 
+/// Why each bad manifest of the corpus is refused: the guard it is there to exercise.
+fn expected_problem(name: &str) -> &'static str {
+    match name {
+        "bad-billion-laughs.yaml" => "repetition limit exceeded",
+        "bad-deep-block.yaml" | "bad-merge-key-loop.yaml" => "recursion limit exceeded",
+        "bad-deep-flow.yaml" | "bad-json-deep.json" => "nests brackets deeper than 128 levels",
+        "bad-duplicate-keys.yaml" => "duplicate entry with key",
+        "bad-huge-port.yaml" => "invalid type: integer `99999999999999999999999`",
+        "bad-invalid-utf8.yaml" => "is not UTF-8",
+        "bad-ip-forms.yaml" => "\"010.001.0.1\" is not an IP address",
+        "bad-l7-rules.yaml" => "unknown field `rules`",
+        "bad-long-name.yaml" => "v1 Namespace: namespace \"aaaa",
+        "bad-negative-port.yaml" => "port -80 is not 1..=65535",
+        "bad-nul-bytes.yaml" => "control characters are not allowed",
+        "bad-selector-expression.yaml" => "unknown variant `Bogus`",
+        "bad-tags.yaml" => "is not a supported kind",
+        "bad-truncated-policy.yaml" => "did not find expected ',' or '}'",
+        other => panic!("{other}: add the problem this corpus file must be refused with"),
+    }
+}
+
 #[test]
 fn every_corpus_manifest_has_its_expected_outcome() {
     for (name, bytes) in corpus("manifests") {
@@ -82,7 +103,11 @@ fn every_corpus_manifest_has_its_expected_outcome() {
                 "{name}: {objects} objects, problems {problems:?}"
             );
         } else {
-            assert!(!problems.is_empty(), "{name}: used without a problem");
+            let why = expected_problem(&name);
+            assert!(
+                problems.len() == 1 && problems[0].contains(why),
+                "{name}: expected one problem saying {why:?}, got {problems:?}"
+            );
         }
     }
 }

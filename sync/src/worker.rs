@@ -225,6 +225,9 @@ struct Tracked {
     backend_refs: HashMap<IpAddr, HashSet<String>>,
 }
 
+/// A service rewritten without some backends: its key, its new value, the addresses removed.
+type Rewrite = (String, Vec<u8>, Vec<IpAddr>);
+
 /// The backend addresses of a cached service value.
 fn service_backends(key: &str, value: &[u8]) -> Vec<IpAddr> {
     match cached_object(key) {
@@ -313,6 +316,59 @@ impl Tracked {
         }
     }
 
+    /// The services whose backends include an address among `addrs` that is no longer one
+    /// of this set's own endpoints (pod IPs, node addresses), each with its value without
+    /// those backends and the addresses removed, by key.
+    fn lost_backends(
+        &self,
+        addrs: impl IntoIterator<Item = IpAddr>,
+    ) -> Result<Vec<Rewrite>, clustermesh_kvstore::Error> {
+        let lost: HashSet<IpAddr> = addrs
+            .into_iter()
+            .filter(|a| !self.ips.contains(a) && !self.node_addrs.contains_key(a))
+            .collect();
+        let mut keys: Vec<&String> = lost
+            .iter()
+            .filter_map(|a| self.backend_refs.get(a))
+            .flatten()
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let mut out = Vec::new();
+        for key in keys {
+            let Some(value) = self.entries.get(key) else {
+                continue;
+            };
+            let Ok(mut service) = serde_json::from_slice::<ClusterService>(value) else {
+                continue;
+            };
+            let removed = restrict_backends(&mut service, |ip| !lost.contains(ip));
+            if removed.is_empty() {
+                continue;
+            }
+            let value = serde_json::to_vec(&service)
+                .map_err(|e| clustermesh_kvstore::Error::UnexpectedResponse(e.to_string()))?;
+            out.push((key.clone(), value, removed));
+        }
+        Ok(out)
+    }
+
+    /// Removes from this set's services every backend that is not one of its own endpoints
+    /// (a staged snapshot, whose pod IPs and nodes may have gone after its services came);
+    /// the services changed, with the addresses removed. Removing backends only shrinks the
+    /// set, so no quota applies.
+    fn drop_lost_backends(
+        &mut self,
+    ) -> Result<Vec<(String, Vec<IpAddr>)>, clustermesh_kvstore::Error> {
+        let addrs: Vec<IpAddr> = self.backend_refs.keys().copied().collect();
+        let mut changed = Vec::new();
+        for (key, value, removed) in self.lost_backends(addrs)? {
+            self.insert(key.clone(), value);
+            changed.push((key, removed));
+        }
+        Ok(changed)
+    }
+
     /// Whether writing `key` keeps this set within `quota`.
     fn admit(&self, quota: &Quota, key: &str, value: &[u8]) -> Result<(), SessionError> {
         let old = self.entries.get(key);
@@ -396,13 +452,21 @@ impl Cache {
         owners: &IpOwners,
     ) -> Result<Vec<Reject>, clustermesh_kvstore::Error> {
         let mut lost = Vec::new();
+        let mut gone = Vec::new();
         let keys: Vec<String> = self.state.entries.keys().cloned().collect();
         for key in keys {
             if let Err(reject) = claim(owners, &self.remote, &key) {
                 self.store.delete(&key).await?;
+                gone.extend(ip_of(&key));
                 self.state.remove(&key);
                 lost.push(reject);
             }
+        }
+        // The services lose these backends too (they are another cluster's now).
+        for (key, value, removed) in self.state.lost_backends(gone)? {
+            self.store.put(&key, &value, None).await?;
+            self.state.insert(key.clone(), value);
+            lost.push(dropped_reject(&self.remote, &key, &removed));
         }
         Ok(lost)
     }
@@ -483,36 +547,8 @@ impl Cache {
         quota: &Quota,
         addrs: &[IpAddr],
     ) -> Result<Vec<(String, Vec<IpAddr>)>, SessionError> {
-        let lost: HashSet<IpAddr> = addrs
-            .iter()
-            .filter(|a| !self.state.ips.contains(*a) && !self.state.node_addrs.contains_key(*a))
-            .copied()
-            .collect();
-        let mut keys: Vec<String> = lost
-            .iter()
-            .filter_map(|a| self.state.backend_refs.get(a))
-            .flatten()
-            .cloned()
-            .collect();
-        keys.sort();
-        keys.dedup();
         let mut changed = Vec::new();
-        for key in keys {
-            let Some(value) = self.state.entries.get(&key) else {
-                continue;
-            };
-            let Ok(mut service) = serde_json::from_slice::<ClusterService>(value) else {
-                continue;
-            };
-            let removed = restrict_backends(&mut service, |ip| !lost.contains(ip));
-            if removed.is_empty() {
-                continue;
-            }
-            let value = serde_json::to_vec(&service).map_err(|e| {
-                SessionError::Store(clustermesh_kvstore::Error::UnexpectedResponse(
-                    e.to_string(),
-                ))
-            })?;
+        for (key, value, removed) in self.state.lost_backends(addrs.iter().copied())? {
             self.put(quota, key.clone(), value).await?;
             changed.push((key, removed));
         }
@@ -980,7 +1016,10 @@ async fn session(
             },
             Some(Ev::Synced(_)) => {
                 *synced = true;
-                if let Some(stage) = staging.take() {
+                if let Some(mut stage) = staging.take() {
+                    // Backends whose pod or node the snapshot deleted after its service came.
+                    let dropped = stage.drop_lost_backends()?;
+                    count_dropped(status, &remote.name, &dropped);
                     let keep = stage.ips.clone();
                     cache.replace(stage).await?;
                     ctx.ip_owners.release_except(&remote.name, &keep);
@@ -1023,17 +1062,18 @@ fn count_dropped(
     dropped: &[(String, Vec<IpAddr>)],
 ) {
     for (key, addrs) in dropped {
-        count_reject(
-            status,
-            remote,
-            &Reject {
-                kind: "services",
-                reason: "foreign-backend",
-                detail: format!(
-                    "{key}: {addrs:?} are no longer endpoints of {remote}; removed from the service"
-                ),
-            },
-        );
+        count_reject(status, remote, &dropped_reject(remote, key, addrs));
+    }
+}
+
+/// What a service losing backends that are no longer the remote's own is counted as.
+fn dropped_reject(remote: &ClusterName, key: &str, addrs: &[IpAddr]) -> Reject {
+    Reject {
+        kind: "services",
+        reason: "foreign-backend",
+        detail: format!(
+            "{key}: {addrs:?} are no longer endpoints of {remote}; removed from the service"
+        ),
     }
 }
 

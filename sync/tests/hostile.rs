@@ -984,6 +984,124 @@ async fn a_backend_the_remote_gives_up_leaves_its_service_before_another_cluster
     c3.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_given_up_inside_a_snapshot_never_reaches_the_store() {
+    let (ctx, store, _dir) = local_c1(StalenessConfig::default(), Quota::default());
+    // The same as above, but all before Synced: the snapshot is staged, and what is written
+    // at Synced must not have the service pointing at the deleted pod and node.
+    let c2 = spawn_worker(
+        Scripted {
+            name: "c2",
+            id: 2,
+            events: vec![
+                pod_of("c2", "10.9.0.5", 131_080),
+                pod_of("c2", "10.9.0.6", 131_080),
+                node_of("c2", 2, "n1", &["192.0.2.5"]),
+                global_service("c2", 2, &["10.9.0.5", "10.9.0.6", "192.0.2.5"]),
+                delete("c2", v1::Kind::Ipcache, "10.9.0.5"),
+                delete("c2", v1::Kind::Nodes, "n1"),
+                synced(),
+            ],
+        },
+        &ctx,
+        "c2",
+        2,
+    )
+    .await;
+    support_wait(|| c2.status.lock().imported).await;
+    assert_eq!(
+        cached_backends(&store, "cilium/cache/services/v1/c2/prod/web").await,
+        ["10.9.0.6"]
+    );
+    assert_eq!(
+        c2.status.lock().rejected.get("services/foreign-backend"),
+        Some(&1),
+        "one service changed"
+    );
+    c2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_loaded_at_start_loses_the_backends_another_cluster_owns_now() {
+    let (ctx, store, _dir) = local_c1(StalenessConfig::default(), Quota::default());
+    let c2 = spawn_worker(
+        Scripted {
+            name: "c2",
+            id: 2,
+            events: vec![
+                pod_of("c2", "10.9.0.5", 131_080),
+                pod_of("c2", "10.9.0.6", 131_080),
+                global_service("c2", 2, &["10.9.0.5", "10.9.0.6"]),
+                synced(),
+            ],
+        },
+        &ctx,
+        "c2",
+        2,
+    )
+    .await;
+    support_wait(|| c2.status.lock().imported).await;
+    c2.stop().await;
+    // A restart (ownership is rebuilt) where c3 is imported first and claims 10.9.0.5; c2's
+    // cache, loaded next, loses the address and its service the backend, before c2 answers.
+    let ctx = SyncContext {
+        ip_owners: Arc::default(),
+        connected_ids: Arc::default(),
+        ..ctx
+    };
+    let c3 = spawn_worker(
+        Scripted {
+            name: "c3",
+            id: 3,
+            events: vec![pod_of("c3", "10.9.0.5", 196_616), synced()],
+        },
+        &ctx,
+        "c3",
+        3,
+    )
+    .await;
+    support_wait(|| c3.status.lock().imported).await;
+    let c2 = spawn_worker(
+        Scripted {
+            name: "c2",
+            id: 2,
+            events: vec![],
+        },
+        &ctx,
+        "c2",
+        2,
+    )
+    .await;
+    support_wait(|| {
+        c2.status
+            .lock()
+            .rejected
+            .contains_key("services/foreign-backend")
+    })
+    .await;
+    assert_eq!(
+        cached_backends(&store, "cilium/cache/services/v1/c2/prod/web").await,
+        ["10.9.0.6"]
+    );
+    assert_eq!(
+        cache_keys(&store, "cilium/cache/ip/").await,
+        [
+            "cilium/cache/ip/v1/c2/10.9.0.6",
+            "cilium/cache/ip/v1/c3/10.9.0.5"
+        ]
+    );
+    let rejected: Vec<(String, u64)> = c2.status.lock().rejected.clone().into_iter().collect();
+    assert_eq!(
+        rejected,
+        [
+            ("ip/conflict".to_owned(), 1),
+            ("services/foreign-backend".to_owned(), 1)
+        ]
+    );
+    c2.stop().await;
+    c3.stop().await;
+}
+
 async fn support_wait(mut cond: impl FnMut() -> bool) {
     for _ in 0..400 {
         if cond() {

@@ -212,11 +212,6 @@ fn read_file(root: &Path, path: &Path, max_file_bytes: u64) -> FileRead {
         // manifest holds at least a comment or `---`.
         return fail("is empty (being written?); delete the file to remove its objects".into());
     }
-    if too_deep(&text) {
-        return fail(format!(
-            "nests brackets deeper than {MAX_FLOW_DEPTH} levels; not parsed"
-        ));
-    }
     let mut loaded = Loaded::default();
     parse_text(&origin, &text, &mut loaded);
     let good = loaded.problems.is_empty();
@@ -529,6 +524,13 @@ fn too_deep(text: &str) -> bool {
 pub fn parse_text(file: &str, text: &str, loaded: &mut Loaded) {
     // A byte-order mark (Windows editors write one) is not content; kubectl ignores it too.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    if too_deep(text) {
+        loaded.problems.push(SourceProblem {
+            origin: file.to_owned(),
+            reason: format!("nests brackets deeper than {MAX_FLOW_DEPTH} levels; not parsed"),
+        });
+        return;
+    }
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let origin = format!("{file} (document {})", i + 1);
         // Through YAML's own value first: it refuses a mapping with a key twice (which one

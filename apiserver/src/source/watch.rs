@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use notify::event::ModifyKind;
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 use parking_lot::Mutex;
 
@@ -65,8 +66,11 @@ impl DirWatch {
                     if e.need_rescan() {
                         c.rescan = true;
                     }
-                    if matches!(e.kind, EventKind::Remove(_) | EventKind::Modify(_))
-                        && e.paths.iter().any(|p| p == &root)
+                    // Removed or renamed; a changed mode or time on it is not a loss.
+                    if matches!(
+                        e.kind,
+                        EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+                    ) && e.paths.iter().any(|p| p == &root)
                     {
                         c.root_gone = true;
                     }
@@ -158,6 +162,10 @@ mod tests {
 
         // Attributes (a permission fixed) and removal are changes.
         use std::os::unix::fs::PermissionsExt as _;
+        // The directory's own mode changed: a change, not a lost directory.
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let c = next(&w).await;
+        assert!(c.paths.contains(&root) && !c.root_gone, "{c:?}");
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(next(&w).await.paths.contains(&file));
         std::fs::remove_file(&file).unwrap();

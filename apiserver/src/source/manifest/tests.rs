@@ -508,7 +508,10 @@ fn a_saved_copy_that_is_not_good_or_points_outside_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = ManifestDir::new(dir.path());
     let good = format!("{NS}{POLICY}");
+    // Deep nesting is refused before the parser sees it (the parser takes seconds on it).
+    let deep = format!("x: {}{}\n", "[".repeat(200_000), "]".repeat(200_000));
     for (rel, text, why) in [
+        ("deep.yaml", deep.as_str(), "deeper than 128 levels"),
         ("../x.yaml", good.as_str(), "not a path inside"),
         ("/etc/x.yaml", good.as_str(), "not a path inside"),
         ("a/./../../x.yaml", good.as_str(), "not a path inside"),

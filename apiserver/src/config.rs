@@ -192,11 +192,11 @@ impl Default for StalenessSection {
 }
 
 fn default_unreachable() -> u64 {
-    3000
+    1500
 }
 
 fn default_withdraw() -> u64 {
-    5000
+    4000
 }
 
 fn default_restore() -> u64 {
@@ -216,7 +216,7 @@ fn default_grace() -> u64 {
 }
 
 fn default_heartbeat() -> u64 {
-    1000
+    500
 }
 
 /// The whole file.
@@ -502,7 +502,7 @@ tls: {ca: certs/ca.pem, cert: certs/server.pem, key: /abs/server-key.pem}
             Some(Path::new("/etc/cm/manifests"))
         );
         assert_eq!(c.tls.key, Path::new("/abs/server-key.pem"));
-        assert_eq!((c.identity_grace_seconds, c.heartbeat_millis), (30, 1000));
+        assert_eq!((c.identity_grace_seconds, c.heartbeat_millis), (30, 500));
         let kube = GOOD.replace(
             "{manifestDir: manifests}",
             "{kubernetes: {kubeconfig: kube/config, context: east}}",

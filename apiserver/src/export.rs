@@ -54,7 +54,7 @@ pub struct ExportSettings {
 impl Default for ExportSettings {
     fn default() -> Self {
         Self {
-            heartbeat: Duration::from_secs(1),
+            heartbeat: Duration::from_millis(500),
             buffer: 1024,
             lag_timeout: Duration::from_secs(5),
             max_object_bytes: clustermesh_sync::validate::MAX_OBJECT_BYTES,

@@ -2,7 +2,11 @@
 /*
  * clustermesh eBPF programs:
  * - cm_connect4 / cm_sendmsg4 / cm_recvmsg4 (cgroup sock_addr): socket load balancing of
- *   service VIPs to one of their active backends;
+ *   service VIPs to one of their active backends, skipping backends ejected by outlier
+ *   detection;
+ * - cm_sockops (cgroup sock_ops, the same cgroup): the outcome of each TCP connect the load
+ *   balancer sent to a backend (established, or closed while the SYN was unanswered), which
+ *   ejects a failing backend and re-admits it after a successful trial connection;
  * - cm_from_endpoint / cm_to_endpoint (TC classifier on an endpoint's host-side interface):
  *   identity-based policy, with verdict events on a ring buffer.
  */
@@ -83,6 +87,88 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } cm_events SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct cm_lb_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cm_lb_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CM_MAX_HEALTH);
+	__type(key, struct cm_health_key);
+	__type(value, struct cm_health);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cm_health SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CM_MAX_LB_SOCKS);
+	__type(key, __u64);
+	__type(value, struct cm_health_key);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cm_lb_socks SEC(".maps");
+
+/* ===== outlier detection ===== */
+
+static __always_inline void cm_report_backend(const struct cm_health_key *k, __u8 verdict,
+					      __u32 reason, __u32 failures)
+{
+	struct cm_event *e = bpf_ringbuf_reserve(&cm_events, sizeof(*e), 0);
+	if (!e)
+		return;
+	struct cm_ipcache_key ik = { .prefixlen = 32, .ip = k->ip };
+	struct cm_ipcache_value *peer = bpf_map_lookup_elem(&cm_ipcache, &ik);
+	e->time_ns = bpf_ktime_get_ns();
+	e->src_ip = 0;
+	e->dst_ip = k->ip;
+	e->src_identity = 0;
+	e->dst_identity = peer ? peer->identity : 0;
+	e->src_cluster = 0;
+	e->dst_cluster = peer ? peer->cluster_id : 0;
+	e->dport = k->port;
+	e->proto = k->proto;
+	e->direction = CM_DIR_EGRESS;
+	e->verdict = verdict;
+	e->pad[0] = e->pad[1] = e->pad[2] = 0;
+	e->endpoint_id = reason;
+	e->rule_id = failures;
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* Whether a new connection may go to backend `k` now. An ejected backend gets one trial
+ * connection per probe interval (half-open); a backend whose connects go unanswered for the
+ * window, with no success since, is ejected here (nothing else runs on a timer). */
+static __always_inline int cm_admitted(const struct cm_health_key *k, __u64 now,
+				       const struct cm_lb_config *cfg)
+{
+	if (!cfg || cfg->consecutive_failures == 0)
+		return 1;
+	struct cm_health *h = bpf_map_lookup_elem(&cm_health, k);
+	if (!h)
+		return 1;
+	if (h->ejected_ns) {
+		__u32 shift = h->streak < 4 ? h->streak : 4;
+		if (now - h->ejected_ns < (cfg->probe_ns << shift))
+			return 0;
+		/* The trial: the next one only after another interval. */
+		h->ejected_ns = now;
+		return 1;
+	}
+	if (h->pending_since_ns && cfg->window_ns && now - h->pending_since_ns >= cfg->window_ns &&
+	    h->last_success_ns < h->pending_since_ns) {
+		h->ejected_ns = now;
+		h->reason = CM_EJECT_TIMEOUT;
+		h->streak = 0;
+		h->ejections++;
+		cm_report_backend(k, CM_EVENT_EJECTED, CM_EJECT_TIMEOUT, h->failures);
+		return 0;
+	}
+	return 1;
+}
+
 /* ===== socket load balancing ===== */
 
 /* Picks a backend for ctx's destination. Returns 1 when the destination is no service
@@ -104,16 +190,47 @@ static __always_inline int cm_translate(struct bpf_sock_addr *ctx, __u8 proto, _
 		return 0;
 	*vip = key.vip;
 	*vport = key.port;
-	key.slot = (bpf_get_prandom_u32() % svc->count) + 1;
-	struct cm_service_value *slot = bpf_map_lookup_elem(&cm_services, &key);
-	if (!slot)
+	__u32 count = svc->count;
+	__u32 start = bpf_get_prandom_u32() % count;
+	__u32 zero = 0;
+	const struct cm_lb_config *cfg = bpf_map_lookup_elem(&cm_lb_config, &zero);
+	__u64 now = bpf_ktime_get_ns();
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	/* The random slot, or the next one whose backend is not ejected; when every one looked
+	 * at is ejected, the random slot anyway (panic threshold: a service never loses its last
+	 * backends to outlier detection). */
+	__u32 fallback_ip = 0;
+	__u16 fallback_port = 0;
+	int have_fallback = 0;
+	for (__u32 i = 0; i < CM_MAX_PICK_TRIES; i++) {
+		if (i >= count)
+			break;
+		key.slot = ((start + i) % count) + 1;
+		struct cm_service_value *slot = bpf_map_lookup_elem(&cm_services, &key);
+		if (!slot)
+			continue;
+		__u32 id = slot->backend_id;
+		struct cm_backend *be = bpf_map_lookup_elem(&cm_backends, &id);
+		if (!be)
+			continue;
+		if (!have_fallback) {
+			fallback_ip = be->ip;
+			fallback_port = be->port;
+			have_fallback = 1;
+		}
+		struct cm_health_key hk = {
+			.netns = netns, .ip = be->ip, .port = be->port, .proto = proto,
+		};
+		if (cm_admitted(&hk, now, cfg)) {
+			ctx->user_ip4 = be->ip;
+			ctx->user_port = be->port;
+			return 2;
+		}
+	}
+	if (!have_fallback)
 		return 0;
-	__u32 id = slot->backend_id;
-	struct cm_backend *be = bpf_map_lookup_elem(&cm_backends, &id);
-	if (!be)
-		return 0;
-	ctx->user_ip4 = be->ip;
-	ctx->user_port = be->port;
+	ctx->user_ip4 = fallback_ip;
+	ctx->user_port = fallback_port;
 	return 2;
 }
 
@@ -131,6 +248,17 @@ int cm_connect4(struct bpf_sock_addr *ctx)
 	int ret = cm_translate(ctx, proto, &vip, &vport);
 	if (ret == 0)
 		return 0;
+	if (ret == 2 && proto == IPPROTO_TCP) {
+		/* cm_sockops learns how this connect ends. */
+		__u64 cookie = bpf_get_socket_cookie(ctx);
+		struct cm_health_key hk = {
+			.netns = bpf_get_netns_cookie(ctx),
+			.ip = ctx->user_ip4,
+			.port = (__u16)ctx->user_port,
+			.proto = IPPROTO_TCP,
+		};
+		bpf_map_update_elem(&cm_lb_socks, &cookie, &hk, BPF_ANY);
+	}
 	if (ret == 2 && proto == IPPROTO_UDP) {
 		/* A connected UDP socket may still use recvmsg with an address. */
 		struct cm_revnat_key rk = {
@@ -176,6 +304,75 @@ int cm_recvmsg4(struct bpf_sock_addr *ctx)
 	if (rv) {
 		ctx->user_ip4 = rv->vip;
 		ctx->user_port = rv->port;
+	}
+	return 1;
+}
+
+/* The outcome of the TCP connects the load balancer sent to a backend. */
+SEC("sockops")
+int cm_sockops(struct bpf_sock_ops *skops)
+{
+	__u32 op = skops->op;
+	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
+	    op != BPF_SOCK_OPS_STATE_CB)
+		return 1;
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct cm_health_key *kp = bpf_map_lookup_elem(&cm_lb_socks, &cookie);
+	if (!kp)
+		return 1;
+	struct cm_health_key k = *kp;
+	__u64 now = bpf_ktime_get_ns();
+	__u32 zero = 0;
+	const struct cm_lb_config *cfg = bpf_map_lookup_elem(&cm_lb_config, &zero);
+	struct cm_health *h = bpf_map_lookup_elem(&cm_health, &k);
+
+	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
+		/* The SYN goes out: follow the socket's state to learn how it ends. */
+		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+		if (!h) {
+			struct cm_health nh = { .pending_since_ns = now };
+			bpf_map_update_elem(&cm_health, &k, &nh, BPF_NOEXIST);
+		} else if (!h->pending_since_ns) {
+			h->pending_since_ns = now;
+		}
+		return 1;
+	}
+	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+		bpf_sock_ops_cb_flags_set(skops, 0);
+		bpf_map_delete_elem(&cm_lb_socks, &cookie);
+		if (!h)
+			return 1;
+		__u32 was_ejected = h->ejected_ns != 0;
+		h->failures = 0;
+		h->pending_since_ns = 0;
+		h->last_success_ns = now;
+		h->ejected_ns = 0;
+		h->streak = 0;
+		if (was_ejected)
+			cm_report_backend(&k, CM_EVENT_READMITTED, h->reason, 0);
+		return 1;
+	}
+	/* BPF_SOCK_OPS_STATE_CB: args[0] the old state, args[1] the new one. */
+	if (skops->args[1] != BPF_TCP_CLOSE)
+		return 1;
+	bpf_map_delete_elem(&cm_lb_socks, &cookie);
+	if (skops->args[0] != BPF_TCP_SYN_SENT || !h)
+		return 1;
+	/* Refused, unreachable, timed out, or given up by the client before an answer. */
+	h->failures++;
+	h->last_failure_ns = now;
+	if (h->ejected_ns) {
+		/* A failed trial: out for twice as long as before. */
+		h->ejected_ns = now;
+		h->streak++;
+		return 1;
+	}
+	if (cfg && cfg->consecutive_failures && h->failures >= cfg->consecutive_failures) {
+		h->ejected_ns = now;
+		h->reason = CM_EJECT_FAILURES;
+		h->streak = 0;
+		h->ejections++;
+		cm_report_backend(&k, CM_EVENT_EJECTED, CM_EJECT_FAILURES, h->failures);
 	}
 	return 1;
 }

@@ -16,6 +16,9 @@
  *   cm_policy     hash     cm_policy_key   -> cm_policy_value
  *   cm_ct         lru hash cm_ct_key       -> cm_ct_value      (replies of allowed flows pass)
  *   cm_events     ring buffer of cm_event
+ *   cm_lb_config  array    0               -> cm_lb_config     (outlier detection settings)
+ *   cm_health     lru hash cm_health_key   -> cm_health        (per-backend connect outcomes)
+ *   cm_lb_socks   lru hash __u64 cookie    -> cm_health_key    (sockets the LB sent to a backend)
  */
 #ifndef CLUSTERMESH_H
 #define CLUSTERMESH_H
@@ -30,6 +33,10 @@
 #define CM_MAX_CT 262144
 #define CM_MAX_REVNAT 65536
 #define CM_EVENTS_BYTES (1 << 22)
+#define CM_MAX_HEALTH 65536
+#define CM_MAX_LB_SOCKS 65536
+/* Slots a connect looks at for a backend that is not ejected before it falls back (panic). */
+#define CM_MAX_PICK_TRIES 32
 
 /* A service frontend. slot 0 is the service entry (count of backends); slots 1..=count
  * name one backend each. */
@@ -85,6 +92,40 @@ struct cm_ipcache_value {
 	__u16 pad;
 };
 
+/* Outlier detection (failure accrual) settings, written by the agent; all zero: off. */
+struct cm_lb_config {
+	__u32 consecutive_failures; /* failed connects that eject a backend; 0: accrual off */
+	__u32 pad;
+	__u64 window_ns;      /* a connect unanswered this long, with no success since: ejected */
+	__u64 probe_ns;       /* an ejected backend gets one trial connection after this long,
+			       * doubled after each failed trial up to 16 times as long */
+};
+
+/* A backend as one client network namespace sees it (after the LB rewrote the destination).
+ * Per client, not per node: a pod that gives up its own connects (or whose connects its
+ * policy drops) must not steer the other pods' traffic away from a backend. */
+struct cm_health_key {
+	__u64 netns;      /* bpf_get_netns_cookie of the connecting socket */
+	__u32 ip;         /* network order */
+	__u16 port;       /* network order */
+	__u8 proto;
+	__u8 pad;
+};
+
+#define CM_EJECT_FAILURES 1 /* consecutive failed connects */
+#define CM_EJECT_TIMEOUT 2  /* a connect unanswered for the window */
+
+struct cm_health {
+	__u64 last_failure_ns;  /* bpf_ktime_get_ns; 0: never */
+	__u64 last_success_ns;
+	__u64 pending_since_ns; /* the oldest connect started since the last success; 0: none */
+	__u64 ejected_ns;       /* when ejected (or last given a trial connection); 0: admitted */
+	__u32 failures;         /* consecutive failed connects */
+	__u32 ejections;        /* times ejected */
+	__u32 reason;           /* CM_EJECT_* of the current ejection */
+	__u32 streak;           /* failed trials of the current ejection (the wait doubles) */
+};
+
 #define CM_ENFORCE_INGRESS (1 << 0)
 #define CM_ENFORCE_EGRESS (1 << 1)
 #define CM_AUDIT_INGRESS (1 << 2) /* default-deny verdicts pass and are reported */
@@ -137,6 +178,10 @@ struct cm_ct_value {
 #define CM_EVENT_ALLOWED 1
 #define CM_EVENT_DENIED 2
 #define CM_EVENT_AUDITED 3
+/* Outlier detection: dst_ip/dport/proto name the backend, rule_id the failures counted,
+ * endpoint_id the CM_EJECT_* reason. */
+#define CM_EVENT_EJECTED 4
+#define CM_EVENT_READMITTED 5
 
 struct cm_event {
 	__u64 time_ns;          /* bpf_ktime_get_ns */

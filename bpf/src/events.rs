@@ -1,5 +1,5 @@
-//! Verdict events from the policy programs' ring buffer, decoded and read as an async
-//! stream.
+//! Verdict events from the policy programs' ring buffer (and outlier detection's ejections),
+//! decoded and read as an async stream.
 
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
@@ -20,6 +20,12 @@ pub enum EventVerdict {
     Denied,
     /// Passed, but only because of audit mode.
     Audited,
+    /// Outlier detection ejected a backend for a client: `dst_ip`, `dport` and `proto` name
+    /// the backend, `rule_id` the failed connects counted, `endpoint_id` the reason (1:
+    /// consecutive failures, 2: a connect unanswered for the window).
+    Ejected,
+    /// A trial connection to an ejected backend succeeded: it is selected again.
+    Readmitted,
 }
 
 /// One verdict.
@@ -65,6 +71,8 @@ impl VerdictEvent {
             verdict: match raw.verdict {
                 1 => EventVerdict::Allowed,
                 3 => EventVerdict::Audited,
+                4 => EventVerdict::Ejected,
+                5 => EventVerdict::Readmitted,
                 _ => EventVerdict::Denied,
             },
             src_ip: Ipv4Addr::from(raw.src_ip.to_ne_bytes()),

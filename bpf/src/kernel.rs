@@ -12,10 +12,10 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{HashMap, Map, MapData, RingBuf};
+use aya::maps::{Array, HashMap, Map, MapData, RingBuf};
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::tc::SchedClassifierLink;
-use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType};
+use aya::programs::{CgroupSockAddr, SchedClassifier, SockOps, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use parking_lot::Mutex;
 
@@ -26,15 +26,19 @@ use crate::api::{
 use crate::batch;
 use crate::events::EventStream;
 use crate::layout::{
-    BackendRaw, EndpointRaw, IpCacheAddrRaw, IpCacheKeyRaw, IpCacheValueRaw, PolicyKeyRaw,
-    PolicyValueRaw, ServiceKeyRaw, ServiceValueRaw,
+    BackendRaw, EndpointRaw, HealthKeyRaw, HealthRaw, IpCacheAddrRaw, IpCacheKeyRaw,
+    IpCacheValueRaw, LbConfigRaw, PolicyKeyRaw, PolicyValueRaw, ServiceKeyRaw, ServiceValueRaw,
 };
+use crate::outlier::{BackendHealth, OutlierDetection};
 
 /// The compiled eBPF object (see `build.rs`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/clustermesh.bpf.o"));
 
 /// The socket load-balancing programs and their attach points.
 const SOCK_PROGRAMS: [&str; 3] = ["cm_connect4", "cm_sendmsg4", "cm_recvmsg4"];
+
+/// The program that sees how the load balancer's TCP connects end (same cgroup).
+const SOCKOPS_PROGRAM: &str = "cm_sockops";
 
 /// Where the datapath pins its maps and links.
 #[derive(Debug, Clone)]
@@ -147,6 +151,12 @@ impl KernelDatapath {
                 .map_err(program_err("lookup", name))?;
             prog.load().map_err(program_err("load", name))?;
         }
+        let prog: &mut SockOps = ebpf
+            .program_mut(SOCKOPS_PROGRAM)
+            .ok_or(Error::Missing(SOCKOPS_PROGRAM))?
+            .try_into()
+            .map_err(program_err("lookup", SOCKOPS_PROGRAM))?;
+        prog.load().map_err(program_err("load", SOCKOPS_PROGRAM))?;
         for name in ["cm_from_endpoint", "cm_to_endpoint"] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -166,14 +176,36 @@ impl KernelDatapath {
         &self.pin_dir
     }
 
-    /// Attaches the socket load balancer to every socket in `cgroup` (a cgroup v2
-    /// directory). Links are pinned; existing pinned links for this cgroup are adopted.
+    /// Attaches the socket load balancer (and the program that sees how its TCP connects
+    /// end) to every socket in `cgroup` (a cgroup v2 directory). Links are pinned; existing
+    /// pinned links for this cgroup are adopted.
     pub fn attach_cgroup(&self, cgroup: &Path) -> Result<()> {
         let dir = std::fs::File::open(cgroup).map_err(io_err("opening cgroup", cgroup))?;
         let ino = std::os::unix::fs::MetadataExt::ino(
             &dir.metadata().map_err(io_err("reading cgroup", cgroup))?,
         );
         let mut ebpf = self.ebpf.lock();
+        let pin = self.pin_dir.join(format!("link_cg{ino}_{SOCKOPS_PROGRAM}"));
+        if !pin.exists() {
+            let pin_error = |e: &dyn std::fmt::Display| Error::Pin {
+                path: pin.display().to_string(),
+                source: std::io::Error::other(e.to_string()),
+            };
+            let prog: &mut SockOps = ebpf
+                .program_mut(SOCKOPS_PROGRAM)
+                .ok_or(Error::Missing(SOCKOPS_PROGRAM))?
+                .try_into()
+                .map_err(program_err("lookup", SOCKOPS_PROGRAM))?;
+            let id = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(program_err("attach", SOCKOPS_PROGRAM))?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(program_err("take link", SOCKOPS_PROGRAM))?
+                .try_into()
+                .map_err(|e| pin_error(&e))?;
+            link.pin(&pin).map_err(|e| pin_error(&e))?;
+        }
         for name in SOCK_PROGRAMS {
             let pin = self.pin_dir.join(format!("link_cg{ino}_{name}"));
             if pin.exists() {
@@ -290,6 +322,33 @@ impl KernelDatapath {
             .ok_or(Error::Missing("cm_events"))?;
         let ring = RingBuf::try_from(map).map_err(map_err("open", "cm_events"))?;
         EventStream::new(ring)
+    }
+
+    /// Sets when the socket load balancer ejects a backend and how it comes back.
+    pub fn set_outlier_detection(&self, settings: &OutlierDetection) -> Result<()> {
+        let mut ebpf = self.ebpf.lock();
+        let mut array: Array<&mut MapData, LbConfigRaw> = Array::try_from(
+            ebpf.map_mut("cm_lb_config")
+                .ok_or(Error::Missing("cm_lb_config"))?,
+        )
+        .map_err(map_err("open", "cm_lb_config"))?;
+        array
+            .set(0, settings.raw(), 0)
+            .map_err(map_err("update", "cm_lb_config"))
+    }
+
+    /// What outlier detection recorded, per client network namespace and backend.
+    pub fn backend_health(&self) -> Result<Vec<BackendHealth>> {
+        let mut ebpf = self.ebpf.lock();
+        let map = hash::<HealthKeyRaw, HealthRaw>(&mut ebpf, "cm_health")?;
+        let now = crate::outlier::monotonic_ns();
+        let mut out = Vec::new();
+        for item in map.iter() {
+            let (k, v) = item.map_err(map_err("iterate", "cm_health"))?;
+            out.push(BackendHealth::from_raw(&k, &v, now));
+        }
+        out.sort_by_key(|h| (h.ip, h.port, h.netns));
+        Ok(out)
     }
 
     /// Removes every pin (maps and links) of this node: programs detach and maps are freed

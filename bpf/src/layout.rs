@@ -117,6 +117,41 @@ pub struct EventRaw {
     pub rule_id: u32,
 }
 
+/// `struct cm_lb_config`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LbConfigRaw {
+    pub consecutive_failures: u32,
+    pub pad: u32,
+    pub window_ns: u64,
+    pub probe_ns: u64,
+}
+
+/// `struct cm_health_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct HealthKeyRaw {
+    pub netns: u64,
+    pub ip: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// `struct cm_health`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HealthRaw {
+    pub last_failure_ns: u64,
+    pub last_success_ns: u64,
+    pub pending_since_ns: u64,
+    pub ejected_ns: u64,
+    pub failures: u32,
+    pub ejections: u32,
+    pub reason: u32,
+    pub streak: u32,
+}
+
 // The header's sizes, by hand: a change on either side without the other fails the build.
 const _: () = assert!(size_of::<ServiceKeyRaw>() == 12);
 const _: () = assert!(size_of::<ServiceValueRaw>() == 8);
@@ -127,6 +162,9 @@ const _: () = assert!(size_of::<EndpointRaw>() == 16);
 const _: () = assert!(size_of::<PolicyKeyRaw>() == 12);
 const _: () = assert!(size_of::<PolicyValueRaw>() == 8);
 const _: () = assert!(size_of::<EventRaw>() == 48);
+const _: () = assert!(size_of::<LbConfigRaw>() == 24);
+const _: () = assert!(size_of::<HealthKeyRaw>() == 16);
+const _: () = assert!(size_of::<HealthRaw>() == 48);
 
 // SAFETY: each struct is #[repr(C)], Copy, made only of integers with explicit padding
 // fields, so every bit pattern is valid and no byte is uninitialised padding.
@@ -147,6 +185,12 @@ unsafe impl Pod for EndpointRaw {}
 unsafe impl Pod for PolicyKeyRaw {}
 // SAFETY: as above.
 unsafe impl Pod for PolicyValueRaw {}
+// SAFETY: as above.
+unsafe impl Pod for LbConfigRaw {}
+// SAFETY: as above.
+unsafe impl Pod for HealthKeyRaw {}
+// SAFETY: as above.
+unsafe impl Pod for HealthRaw {}
 
 impl EventRaw {
     /// Reads an event from ring-buffer bytes; `None` when the record is too short.

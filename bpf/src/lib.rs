@@ -19,6 +19,7 @@ pub mod events;
 pub mod kernel;
 pub mod layout;
 pub mod netns;
+pub mod outlier;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod userspace;
@@ -29,4 +30,5 @@ pub use api::{
 };
 pub use events::{EventStream, EventVerdict, VerdictEvent};
 pub use kernel::{KernelConfig, KernelDatapath};
+pub use outlier::{BackendHealth, EjectReason, OutlierDetection};
 pub use userspace::UserspaceDatapath;

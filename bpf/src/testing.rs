@@ -218,6 +218,19 @@ impl Topology {
         self.children.lock().push(child);
     }
 
+    /// Kills every process in a pod's network namespace with SIGKILL (a crashed backend; the
+    /// pod's namespace and address stay).
+    pub fn kill_pod_processes(&self, pod: &str) {
+        let out = sh("ip", &["netns", "pids", &self.pod(pod).netns]);
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        }
+        // Reap the ones this topology started.
+        for child in self.children.lock().iter_mut() {
+            let _ = child.try_wait();
+        }
+    }
+
     /// Runs `cm-netprobe ARGS` in a pod (inside the client cgroup if asked) and returns its
     /// output lines.
     pub fn probe(&self, pod: &str, in_cgroup: bool, args: &[&str]) -> Vec<String> {

@@ -21,6 +21,7 @@ use clustermesh_bpf::{
     IpCacheValue, KernelConfig, KernelDatapath, PolicyKey, PolicyValue, Prefix, Proto, ServiceKey,
     UserspaceDatapath, Verdict, VerdictEvent,
 };
+use clustermesh_bpf::{BackendHealth, EjectReason, OutlierDetection};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_cm-netprobe");
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -356,6 +357,228 @@ async fn policy_allows_denies_audits_and_reports_every_verdict() {
     dp.detach_endpoint(&srv).unwrap();
     assert_eq!(tcp("other", 8080), ["ok server"]);
     dp.unpin_all().unwrap();
+}
+
+/// The service of the outlier tests: be1 and be2 serve, be3 is the one that fails.
+fn outlier_topology(probe_interval: Duration) -> (Topology, KernelDatapath, EventStream) {
+    let topo = Topology::new(
+        PROBE.as_ref(),
+        &[
+            ("client", ip(2)),
+            ("be1", ip(11)),
+            ("be2", ip(12)),
+            ("be3", ip(13)),
+        ],
+    );
+    topo.serve("be1", 8080);
+    topo.serve("be2", 8080);
+    let dp = load(&topo);
+    dp.attach_cgroup(topo.cgroup()).unwrap();
+    dp.set_outlier_detection(&OutlierDetection {
+        probe_interval,
+        ..OutlierDetection::default()
+    })
+    .unwrap();
+    dp.upsert_backends(&[
+        (1, backend(11, 8080, Proto::Tcp)),
+        (2, backend(12, 8080, Proto::Tcp)),
+        (3, backend(13, 8080, Proto::Tcp)),
+    ])
+    .unwrap();
+    dp.upsert_service(
+        ServiceKey {
+            vip: VIP,
+            port: 80,
+            proto: Proto::Tcp,
+        },
+        &[1, 2, 3],
+    )
+    .unwrap();
+    let events = dp.events().unwrap();
+    (topo, dp, events)
+}
+
+/// Runs `count` connections from the client to the VIP, one after the other (on a blocking
+/// thread), and returns their result lines.
+async fn connects(topo: &Topology, count: u32, timeout_ms: u32) -> Vec<String> {
+    let count = count.to_string();
+    let timeout = timeout_ms.to_string();
+    tokio::task::block_in_place(|| {
+        topo.probe(
+            "client",
+            true,
+            &[
+                "tcp",
+                "10.96.0.10:80",
+                "--count",
+                &count,
+                "--timeout-ms",
+                &timeout,
+            ],
+        )
+    })
+}
+
+fn failed(lines: &[String]) -> Vec<&String> {
+    lines.iter().filter(|l| !l.starts_with("ok ")).collect()
+}
+
+fn be3_health(dp: &KernelDatapath) -> BackendHealth {
+    let all = dp.backend_health().unwrap();
+    all.into_iter()
+        .find(|h| h.ip == ip(13))
+        .expect("be3 has a health entry")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_refuses_is_ejected_after_three_failed_connects_and_readmitted_when_it_serves()
+ {
+    let (topo, dp, mut events) = outlier_topology(Duration::from_millis(500));
+    // be3's pod is up but nothing listens: every connect to it is refused (a crashed backend).
+    let lines = connects(&topo, 60, 500).await;
+    let bad = failed(&lines);
+    assert_eq!(
+        bad.len(),
+        3,
+        "exactly the three failed connects that eject it: {lines:?}"
+    );
+    assert!(
+        bad.iter()
+            .all(|l| l.as_str() == "err ConnectionRefused 111"),
+        "{bad:?}"
+    );
+    // Every later connection went to be1 or be2.
+    let last_bad = lines.iter().rposition(|l| !l.starts_with("ok ")).unwrap();
+    assert!(
+        names(&lines[last_bad + 1..])
+            .iter()
+            .all(|n| *n == "be1" || *n == "be2")
+    );
+    let h = be3_health(&dp);
+    assert_eq!(h.failures, 3);
+    assert_eq!(h.ejections, 1);
+    assert_eq!(h.ejected.map(|(_, why)| why), Some(EjectReason::Failures));
+    let e = expect_event(&mut events, |e| e.verdict == EventVerdict::Ejected).await;
+    assert_eq!(
+        (e.dst_ip, e.dport, e.proto, e.rule_id, e.endpoint_id),
+        (ip(13), 8080, 6, 3, 1)
+    );
+
+    // be3 comes back; after the probe interval a trial connection reaches it and it is in
+    // selection again.
+    topo.serve("be3", 8080);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let lines = connects(&topo, 60, 500).await;
+    assert!(failed(&lines).is_empty(), "{lines:?}");
+    assert!(
+        names(&lines).iter().filter(|n| **n == "be3").count() >= 5,
+        "be3 is selected again: {lines:?}"
+    );
+    let h = be3_health(&dp);
+    assert_eq!((h.failures, h.ejected), (0, None));
+    expect_event(&mut events, |e| {
+        e.verdict == EventVerdict::Readmitted && e.dst_ip == ip(13)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_backend_is_ejected_within_the_window() {
+    let (topo, dp, mut events) = outlier_topology(Duration::from_secs(30));
+    topo.serve("be3", 8080);
+    // be3 answers first; then its packets vanish (a partition: no RST, no ICMP).
+    assert!(failed(&connects(&topo, 20, 500).await).is_empty());
+    tokio::task::block_in_place(|| {
+        clustermesh_bpf::testing::sh(
+            "ip",
+            &[
+                "-n",
+                topo.node_ns(),
+                "route",
+                "replace",
+                "blackhole",
+                "10.244.0.13/32",
+            ],
+        )
+    });
+    let started = std::time::Instant::now();
+    // Clients give up after 300 ms; the backend is out after at most three of those, or
+    // after the 1 s window.
+    let lines = connects(&topo, 60, 300).await;
+    let bad = failed(&lines);
+    assert!(
+        (1..=3).contains(&bad.len()),
+        "1 to 3 connects lost to the black hole: {lines:?}"
+    );
+    assert!(bad.iter().all(|l| l.starts_with("err TimedOut")), "{bad:?}");
+    assert_eq!(be3_health(&dp).ejections, 1);
+    let e = expect_event(&mut events, |e| e.verdict == EventVerdict::Ejected).await;
+    assert_eq!(e.dst_ip, ip(13));
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_backend_is_never_ejected_from_selection_and_each_client_learns_alone() {
+    let (topo, dp, _events) = outlier_topology(Duration::from_secs(30));
+    let key = ServiceKey {
+        vip: VIP,
+        port: 80,
+        proto: Proto::Tcp,
+    };
+    // A service whose only backend refuses: ejected, but still selected (panic threshold),
+    // so connects keep reaching it (refused by it, not by the load balancer).
+    dp.upsert_service(key, &[3]).unwrap();
+    let lines = connects(&topo, 10, 300).await;
+    assert_eq!(
+        lines,
+        vec!["err ConnectionRefused 111".to_owned(); 10],
+        "never EPERM from the load balancer"
+    );
+    assert!(be3_health(&dp).ejected.is_some());
+
+    // Another client (its own network namespace) has its own record: be3 is selected for it
+    // until it has seen its own failures.
+    dp.upsert_service(key, &[1, 2, 3]).unwrap();
+    let other = tokio::task::block_in_place(|| {
+        topo.probe(
+            "be1",
+            true,
+            &[
+                "tcp",
+                "10.96.0.10:80",
+                "--count",
+                "60",
+                "--timeout-ms",
+                "300",
+            ],
+        )
+    });
+    assert_eq!(failed(&other).len(), 3, "{other:?}");
+    let records: Vec<BackendHealth> = dp
+        .backend_health()
+        .unwrap()
+        .into_iter()
+        .filter(|h| h.ip == ip(13))
+        .collect();
+    assert_eq!(records.len(), 2, "one record per client: {records:?}");
+    assert!(records.iter().all(|h| h.ejected.is_some()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_outlier_detection_off_nothing_is_ejected() {
+    let (topo, dp, _events) = outlier_topology(Duration::from_secs(30));
+    dp.set_outlier_detection(&OutlierDetection::off()).unwrap();
+    let lines = connects(&topo, 60, 300).await;
+    assert!(
+        failed(&lines).len() >= 8,
+        "be3 keeps getting its third of the connects: {lines:?}"
+    );
+    assert!(
+        dp.backend_health()
+            .unwrap()
+            .iter()
+            .all(|h| h.ejected.is_none())
+    );
 }
 
 #[test]

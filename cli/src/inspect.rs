@@ -225,6 +225,10 @@ pub(crate) async fn explain_service(
         for c in f["candidates"].as_array().into_iter().flatten() {
             let reason = c["reason"].as_str().unwrap_or("?");
             let selected = matches!(reason, "selected" | "kept-last-backends");
+            let reason = match c["outlier"]["summary"].as_str() {
+                Some(ejected) => format!("{reason}; {ejected}"),
+                None => reason.to_owned(),
+            };
             rows.push(vec![
                 frontend.clone(),
                 c["cluster"].as_str().unwrap_or("?").to_owned(),
@@ -233,7 +237,7 @@ pub(crate) async fn explain_service(
                     None => c["ip"].as_str().unwrap_or("?").to_owned(),
                 },
                 if selected { "in" } else { "out" }.to_owned(),
-                reason.to_owned(),
+                reason,
             ]);
         }
     }
@@ -417,6 +421,15 @@ pub(crate) async fn observe(
         }
         if format == Format::Json {
             println!("{line}");
+        } else if let Some(what) = e["outlier"].as_str() {
+            println!(
+                "{:<8} backend {}:{} (identity {}, cluster {}): {what}",
+                e["verdict"].as_str().unwrap_or("?"),
+                e["dst"].as_str().unwrap_or("?"),
+                e["dport"],
+                e["dstIdentity"],
+                e["dstCluster"],
+            );
         } else {
             println!(
                 "{:<8} {:<7} {} (identity {}, cluster {}) -> {}:{} (identity {}, cluster {}) proto {} rule {}",

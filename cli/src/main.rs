@@ -210,12 +210,13 @@ enum Command {
         #[command(flatten)]
         agent: AgentArgs,
     },
-    /// Live policy verdicts from the node's eBPF datapath, until Ctrl-C.
+    /// Live policy verdicts and outlier detection's ejections from the node's eBPF datapath,
+    /// until Ctrl-C.
     Observe {
         #[command(flatten)]
         agent: AgentArgs,
-        /// Only `allowed`, `denied` or `audited`.
-        #[arg(long, value_parser = ["allowed", "denied", "audited"])]
+        /// Only `allowed`, `denied`, `audited`, `ejected` or `readmitted`.
+        #[arg(long, value_parser = ["allowed", "denied", "audited", "ejected", "readmitted"])]
         verdict: Option<String>,
         /// Only events with this cluster ID on either side.
         #[arg(long)]

@@ -117,6 +117,8 @@ pub struct Cluster {
     /// The Export address, fixed so that restarts keep it.
     pub export_addr: String,
     extra: String,
+    /// The apiserver's heartbeat interval (200 ms unless set before it starts).
+    pub heartbeat_millis: u64,
     apiserver: Option<(Child, String)>,
 }
 
@@ -145,6 +147,7 @@ impl Cluster {
             ca,
             export_addr: format!("127.0.0.1:{}", free_port()),
             extra: String::new(),
+            heartbeat_millis: 200,
             apiserver: None,
         }
     }
@@ -191,8 +194,8 @@ impl Cluster {
             format!(
                 "cluster: {{name: {}, id: {}}}\nstore: {{backend: sled, path: store}}\nsource: {{manifestDir: manifests}}\n\
                  listen: {{export: \"{}\", health: \"127.0.0.1:0\"}}\n\
-                 tls: {{ca: certs/ca.pem, cert: certs/server.pem, key: certs/server-key.pem}}\nheartbeatMillis: 200\n{}",
-                self.name, self.id, self.export_addr, self.extra
+                 tls: {{ca: certs/ca.pem, cert: certs/server.pem, key: certs/server-key.pem}}\nheartbeatMillis: {}\n{}",
+                self.name, self.id, self.export_addr, self.heartbeat_millis, self.extra
             ),
         )
         .unwrap();
@@ -207,6 +210,26 @@ impl Cluster {
     /// The apiserver's health address.
     pub fn health_addr(&self) -> &str {
         &self.apiserver.as_ref().expect("started").1
+    }
+
+    /// Freezes the apiserver (SIGSTOP): a hung peer, whose connections stay open.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen apiserver run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some((child, _)) = &self.apiserver {
+            let status = Command::new("kill")
+                .args([sig, &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success(), "kill {sig} failed");
+        }
     }
 
     /// Kills the apiserver with SIGKILL.

@@ -230,6 +230,86 @@ fn global_service_policy_and_failover_across_two_clusters() {
         "both clusters answer through the VIP: {names:?}"
     );
 
+    // A's backend crashes (its apiserver lives on, so nothing is withdrawn): outlier
+    // detection takes it out of b-client's selection after three refused connects, and
+    // `observe`, `explain service` and the metrics say so.
+    let observer = std::process::Command::new(binary("clustermesh"))
+        .args([
+            "observe",
+            "--agent",
+            &agent.admin,
+            "--verdict",
+            "ejected",
+            "--count",
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    topo.kill_pod_processes("a-web");
+    let lines = topo.probe("b-client", true, &["tcp", "10.96.0.10:80", "--count", "60"]);
+    let (names, failed) = tally(&lines);
+    assert_eq!(
+        failed, 3,
+        "three refused connects, then only b-web: {lines:?}"
+    );
+    assert_eq!(names.get("b-web"), Some(&57), "{lines:?}");
+    let out = observer.wait_with_output().unwrap();
+    let seen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        seen.starts_with("ejected  backend 10.244.1.10:8080 (identity ")
+            && seen.ends_with(", cluster 1): ejected for a client: 3 failed connects\n"),
+        "{seen}"
+    );
+    let plan = agent.get("/explain/service/prod/web");
+    let a_web = plan["frontends"][0]["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["ip"] == "10.244.1.10")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        a_web["reason"], "selected",
+        "still a backend of the service: {plan}"
+    );
+    assert_eq!(a_web["outlier"]["ejectedClients"], 1, "{a_web}");
+    assert_eq!(a_web["outlier"]["reason"], "failures", "{a_web}");
+    let explained = std::process::Command::new(binary("clustermesh"))
+        .args(["explain", "service", "prod/web", "--agent", &agent.admin])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&explained.stdout);
+    let row = text
+        .lines()
+        .find(|l| l.contains("10.244.1.10:8080"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        row.contains("in      selected; ejected (3 failed connects, ") && row.ends_with(" s ago)"),
+        "{text}"
+    );
+    assert_eq!(
+        agent.metric("clustermesh_backend_ejections_total{reason=\"failures\"}"),
+        1.0
+    );
+    // It comes back: after the probe interval (2 s) a trial connect reaches it again.
+    topo.serve("a-web", 8080);
+    std::thread::sleep(Duration::from_millis(2_200));
+    let lines = topo.probe("b-client", true, &["tcp", "10.96.0.10:80", "--count", "60"]);
+    let (names, failed) = tally(&lines);
+    assert_eq!(failed, 0, "{lines:?}");
+    assert!(names.get("a-web").is_some_and(|n| *n > 5), "{names:?}");
+    assert_eq!(agent.metric("clustermesh_backend_readmissions_total"), 1.0);
+    assert!(
+        agent.get("/explain/service/prod/web")["frontends"][0]["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["outlier"]["ejectedClients"] != 1),
+        "no backend is ejected any more"
+    );
+
     // Cross-cluster policy on b-web: A's frontend in, A's other pod dropped.
     let lines = topo.probe(
         "a-frontend",

@@ -5,6 +5,7 @@
 //! (every local service, merged); `/maps/{services|backends|ipcache|endpoints|policy}` (the
 //! datapath's maps, decoded); `/events` (live verdict events as JSON lines, eBPF only).
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -35,6 +36,37 @@ pub struct Metrics {
     pub services: Gauge,
     /// ipcache entries programmed.
     pub ipcache: Gauge,
+    /// Outlier detection's ejections and re-admissions.
+    pub outlier: OutlierCounters,
+}
+
+/// Outlier detection's counters (fed by the datapath's events).
+#[derive(Debug, Clone, Default)]
+pub struct OutlierCounters {
+    /// Backends ejected for a client, by reason (`failures`, `timeout`).
+    pub ejections: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Ejected backends re-admitted after a successful trial connection.
+    pub readmissions: Counter,
+}
+
+impl OutlierCounters {
+    /// Counts an event if it is an ejection or a re-admission.
+    pub fn count(&self, e: &clustermesh_bpf::VerdictEvent) {
+        match e.verdict {
+            clustermesh_bpf::EventVerdict::Ejected => {
+                let reason = if e.endpoint_id == 2 {
+                    "timeout"
+                } else {
+                    "failures"
+                };
+                self.ejections.get_or_create(&[("reason", reason)]).inc();
+            }
+            clustermesh_bpf::EventVerdict::Readmitted => {
+                self.readmissions.inc();
+            }
+            _ => {}
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -77,8 +109,20 @@ impl Metrics {
             "ipcache entries programmed in the datapath",
             ipcache.clone(),
         );
+        let outlier = OutlierCounters::default();
+        registry.register(
+            "backend_ejections",
+            "Backends ejected from a client's selection by outlier detection (reason=failures: consecutive failed connects; reason=timeout: a connect unanswered for the window)",
+            outlier.ejections.clone(),
+        );
+        registry.register(
+            "backend_readmissions",
+            "Ejected backends selected again after a successful trial connection",
+            outlier.readmissions.clone(),
+        );
         Self {
             registry,
+            outlier,
             reconciles,
             reconcile_errors,
             map_ops,
@@ -155,6 +199,7 @@ async fn explain_service(
                     .collect()
             };
             let mut v = serde_json::to_value(&p).unwrap_or_default();
+            annotate_outliers(&mut v, &outlier_summary(&s));
             if let Some(o) = v.as_object_mut() {
                 o.insert(
                     "datapathErrors".to_owned(),
@@ -168,6 +213,95 @@ async fn explain_service(
             format!("no local service {namespace}/{name} (or not synced yet)\n"),
         )
             .into_response(),
+    }
+}
+
+/// What outlier detection recorded about each TCP backend, over every client on this node.
+fn outlier_summary(s: &Shared) -> BTreeMap<(Ipv4Addr, u16), serde_json::Value> {
+    let Some(kernel) = &s.kernel else {
+        return BTreeMap::new();
+    };
+    let health = match kernel.backend_health() {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading outlier detection's records failed");
+            return BTreeMap::new();
+        }
+    };
+    let mut by_backend: BTreeMap<(Ipv4Addr, u16), Vec<&clustermesh_bpf::BackendHealth>> =
+        BTreeMap::new();
+    for h in health.iter().filter(|h| h.proto == 6) {
+        by_backend.entry((h.ip, h.port)).or_default().push(h);
+    }
+    by_backend
+        .into_iter()
+        .map(|(key, records)| {
+            let clients = records.len();
+            let ejected: Vec<_> = records
+                .iter()
+                .filter_map(|h| h.ejected.map(|(age, why)| (age, why, h.failures)))
+                .collect();
+            let latest = ejected.iter().min_by_key(|(age, _, _)| *age);
+            let summary = latest.map(|(age, why, failures)| {
+                let cause = match why {
+                    clustermesh_bpf::EjectReason::Failures => {
+                        format!("{failures} failed connects")
+                    }
+                    clustermesh_bpf::EjectReason::Timeout => {
+                        "a connect unanswered for the window".to_owned()
+                    }
+                };
+                let whom = if clients > 1 {
+                    format!(" for {} of {clients} clients", ejected.len())
+                } else {
+                    String::new()
+                };
+                format!("ejected ({cause}, {:.1} s ago){whom}", age.as_secs_f64())
+            });
+            let value = serde_json::json!({
+                "clients": clients,
+                "ejectedClients": ejected.len(),
+                "summary": summary,
+                "reason": latest.map(|(_, why, _)| match why {
+                    clustermesh_bpf::EjectReason::Failures => "failures",
+                    clustermesh_bpf::EjectReason::Timeout => "timeout",
+                }),
+                "ejectedSecondsAgo": latest.map(|(age, _, _)| age.as_secs_f64()),
+                "failures": records.iter().map(|h| h.failures).max(),
+            });
+            (key, value)
+        })
+        .collect()
+}
+
+/// Adds outlier detection's record to each TCP candidate of an explained service.
+fn annotate_outliers(
+    plan: &mut serde_json::Value,
+    outliers: &BTreeMap<(Ipv4Addr, u16), serde_json::Value>,
+) {
+    if outliers.is_empty() {
+        return;
+    }
+    let frontends = plan
+        .get_mut("frontends")
+        .and_then(serde_json::Value::as_array_mut);
+    for f in frontends.into_iter().flatten() {
+        if f["proto"] != "TCP" {
+            continue;
+        }
+        let candidates = f
+            .get_mut("candidates")
+            .and_then(serde_json::Value::as_array_mut);
+        for c in candidates.into_iter().flatten() {
+            let ip = c["ip"].as_str().and_then(|ip| ip.parse::<Ipv4Addr>().ok());
+            let port = c["port"].as_u64().and_then(|p| u16::try_from(p).ok());
+            if let (Some(ip), Some(port)) = (ip, port)
+                && let Some(o) = outliers.get(&(ip, port))
+                && let Some(obj) = c.as_object_mut()
+            {
+                obj.insert("outlier".to_owned(), o.clone());
+            }
+        }
     }
 }
 

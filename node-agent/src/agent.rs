@@ -122,6 +122,8 @@ pub struct Shared {
     pub datapath: Arc<dyn Datapath>,
     /// Verdict events as JSON lines (eBPF datapath only), for `/events`.
     pub events: Option<tokio::sync::broadcast::Sender<Arc<str>>>,
+    /// The kernel datapath (eBPF only), for what outlier detection recorded.
+    pub kernel: Option<Arc<KernelDatapath>>,
 }
 
 /// A running agent.
@@ -183,6 +185,7 @@ pub async fn start(config: Config, kind: DatapathKind) -> Result<Running, StartE
                 cluster: config.cluster.to_string(),
                 node: config.node_name.clone(),
             })?);
+            k.set_outlier_detection(&config.bpf.outlier_detection.settings())?;
             k.attach_cgroup(&config.bpf.cgroup)?;
             Plane {
                 dp: Arc::clone(&k) as Arc<dyn Datapath>,
@@ -200,17 +203,19 @@ pub async fn start(config: Config, kind: DatapathKind) -> Result<Running, StartE
         },
     };
     let reconciler = Reconciler::adopt(Arc::clone(&plane.dp))?;
+    let metrics = Metrics::new();
     let events = match &plane.kernel {
         Some(k) => {
             let stream = k.events()?;
             let (tx, _) = tokio::sync::broadcast::channel(4096);
-            tokio::spawn(forward_events(stream, tx.clone()));
+            tokio::spawn(forward_events(stream, tx.clone(), metrics.outlier.clone()));
             Some(tx)
         }
         None => None,
     };
     let shared = Arc::new(Shared {
         datapath: Arc::clone(&plane.dp),
+        kernel: plane.kernel.clone(),
         events,
         view: Mutex::new(None),
         desired: Mutex::new(Desired::default()),
@@ -223,7 +228,7 @@ pub async fn start(config: Config, kind: DatapathKind) -> Result<Running, StartE
             },
             ..AgentStatus::default()
         }),
-        metrics: Metrics::new(),
+        metrics,
     });
     let listener = tokio::net::TcpListener::bind(&config.admin)
         .await
@@ -267,15 +272,18 @@ fn detach(kernel: &KernelDatapath, ip: Ipv4Addr, ifname: &str) {
     }
 }
 
-/// Forwards the datapath's verdict events to `/events` subscribers as JSON lines.
+/// Forwards the datapath's verdict events to `/events` subscribers as JSON lines, and counts
+/// outlier detection's ejections.
 async fn forward_events(
     stream: clustermesh_bpf::EventStream,
     tx: tokio::sync::broadcast::Sender<Arc<str>>,
+    outlier: crate::admin::OutlierCounters,
 ) {
     use futures::StreamExt;
     let mut stream = std::pin::pin!(stream.into_stream());
     while let Some(e) = stream.next().await {
-        let line = serde_json::json!({
+        outlier.count(&e);
+        let mut line = serde_json::json!({
             "timeNs": e.time_ns,
             "direction": match e.direction {
                 clustermesh_bpf::Direction::Ingress => "ingress",
@@ -285,6 +293,8 @@ async fn forward_events(
                 clustermesh_bpf::EventVerdict::Allowed => "allowed",
                 clustermesh_bpf::EventVerdict::Denied => "denied",
                 clustermesh_bpf::EventVerdict::Audited => "audited",
+                clustermesh_bpf::EventVerdict::Ejected => "ejected",
+                clustermesh_bpf::EventVerdict::Readmitted => "readmitted",
             },
             "src": e.src_ip.to_string(),
             "dst": e.dst_ip.to_string(),
@@ -297,6 +307,23 @@ async fn forward_events(
             "endpoint": e.endpoint_id,
             "rule": e.rule_id,
         });
+        // Outlier detection: the backend, the failed connects counted, and why.
+        let outlier = match e.verdict {
+            clustermesh_bpf::EventVerdict::Ejected if e.endpoint_id == 2 => {
+                Some("ejected for a client: a connect unanswered for the window".to_owned())
+            }
+            clustermesh_bpf::EventVerdict::Ejected => Some(format!(
+                "ejected for a client: {} failed connects",
+                e.rule_id
+            )),
+            clustermesh_bpf::EventVerdict::Readmitted => {
+                Some("a trial connection succeeded: selected again".to_owned())
+            }
+            _ => None,
+        };
+        if let (Some(what), Some(o)) = (outlier, line.as_object_mut()) {
+            o.insert("outlier".to_owned(), what.into());
+        }
         // No subscriber is fine: events are live only.
         let _ = tx.send(Arc::from(format!("{line}\n")));
     }

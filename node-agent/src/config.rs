@@ -84,6 +84,10 @@ pub struct BpfSection {
     /// gateway are refused whatever the patterns say.
     #[serde(default)]
     pub endpoint_interfaces: Vec<String>,
+    /// When the socket load balancer ejects a failing backend (per client network
+    /// namespace) and how it comes back.
+    #[serde(default)]
+    pub outlier_detection: OutlierSection,
 }
 
 impl Default for BpfSection {
@@ -93,8 +97,60 @@ impl Default for BpfSection {
             cgroup: default_cgroup(),
             endpoint_netns: None,
             endpoint_interfaces: Vec::new(),
+            outlier_detection: OutlierSection::default(),
         }
     }
+}
+
+/// Outlier detection in the socket load balancer (`bpf.outlierDetection`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierSection {
+    /// Consecutive failed connects that eject a backend (default 3; 0 turns outlier
+    /// detection off).
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// A connect unanswered this long, with no success since, ejects the backend (default
+    /// 1000; 0: only failures count).
+    #[serde(default = "default_window_millis")]
+    pub window_millis: u64,
+    /// The wait before a trial connection to an ejected backend, doubled after each failed
+    /// trial up to 16 times (default 2000; 1 to 3,600,000).
+    #[serde(default = "default_probe_interval_millis")]
+    pub probe_interval_millis: u64,
+}
+
+impl Default for OutlierSection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: default_consecutive_failures(),
+            window_millis: default_window_millis(),
+            probe_interval_millis: default_probe_interval_millis(),
+        }
+    }
+}
+
+impl OutlierSection {
+    /// The datapath's settings.
+    pub fn settings(&self) -> clustermesh_bpf::OutlierDetection {
+        clustermesh_bpf::OutlierDetection {
+            consecutive_failures: self.consecutive_failures,
+            window: std::time::Duration::from_millis(self.window_millis),
+            probe_interval: std::time::Duration::from_millis(self.probe_interval_millis),
+        }
+    }
+}
+
+fn default_consecutive_failures() -> u32 {
+    3
+}
+
+fn default_window_millis() -> u64 {
+    1000
+}
+
+fn default_probe_interval_millis() -> u64 {
+    2000
 }
 
 fn default_bpf_root() -> PathBuf {
@@ -178,6 +234,15 @@ impl Config {
             return Err(ConfigError::Parse {
                 path: String::new(),
                 reason: "maxDebounceMillis must not be below debounceMillis".into(),
+            });
+        }
+        let outlier = &c.bpf.outlier_detection;
+        if !(1..=3_600_000).contains(&outlier.probe_interval_millis)
+            || outlier.window_millis > 3_600_000
+        {
+            return Err(ConfigError::Parse {
+                path: String::new(),
+                reason: "bpf.outlierDetection: probeIntervalMillis must be 1 to 3600000 and windowMillis at most 3600000".into(),
             });
         }
         if let Err(reason) = crate::attach::InterfacePolicy::new(&c.bpf.endpoint_interfaces) {

@@ -15,9 +15,9 @@ use tokio::time::Instant;
 /// The durations of the contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StalenessConfig {
-    /// Silence after which a remote is unreachable (default 3 s).
+    /// Silence after which a remote is unreachable (default 1.5 s: three heartbeats).
     pub unreachable_after: Duration,
-    /// Unreachability after which its backends are withdrawn (default 5 s).
+    /// Unreachability after which its backends are withdrawn (default 4 s).
     pub withdraw_after: Duration,
     /// Time back and synced before a withdrawn remote is restored (default 10 s).
     pub restore_after: Duration,
@@ -26,8 +26,8 @@ pub struct StalenessConfig {
 impl Default for StalenessConfig {
     fn default() -> Self {
         Self {
-            unreachable_after: Duration::from_secs(3),
-            withdraw_after: Duration::from_secs(5),
+            unreachable_after: Duration::from_millis(1500),
+            withdraw_after: Duration::from_secs(4),
             restore_after: Duration::from_secs(10),
         }
     }

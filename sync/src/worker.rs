@@ -616,6 +616,7 @@ async fn run(
     let mut reconnect = Reconnect::default();
     loop {
         let mut synced = false;
+        let started = Instant::now();
         let result = tokio::select! {
             r = session(&ctx, &remote, &status, &staleness, &mut cache, &mut last_revision, &mut synced) => r,
             _ = stop.wait_for(|s| *s) => Err(SessionError::Stopped),
@@ -668,7 +669,7 @@ async fn run(
                 Ok(()) => {}
             }
         }
-        let mut delay = reconnect.after_session(synced);
+        let mut delay = reconnect.after_session(synced && started.elapsed() >= STABLE_SESSION);
         match result {
             Err(SessionError::Stopped) => break,
             Err(SessionError::Quota(q)) => {
@@ -741,10 +742,15 @@ fn new_backoff() -> backon::ExponentialBackoff {
         .build()
 }
 
+/// How long a session must have lasted, in sync, for the reconnect wait to start again: a peer
+/// that accepts, says one thing and fails is not reconnected to in a tight loop.
+const STABLE_SESSION: Duration = Duration::from_secs(3);
+
 /// The wait before reconnecting: exponential (100 ms up to 2 s, with jitter) over sessions
 /// that failed before they were in sync, and back to the start after a session that was in
-/// sync (it received a complete snapshot, or resumed and heard from the remote), so that a
-/// remote that restarts after hours of service is reconnected at once.
+/// sync (it received a complete snapshot, or resumed and heard from the remote) and lasted
+/// [`STABLE_SESSION`], so that a remote that restarts after hours of service is reconnected
+/// at once.
 struct Reconnect {
     backoff: backon::ExponentialBackoff,
 }
@@ -758,9 +764,10 @@ impl Default for Reconnect {
 }
 
 impl Reconnect {
-    /// The wait after a session that ended; `synced`: it was in sync.
-    fn after_session(&mut self, synced: bool) -> Duration {
-        if synced {
+    /// The wait after a session that ended; `stable`: it was in sync and lasted
+    /// [`STABLE_SESSION`].
+    fn after_session(&mut self, stable: bool) -> Duration {
+        if stable {
             self.backoff = new_backoff();
         }
         self.backoff.next().unwrap_or(RECONNECT_MAX)
@@ -882,10 +889,8 @@ async fn session(
     };
     let mut stream = client.watch(request).await?.into_inner();
     status.lock().connected = true;
-    staleness.lock().message(Instant::now());
-    if resume {
-        staleness.lock().set_synced(true, Instant::now());
-    }
+    // Reachable again at the first message, not at the stream's opening: a peer that
+    // accepts and then fails stays unreachable (and is withdrawn on time).
     let mut staging: Option<Tracked> = (!resume).then(Tracked::default);
     // A stream that carries nothing, not even heartbeats, until the remote would be withdrawn
     // is dead: end it and reconnect. (Unreachability itself is the staleness machine's call,
@@ -896,8 +901,14 @@ async fn session(
             .await
             .map_err(|_| SessionError::Silent(silence))??
             .ok_or(SessionError::Closed)?;
-        staleness.lock().message(Instant::now());
-        // A resumed session is in sync from its first message on.
+        {
+            let mut st = staleness.lock();
+            st.message(Instant::now());
+            // A resumed session is in sync from its first message on.
+            if resume && !*synced {
+                st.set_synced(true, Instant::now());
+            }
+        }
         *synced |= resume;
         let revision = message.revision;
         match message.event {

@@ -406,6 +406,87 @@ async fn a_silent_remote_is_withdrawn_but_its_identities_stay() {
     worker.stop().await;
 }
 
+/// A remote that serves one snapshot, then accepts every watch and fails it at once.
+struct AcceptsThenFails {
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl v1::export_server::Export for AcceptsThenFails {
+    async fn get_cluster_config(
+        &self,
+        r: Request<v1::GetClusterConfigRequest>,
+    ) -> Result<Response<v1::ClusterConfig>, Status> {
+        Hostile.get_cluster_config(r).await
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchEvent, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        _: Request<v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let events = if call == 0 {
+            vec![
+                Ok(upsert(ipcache("10.2.0.5", 131_080))),
+                Ok(v1::WatchEvent {
+                    revision: 20,
+                    event: Some(Ev::Synced(v1::Synced {})),
+                }),
+            ]
+        } else {
+            Vec::new()
+        };
+        let end = futures::stream::once(async { Err(Status::unavailable("failing")) });
+        Ok(Response::new(Box::pin(futures::StreamExt::chain(
+            futures::stream::iter(events),
+            end,
+        ))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_accepts_each_watch_and_fails_it_is_withdrawn_on_time() {
+    // Reconnects come at most ~4 s apart (2 s with jitter); were each accepted stream counted
+    // as a sign of life, the 5 s withdrawal would never come.
+    let staleness = StalenessConfig {
+        unreachable_after: Duration::from_secs(5),
+        withdraw_after: Duration::from_secs(5),
+        restore_after: Duration::from_secs(60),
+    };
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (worker, _store, _dir) = import_from(
+        AcceptsThenFails {
+            calls: Arc::clone(&calls),
+        },
+        staleness,
+    )
+    .await;
+    support_wait(|| worker.status.lock().imported).await;
+    let broke = tokio::time::Instant::now();
+    let mut withdrawn_after = None;
+    for _ in 0..160 {
+        if worker.status.lock().withdrawn {
+            withdrawn_after = Some(broke.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = withdrawn_after.expect("withdrawn within 8 s");
+    assert!(
+        after >= Duration::from_millis(4_500),
+        "withdrawn after {after:?}, before withdrawAfter"
+    );
+    let status = worker.status.lock().clone();
+    assert!(!status.ready && !status.connected, "{status:?}");
+    assert!(
+        calls.load(std::sync::atomic::Ordering::SeqCst) >= 3,
+        "it kept reconnecting"
+    );
+    worker.stop().await;
+}
+
 /// A remote whose history is compacted while the worker is away: the first stream ends after
 /// its snapshot; the resumed stream answers `Reset` and a smaller snapshot.
 struct Compacted {

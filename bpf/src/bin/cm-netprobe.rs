@@ -12,6 +12,9 @@
 //! - `cm-netprobe tcp-loop ADDR:PORT --duration-ms D`: connects back to back for D ms, then
 //!   prints `attempts N ok N failed N`.
 //! - `cm-netprobe tcp-latency ADDR:PORT --count N`: N connects, prints `p50_us X p99_us Y`.
+//! - `cm-netprobe tcp-log ADDR:PORT --duration-ms D [--timeout-ms T] [--gap-ms G]`: connects
+//!   one after the other (G ms apart) for D ms; one line each with the wall-clock time the
+//!   attempt started (Unix milliseconds): `MS ok NAME` or `MS err KIND ERRNO`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -19,7 +22,7 @@ use std::time::{Duration, Instant};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cm-netprobe serve --name NAME --port PORT | tcp|udp|udp-connected ADDR:PORT [--count N] [--timeout-ms T] | tcp-loop ADDR:PORT --duration-ms D | tcp-latency ADDR:PORT --count N"
+        "usage: cm-netprobe serve --name NAME --port PORT | tcp|udp|udp-connected ADDR:PORT [--count N] [--timeout-ms T] | tcp-loop ADDR:PORT --duration-ms D | tcp-latency ADDR:PORT --count N | tcp-log ADDR:PORT --duration-ms D [--gap-ms G]"
     );
     std::process::exit(2)
 }
@@ -143,6 +146,24 @@ fn main() {
                 }
             }
             println!("attempts {} ok {ok} failed {failed}", ok + failed);
+        }
+        "tcp-log" => {
+            let until = Instant::now() + Duration::from_millis(flag(&args, "--duration-ms", 1000));
+            let gap = Duration::from_millis(flag(&args, "--gap-ms", 0));
+            let mut out = std::io::stdout().lock();
+            while Instant::now() < until {
+                let started = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis())
+                    .unwrap_or(0);
+                let line = match tcp_once(addr, timeout) {
+                    Ok(name) => format!("{started} ok {name}"),
+                    Err(e) => format!("{started} {}", describe(&e)),
+                };
+                let _ = writeln!(out, "{line}");
+                #[allow(clippy::disallowed_methods, reason = "a synchronous tool: no runtime")]
+                std::thread::sleep(gap);
+            }
         }
         "tcp-latency" => {
             let mut samples = Vec::new();

@@ -118,6 +118,36 @@ pub(crate) struct ClusterPods<'a> {
     pub(crate) manifest: &'a str,
 }
 
+/// A pod's `cm-netprobe serve` process, and how to start it again.
+pub(crate) struct Server {
+    /// The pod's cluster.
+    pub(crate) cluster: String,
+    ns: String,
+    name: String,
+    port: u16,
+    probe: std::path::PathBuf,
+    /// The running process (none while stopped).
+    pub(crate) child: Option<Child>,
+}
+
+impl Server {
+    /// Kills the process (a crashed backend: its pod and address stay).
+    pub(crate) fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the process again if it is not running.
+    pub(crate) fn start(&mut self) -> anyhow::Result<()> {
+        if self.child.is_none() {
+            self.child = Some(serve(&self.ns, &self.probe, &self.name, self.port)?);
+        }
+        Ok(())
+    }
+}
+
 /// Builds the node namespace and every pod; starts the pods' servers. Returns the number of
 /// pods and the servers. On failure, what was built is left for [`cleanup`] (the caller runs
 /// it).
@@ -125,7 +155,7 @@ pub(crate) fn build(
     names: &Names,
     clusters: &[ClusterPods<'_>],
     probe: &Path,
-) -> anyhow::Result<(usize, Vec<Child>)> {
+) -> anyhow::Result<(usize, Vec<Server>)> {
     let node = names.node_ns();
     add_node(&node).map_err(anyhow::Error::msg)?;
     let mut servers = Vec::new();
@@ -141,7 +171,16 @@ pub(crate) fn build(
             let ip_s = pod.ip.to_string();
             let name = pod.key.rsplit('/').next().unwrap_or(&pod.key);
             for port in &ports {
-                servers.push(serve(&ns, probe, &format!("{}/{name}", c.cluster), *port)?);
+                let mut server = Server {
+                    cluster: c.cluster.to_owned(),
+                    ns: ns.clone(),
+                    name: format!("{}/{name}", c.cluster),
+                    port: *port,
+                    probe: probe.to_owned(),
+                    child: None,
+                };
+                server.start()?;
+                servers.push(server);
             }
             index.insert(
                 pod.key.clone(),

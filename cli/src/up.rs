@@ -506,7 +506,7 @@ struct Kernel {
     names: crate::playground::Names,
     cgroups: Vec<PathBuf>,
     pods: usize,
-    servers: Vec<Child>,
+    servers: Vec<crate::playground::Server>,
     watcher: Option<(Child, std::process::ChildStdin)>,
 }
 
@@ -523,9 +523,8 @@ impl Kernel {
     /// go.
     fn stop(mut self) {
         use std::io::Write as _;
-        for c in &mut self.servers {
-            let _ = c.kill();
-            let _ = c.wait();
+        for s in &mut self.servers {
+            s.stop();
         }
         for p in crate::playground::cleanup(&self.names, &self.cgroups) {
             say!("cleanup: {p}");
@@ -901,9 +900,23 @@ async fn supervise(members: &mut [Member], exe: &Path, mut kernel: Option<&mut K
             m.held = held;
             if held {
                 say!(
-                    "{}: stopping its apiserver and agent (clustermesh up stop)",
-                    m.dir.name()
+                    "{}: stopping its apiserver and agent{} (clustermesh up stop)",
+                    m.dir.name(),
+                    if kernel.is_some() {
+                        ", and its pods' servers"
+                    } else {
+                        ""
+                    }
                 );
+                if let Some(k) = kernel.as_deref_mut() {
+                    for s in k
+                        .servers
+                        .iter_mut()
+                        .filter(|s| s.cluster == m.dir.name().as_str())
+                    {
+                        s.stop();
+                    }
+                }
                 let children: Vec<&mut Child> = [m.agent.as_mut(), m.apiserver.as_mut()]
                     .into_iter()
                     .flatten()
@@ -913,6 +926,17 @@ async fn supervise(members: &mut [Member], exe: &Path, mut kernel: Option<&mut K
                 m.apiserver = None;
             } else {
                 say!("{}: starting it again (clustermesh up start)", m.dir.name());
+                if let Some(k) = kernel.as_deref_mut() {
+                    for s in k
+                        .servers
+                        .iter_mut()
+                        .filter(|s| s.cluster == m.dir.name().as_str())
+                    {
+                        if let Err(e) = tokio::task::block_in_place(|| s.start()) {
+                            say!("{}: a pod's server did not start: {e:#}", m.dir.name());
+                        }
+                    }
+                }
                 for s in &mut m.supervision {
                     s.exits = 0;
                     s.restart_at = Some(now);
@@ -1011,7 +1035,7 @@ pub(crate) async fn control(dir: &Path, cluster: &str, stop: bool) -> anyhow::Re
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         println!(
-            "{cluster} stopped (apiserver and agent); `clustermesh up --dir {} start {cluster}` starts it again",
+            "{cluster} stopped (apiserver and agent; on the eBPF datapath its pods' servers too); `clustermesh up --dir {} start {cluster}` starts it again",
             dir.display()
         );
     } else {

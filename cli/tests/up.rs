@@ -656,6 +656,67 @@ fn up_on_the_ebpf_datapath_programs_kernel_maps() {
     ]);
     assert_eq!(lines, "err TimedOut 0\n", "{lines}");
 
+    // c2 goes down whole (apiserver, agent and its pods' servers): c1's frontend loses three
+    // connects to c2's web backend, which outlier detection then takes out of its selection
+    // (long before the control plane withdraws c2), and `explain service` says so.
+    let data_s = data.path().to_str().unwrap();
+    let out = cm(&["up", "--dir", data_s, "stop", "c2"]);
+    assert!(out.starts_with("c2 stopped"), "{out}");
+    wait_line(
+        &rx,
+        "c2: stopping its apiserver and agent, and its pods' servers",
+    );
+    let lines = cm(&[
+        "exec",
+        "--dir",
+        c1s,
+        "shop/frontend-0",
+        "--",
+        "cm-netprobe",
+        "tcp",
+        "10.96.0.10:80",
+        "--count",
+        "60",
+        "--timeout-ms",
+        "300",
+    ]);
+    let refused = lines
+        .lines()
+        .filter(|l| *l == "err ConnectionRefused 111")
+        .count();
+    let local = lines
+        .lines()
+        .filter(|l| l.starts_with("ok c1/web-"))
+        .count();
+    assert_eq!((refused, local), (3, 57), "{lines}");
+    let plan = json(&["explain", "service", "shop/web", "--dir", c1s, "-o", "json"]);
+    let c2_web = plan["frontends"][0]["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["cluster"] == "c2")
+        .cloned()
+        .unwrap();
+    assert_eq!(c2_web["outlier"]["ejectedClients"], 1, "{plan}");
+    assert_eq!(c2_web["outlier"]["failures"], 3, "{plan}");
+    // Back: its servers, apiserver and agent run again and c1 has it ready.
+    let out = cm(&["up", "--dir", data_s, "start", "c2"]);
+    assert!(out.starts_with("c2 started"), "{out}");
+    cm(&["status", "--dir", c1s, "--wait", "--wait-duration", "1m"]);
+    let lines = cm(&[
+        "exec",
+        "--dir",
+        c1s,
+        "shop/frontend-0",
+        "--",
+        "cm-netprobe",
+        "tcp",
+        "10.96.0.12:80",
+        "--count",
+        "2",
+    ]);
+    assert_eq!(lines, "ok c2/payments-0\n".repeat(2), "{lines}");
+
     // A second up of the same mesh, or its cleanup, is refused and touches nothing.
     let other = tempfile::tempdir().unwrap();
     let out = Command::new(BIN)

@@ -14,8 +14,9 @@
 //! Build the binaries first, then run as root:
 //! `cargo build --release -p clustermesh -p clustermesh-bpf --bins &&
 //!  cargo bench -p clustermesh-e2e --bench failover` (`CM_TRIALS`, default 20; `CM_SCENARIOS`,
-//! default `abcd`). The staleness and heartbeat settings are the defaults, except
-//! `restoreAfterMillis: 1000` so that trials follow each other quickly.
+//! default `abcd`). The staleness and heartbeat settings are the defaults (heartbeat 500 ms,
+//! which the e2e harness otherwise sets to 200 ms), except `restoreAfterMillis: 1000` so that
+//! trials follow each other quickly.
 
 #![allow(
     clippy::unwrap_used,
@@ -38,6 +39,9 @@ spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
 const RUN_MS: u64 = 9_000;
 const FAULT_AFTER_MS: u64 = 1_000;
 const CONNECT_TIMEOUT_MS: u64 = 500;
+/// A gap between two failed connections that ends a burst: longer than a connect timeout,
+/// shorter than the first trial interval (2 s).
+const BURST_GAP_MS: i64 = 1_000;
 
 fn manifest(cluster: u8, web_ip: &str, extra_pods: &str) -> String {
     format!(
@@ -90,6 +94,11 @@ fn clear_health(pin_dir: &std::path::Path) {
 }
 
 struct Trial {
+    /// When each failed connection started, from the fault.
+    failures: Vec<i64>,
+    /// How each failed connection ended (`ConnectionRefused 111`: the connect failed;
+    /// `ConnectionReset 104`: it was accepted, then reset before the reply).
+    kinds: Vec<String>,
     last_failure_ms: Option<i64>,
     last_to_c3_ms: Option<i64>,
     failed: usize,
@@ -98,6 +107,8 @@ struct Trial {
 
 fn parse(lines: &[String], fault: u128) -> Trial {
     let mut t = Trial {
+        failures: Vec::new(),
+        kinds: Vec::new(),
         last_failure_ms: None,
         last_to_c3_ms: None,
         failed: 0,
@@ -121,6 +132,8 @@ fn parse(lines: &[String], fault: u128) -> Trial {
         } else {
             // Only c3's backend fails in these scenarios: a failure was sent toward c3.
             t.failed += 1;
+            t.failures.push(after);
+            t.kinds.push(rest.unwrap_or("").to_owned());
             t.last_failure_ms = Some(after);
             t.last_to_c3_ms = Some(after);
         }
@@ -128,14 +141,25 @@ fn parse(lines: &[String], fault: u128) -> Trial {
     t
 }
 
-fn stats(name: &str, mut v: Vec<i64>) -> String {
+/// The failed connections of the first burst: from the first failure until the first gap of
+/// [`BURST_GAP_MS`] (the connections that led to the ejection; later failures are the trial
+/// connections that test an ejected backend every 2, 4, 8 ... s).
+fn burst(failures: &[i64]) -> &[i64] {
+    let end = failures
+        .windows(2)
+        .position(|w| w[1] - w[0] >= BURST_GAP_MS)
+        .map_or(failures.len(), |i| i + 1);
+    &failures[..end]
+}
+
+fn stats(name: &str, unit: &str, mut v: Vec<i64>) -> String {
     if v.is_empty() {
         return format!("{name}: none");
     }
     v.sort_unstable();
     let pct = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
     format!(
-        "{name}: min {} p50 {} p99 {} max {} ms (n {})",
+        "{name}: min {} p50 {} p99 {} max {}{unit} (n {})",
         v[0],
         pct(0.5),
         pct(0.99),
@@ -170,7 +194,7 @@ fn main() {
     let mut c2 = Cluster::new("c2", 2);
     let mut c3 = Cluster::new("c3", 3);
     for c in [&mut c1, &mut c2, &mut c3] {
-        c.heartbeat_millis = 1000;
+        c.heartbeat_millis = 500;
     }
     c1.import(&c2);
     c1.import(&c3);
@@ -194,6 +218,8 @@ fn main() {
         let mut last_failure = Vec::new();
         let mut last_to_c3 = Vec::new();
         let mut failed = Vec::new();
+        let mut burst_end = Vec::new();
+        let mut burst_failed = Vec::new();
         let mut never_failed = 0;
         for trial in 0..trials {
             wait_until(
@@ -237,10 +263,24 @@ fn main() {
                 .map(str::to_owned)
                 .collect();
             let t = parse(&lines, fault);
+            let first = burst(&t.failures);
+            let at: Vec<String> = t
+                .failures
+                .iter()
+                .zip(&t.kinds)
+                .map(|(ms, kind)| format!("{ms} ms {kind}"))
+                .collect();
             println!(
-                "  {scenario} trial {trial}: attempts {} failed {} last failure {:?} ms last to c3 {:?} ms",
-                t.attempts, t.failed, t.last_failure_ms, t.last_to_c3_ms
+                "  {scenario} trial {trial}: attempts {} failed {} (at {}) last to c3 {:?} ms",
+                t.attempts,
+                t.failed,
+                at.join(", "),
+                t.last_to_c3_ms
             );
+            if let Some(ms) = first.last() {
+                burst_end.push(*ms);
+            }
+            burst_failed.push(i64::try_from(first.len()).unwrap_or(i64::MAX));
             failed.push(i64::try_from(t.failed).unwrap_or(i64::MAX));
             match t.last_failure_ms {
                 Some(ms) => last_failure.push(ms),
@@ -268,11 +308,26 @@ fn main() {
         println!("scenario {scenario}:");
         println!(
             "  {}",
-            stats("fault -> last failed connection", last_failure)
+            stats("fault -> last failed connection", " ms", last_failure)
         );
         println!("  trials without a failed connection: {never_failed}");
-        println!("  {}", stats("fault -> last connection to c3", last_to_c3));
-        println!("  {}", stats("failed connections per trial", failed));
+        println!(
+            "  {}",
+            stats(
+                "fault -> last failed connection of the first burst",
+                " ms",
+                burst_end
+            )
+        );
+        println!(
+            "  {}",
+            stats("failed connections in the first burst", "", burst_failed)
+        );
+        println!(
+            "  {}",
+            stats("fault -> last connection to c3", " ms", last_to_c3)
+        );
+        println!("  {}", stats("failed connections per trial", "", failed));
     }
     drop(agent);
 }

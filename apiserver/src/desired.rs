@@ -9,7 +9,7 @@ use clustermesh_model::cluster::{ClusterId, ClusterName};
 use clustermesh_model::endpoint::IpCacheEntry;
 use clustermesh_model::identity::Identity;
 use clustermesh_model::ip::{IpPrefix, L4Addr};
-use clustermesh_model::labels::LabelSet;
+use clustermesh_model::labels::{LabelSet, SERVICE_ACCOUNT_LABEL};
 use clustermesh_model::node::{Node, NodeAddress};
 use clustermesh_model::policy::NetworkPolicy;
 use clustermesh_model::service::{ClusterService, GlobalServiceConfig, PortConfiguration};
@@ -47,14 +47,16 @@ fn problem(origin: String, reason: impl ToString) -> SourceProblem {
     }
 }
 
-/// A pod's security labels: its labels (source `k8s`, minus [`EXCLUDED_LABELS`]) plus the
-/// namespace and cluster labels.
+/// A pod's security labels: its labels (source `k8s`, minus [`EXCLUDED_LABELS`]) plus its
+/// service account, namespace and cluster labels, as Cilium builds them. A pod label with one
+/// of those keys is refused (it would pose as another workload), not overwritten.
 pub fn pod_label_set(cluster: &ClusterName, pod: &PodInfo) -> Result<LabelSet, String> {
     let labels = pod
         .labels
         .iter()
         .filter(|(k, _)| !EXCLUDED_LABELS.contains(&k.as_str()))
-        .map(|(k, v)| (k.as_str(), v.as_str()));
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain([(SERVICE_ACCOUNT_LABEL, pod.service_account.as_str())]);
     LabelSet::workload(cluster, &pod.namespace, labels).map_err(|e| e.to_string())
 }
 
@@ -277,7 +279,8 @@ status: {addresses: [{type: InternalIP, address: 192.0.2.1}]}
         assert_eq!(d.label_sets().len(), 1);
         assert_eq!(
             d.label_sets().into_iter().next().unwrap().to_string(),
-            "k8s:app=web;k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.kubernetes.pod.namespace=prod;"
+            "k8s:app=web;k8s:io.cilium.k8s.policy.cluster=c1;\
+             k8s:io.cilium.k8s.policy.serviceaccount=default;k8s:io.kubernetes.pod.namespace=prod;"
         );
         assert_eq!(d.services.len(), 1, "headless services have no frontend");
         let web = &d.services[0];
@@ -302,6 +305,70 @@ status: {addresses: [{type: InternalIP, address: 192.0.2.1}]}
         assert_eq!(ipcache.len(), 2);
         assert!(problems.is_empty());
         assert!(ipcache.iter().all(|e| e.identity == identity));
+    }
+
+    /// Pods as `cilium connectivity test` deploys them: the service account becomes the
+    /// `io.cilium.k8s.policy.serviceaccount` label its policies select on.
+    #[test]
+    fn the_service_account_is_a_security_label() {
+        let text = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: client-0, namespace: cilium-test, labels: {name: client, kind: client}}
+spec: {serviceAccountName: client, containers: [{name: client, image: x}]}
+status: {podIP: 10.1.0.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old-style, namespace: cilium-test, labels: {name: old}}
+spec: {serviceAccount: legacy, containers: [{name: c, image: x}]}
+status: {podIP: 10.1.0.6}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: poser, namespace: cilium-test, labels: {name: poser, io.cilium.k8s.policy.serviceaccount: client}}
+spec: {serviceAccountName: poser, containers: [{name: c, image: x}]}
+status: {podIP: 10.1.0.7}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: long, namespace: cilium-test}
+spec: {serviceAccountName: a-service-account-name-longer-than-a-label-value-may-be-0123456789, containers: [{name: c, image: x}]}
+status: {podIP: 10.1.0.8}
+"#;
+        let mut loaded = Loaded::default();
+        parse_text("pods.yaml", text, &mut loaded);
+        // A service account name that cannot be a label value is the pod's own problem.
+        assert_eq!(loaded.problems.len(), 1, "{:?}", loaded.problems);
+        assert!(
+            loaded.problems[0]
+                .reason
+                .contains("service account \"a-service-account-name-longer"),
+            "{:?}",
+            loaded.problems
+        );
+        let c1 = ClusterName::new("c1").unwrap();
+        let id = ClusterId::new(1, clustermesh_model::MaxConnectedClusters::C255).unwrap();
+        let d = DesiredState::compute(&c1, id, &loaded.objects);
+        let sets: Vec<String> = d.label_sets().into_iter().map(|l| l.to_string()).collect();
+        assert_eq!(
+            sets,
+            [
+                "k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.cilium.k8s.policy.serviceaccount=client;\
+                 k8s:io.kubernetes.pod.namespace=cilium-test;k8s:kind=client;k8s:name=client;",
+                "k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.cilium.k8s.policy.serviceaccount=legacy;\
+                 k8s:io.kubernetes.pod.namespace=cilium-test;k8s:name=old;",
+            ]
+        );
+        // A pod that labels itself with another service account gets no identity: refused,
+        // not overwritten, and reported.
+        assert!(
+            d.problems
+                .iter()
+                .any(|p| p.origin.contains("poser") && p.reason.contains("serviceaccount")),
+            "{:?}",
+            d.problems
+        );
     }
 
     #[test]

@@ -940,6 +940,12 @@ impl SourceLoop {
         for p in &problems {
             tracing::warn!(origin = %p.origin, reason = %p.reason, "source object not used");
         }
+        for ((ns, name), policy) in &loaded.objects.policies {
+            for note in &policy.notes {
+                let policy = format!("{}/{name}", ns.as_deref().unwrap_or("(clusterwide)"));
+                tracing::warn!(%policy, %note, "policy part not enforced as written");
+            }
+        }
         self.metrics
             .source_problems
             .set(i64::try_from(problems.len()).unwrap_or(i64::MAX));

@@ -168,6 +168,7 @@ impl FakeApi {
             "/api/v1/nodes",
             "/apis/discovery.k8s.io/v1/endpointslices",
             "/apis/cilium.io/v2/ciliumnetworkpolicies",
+            "/apis/networking.k8s.io/v1/networkpolicies",
         ];
         if !known.contains(&path.as_str()) {
             // The clusterwide policy CRD is not installed in this cluster.
@@ -231,6 +232,7 @@ fn list_kind(path: &str) -> (&'static str, &'static str) {
         "namespaces" => ("v1", "NamespaceList"),
         "endpointslices" => ("discovery.k8s.io/v1", "EndpointSliceList"),
         "ciliumnetworkpolicies" => ("cilium.io/v2", "CiliumNetworkPolicyList"),
+        "networkpolicies" => ("networking.k8s.io/v1", "NetworkPolicyList"),
         "ciliumclusterwidenetworkpolicies" => {
             ("cilium.io/v2", "CiliumClusterwideNetworkPolicyList")
         }
@@ -278,6 +280,13 @@ fn scenario_objects(api: &FakeApi) {
         json!({"metadata": {"name": "allow-web", "namespace": "prod"},
             "spec": {"endpointSelector": {"matchLabels": {"app": "web"}},
                 "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "web"}}]}]}}),
+    );
+    // A Kubernetes NetworkPolicy as the API server returns it (policyTypes defaulted).
+    api.put(
+        "/apis/networking.k8s.io/v1/networkpolicies",
+        json!({"metadata": {"name": "all-ingress-deny", "namespace": "prod", "uid": "8d3c4d2e-1b1f-4c55-9d55-2f3a0e9c1a10",
+                "resourceVersion": "4711", "generation": 1, "creationTimestamp": "2026-12-01T10:00:00Z"},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}),
     );
 }
 
@@ -346,10 +355,11 @@ async fn wait_state(store: &dyn KvStore, want: &[&str]) {
     panic!("the store never matched:\n want {want:#?}\n got {got:#?}");
 }
 
-const INITIAL: [&str; 4] = [
+const INITIAL: [&str; 5] = [
     "cilium/state/ip/v1/default/10.1.0.5",
     "cilium/state/services/v1/c1/prod/web",
     "cilium/state/nodes/v1/c1/n1",
+    "clustermesh/local/policies/prod/all-ingress-deny",
     "clustermesh/local/policies/prod/allow-web",
 ];
 
@@ -369,6 +379,16 @@ async fn initial_list_then_added_modified_deleted() {
         "ready after the initial list of every kind"
     );
     wait_state(running.store.as_ref(), &INITIAL).await;
+    // The NetworkPolicy: every pod of prod, ingress default-deny, nothing allowed.
+    let knp = stored(
+        running.store.as_ref(),
+        "clustermesh/local/policies/prod/all-ingress-deny",
+    )
+    .await;
+    assert_eq!(
+        knp["rules"],
+        json!([{"endpointSelector": {}, "ingress": [{}]}])
+    );
     let entry = stored(
         running.store.as_ref(),
         "cilium/state/ip/v1/default/10.1.0.5",
@@ -416,6 +436,11 @@ async fn initial_list_then_added_modified_deleted() {
         "DELETED",
         json!({"metadata": {"name": "n1"}, "status": {}}),
     );
+    api.event(
+        "/apis/networking.k8s.io/v1/networkpolicies",
+        "DELETED",
+        json!({"metadata": {"name": "all-ingress-deny", "namespace": "prod"}, "spec": {}}),
+    );
     wait_state(
         running.store.as_ref(),
         &[
@@ -446,6 +471,7 @@ async fn a_bookmark_then_410_relists_and_drops_what_went_away() {
         "cilium/state/ip/v1/default/10.1.0.6",
         "cilium/state/services/v1/c1/prod/web",
         "cilium/state/nodes/v1/c1/n1",
+        "clustermesh/local/policies/prod/all-ingress-deny",
         "clustermesh/local/policies/prod/allow-web",
     ];
     wait_state(running.store.as_ref(), &with_both).await;
@@ -489,6 +515,7 @@ async fn a_malformed_object_is_reported_and_skipped() {
             "cilium/state/services/v1/c1/prod/api",
             "cilium/state/services/v1/c1/prod/web",
             "cilium/state/nodes/v1/c1/n1",
+            "clustermesh/local/policies/prod/all-ingress-deny",
             "clustermesh/local/policies/prod/allow-web",
         ],
     )

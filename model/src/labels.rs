@@ -14,6 +14,11 @@ use crate::cluster::ClusterName;
 pub const CLUSTER_LABEL: &str = "io.cilium.k8s.policy.cluster";
 /// The label every workload identity carries naming its namespace.
 pub const NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
+/// The label a workload identity carries naming its pod's service account
+/// (`spec.serviceAccountName`), as Cilium's `k8s:io.cilium.k8s.policy.serviceaccount`.
+pub const SERVICE_ACCOUNT_LABEL: &str = "io.cilium.k8s.policy.serviceaccount";
+/// The service account a real API server gives a pod that names none.
+pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 /// The source of labels taken from Kubernetes objects.
 pub const SOURCE_K8S: &str = "k8s";
 /// The source of the labels of reserved identities.

@@ -42,6 +42,9 @@ pub enum PolicyError {
     /// Port 0 in `toPorts`.
     #[error("toPorts port 0 is not valid; omit the port to allow every port")]
     PortZero,
+    /// An `endPort` below its `port`, past 65535, or on a named port.
+    #[error("toPorts port {0:?} with endPort {1} is not a valid port range")]
+    EndPort(String, i64),
     /// A port that is neither a number nor a port name.
     #[error("toPorts port {0:?} is neither a port number nor a valid port name")]
     Port(String),
@@ -262,15 +265,99 @@ pub struct PortRule {
 
 // === impl PolicyRule ===
 
+/// A Cilium entity, as `fromEntities` and `toEntities` name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum Entity {
+    /// Every peer.
+    All,
+    /// Everything outside the mesh (addresses no cluster's endpoint has).
+    World,
+    /// The IPv4 part of `world`.
+    WorldIpv4,
+    /// The IPv6 part of `world`.
+    WorldIpv6,
+    /// The local cluster's endpoints.
+    Cluster,
+    /// The local node.
+    Host,
+    /// The other nodes.
+    RemoteNode,
+    /// The Kubernetes API server.
+    KubeApiserver,
+    /// Cilium's ingress proxy.
+    Ingress,
+    /// Cilium's health endpoints.
+    Health,
+    /// Endpoints whose identity is not resolved yet.
+    Init,
+    /// Pods Cilium does not manage.
+    Unmanaged,
+    /// Nothing.
+    None,
+}
+
+impl Entity {
+    /// The name as policies write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::World => "world",
+            Self::WorldIpv4 => "world-ipv4",
+            Self::WorldIpv6 => "world-ipv6",
+            Self::Cluster => "cluster",
+            Self::Host => "host",
+            Self::RemoteNode => "remote-node",
+            Self::KubeApiserver => "kube-apiserver",
+            Self::Ingress => "ingress",
+            Self::Health => "health",
+            Self::Init => "init",
+            Self::Unmanaged => "unmanaged",
+            Self::None => "none",
+        }
+    }
+
+    /// Parses a name as policies write it.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::All,
+            Self::World,
+            Self::WorldIpv4,
+            Self::WorldIpv6,
+            Self::Cluster,
+            Self::Host,
+            Self::RemoteNode,
+            Self::KubeApiserver,
+            Self::Ingress,
+            Self::Health,
+            Self::Init,
+            Self::Unmanaged,
+            Self::None,
+        ]
+        .into_iter()
+        .find(|e| e.as_str() == s)
+    }
+}
+
+impl fmt::Display for Entity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An `ingress` or `ingressDeny` rule: from these peers, to these ports.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase")]
 pub struct IngressRule {
-    /// Peers; empty means every peer.
+    /// Peers; empty (and no entities) means every peer.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub from_endpoints: Vec<EndpointSelector>,
+    /// Peers by entity.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_entities: Vec<Entity>,
     /// Ports; empty means every port.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub to_ports: Vec<PortRule>,
@@ -282,9 +369,12 @@ pub struct IngressRule {
 #[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase")]
 pub struct EgressRule {
-    /// Peers; empty means every peer.
+    /// Peers; empty (and no entities) means every peer.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub to_endpoints: Vec<EndpointSelector>,
+    /// Peers by entity.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to_entities: Vec<Entity>,
     /// Ports; empty means every port.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub to_ports: Vec<PortRule>,
@@ -363,6 +453,10 @@ pub struct NetworkPolicy {
     pub audit: bool,
     /// The rules (`spec` and `specs` of the resource, together).
     pub rules: Vec<PolicyRule>,
+    /// What of the resource as written is not enforced, and what is enforced instead (see
+    /// [`cilium`]): `rule 0 egress[1]: toCIDR is not enforced yet; ...`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 impl NetworkPolicy {
@@ -375,6 +469,8 @@ impl NetworkPolicy {
         self.rules.iter().try_for_each(PolicyRule::validate)
     }
 }
+
+pub mod cilium;
 
 #[cfg(test)]
 mod tests;

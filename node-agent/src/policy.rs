@@ -12,8 +12,16 @@
 //!   `io.cilium.k8s.policy.cluster` selects only the local cluster (Cilium 1.19's
 //!   `policy-default-local-cluster`); in a namespaced policy, one that does not mention
 //!   `io.kubernetes.pod.namespace` selects only the policy's namespace;
-//! - a rule with no peer selector and `toPorts` allows any peer on those ports; one with
-//!   neither selects nothing (it still makes the direction default-deny);
+//! - `fromEntities`/`toEntities`: `all` is any peer (identity 0), `world` (and `world-ipv4`)
+//!   the reserved world identity 2, which the datapath gives every address no cluster's
+//!   endpoint has, `cluster` every identity of the local cluster; `host`, `remote-node` and
+//!   the other entities are not told apart from world (node addresses are not in the
+//!   ipcache): left out of an allow (noted), world in a deny (fail closed, noted);
+//! - a rule with no peer selector, no entity and `toPorts` allows any peer on those ports;
+//!   one with neither selects nothing (it still makes the direction default-deny);
+//! - what the apiserver could not translate as written (the policy's notes, see
+//!   `clustermesh_model::policy::cilium`) shows in `explain endpoint` of every endpoint the
+//!   rule selects;
 //! - `toPorts` protocol `ANY` means TCP and UDP; a named port resolves against the endpoint's
 //!   own named ports for ingress and against the selected peers' named ports for egress;
 //! - deny wins over allow, allow over audit;
@@ -28,7 +36,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use clustermesh_bpf::{Direction, Endpoint, EndpointFlags, PolicyKey, PolicyValue, Proto, Verdict};
 use clustermesh_model::endpoint::IpCacheEntry;
 use clustermesh_model::labels::{CLUSTER_LABEL, LabelSet, NAMESPACE_LABEL};
-use clustermesh_model::policy::{EndpointSelector, PolicyProtocol, PortRule, PortSpec};
+use clustermesh_model::policy::{EndpointSelector, Entity, PolicyProtocol, PortRule, PortSpec};
 use serde::Serialize;
 
 use crate::merge::proto_of;
@@ -101,6 +109,8 @@ struct PeerRule {
     peers: Vec<u32>,
     ports: Vec<PortRule>,
     source: String,
+    /// How its entities were mapped, where not as written.
+    notes: Vec<String>,
 }
 
 /// A policy rule with its peers resolved.
@@ -112,6 +122,8 @@ struct ResolvedRule<'a> {
     name: String,
     rule_id: u32,
     peer_rules: Vec<PeerRule>,
+    /// The policy's notes on this rule (what is not enforced as written).
+    notes: Vec<String>,
 }
 
 /// FNV-1a: a rule's ID, stable across restarts and nodes (never 0).
@@ -140,21 +152,35 @@ fn protos(p: PolicyProtocol) -> &'static [Proto] {
     }
 }
 
-/// The identities a set of peer selectors selects.
+/// The reserved identity of addresses outside the mesh (what the datapath gives an address
+/// its ipcache does not know).
+const WORLD: u32 = 2;
+
+/// The peers of one ingress or egress rule.
+struct Peers<'a> {
+    selectors: &'a [EndpointSelector],
+    entities: &'a [Entity],
+    has_ports: bool,
+    deny: bool,
+}
+
+/// The identities a rule's peer selectors and entities select, and notes on entities that
+/// are not enforced as written.
 fn select_peers(
     view: &View,
-    selectors: &[EndpointSelector],
+    peers: &Peers<'_>,
     policy_ns: Option<&str>,
-    has_ports: bool,
-) -> Vec<u32> {
-    if selectors.is_empty() {
-        return if has_ports { vec![0] } else { Vec::new() };
+    source: &str,
+) -> (Vec<u32>, Vec<String>) {
+    let mut notes = Vec::new();
+    if peers.selectors.is_empty() && peers.entities.is_empty() {
+        return (if peers.has_ports { vec![0] } else { Vec::new() }, notes);
     }
-    let mut out: Vec<u32> = view
+    let mut out: BTreeSet<u32> = view
         .identities()
         .iter()
         .filter(|(_, info)| {
-            selectors.iter().any(|sel| {
+            peers.selectors.iter().any(|sel| {
                 (sel.mentions_key(CLUSTER_LABEL) || info.cluster == *view.local())
                     && (policy_ns.is_none()
                         || sel.mentions_key(NAMESPACE_LABEL)
@@ -164,8 +190,50 @@ fn select_peers(
         })
         .map(|(id, _)| *id)
         .collect();
-    out.sort_unstable();
-    out
+    for e in peers.entities {
+        match e {
+            Entity::All => {
+                out.insert(0);
+            }
+            Entity::World | Entity::WorldIpv4 => {
+                out.insert(WORLD);
+            }
+            // Every endpoint of the local cluster, in any namespace.
+            Entity::Cluster => out.extend(
+                view.identities()
+                    .iter()
+                    .filter(|(_, info)| info.cluster == *view.local())
+                    .map(|(id, _)| *id),
+            ),
+            Entity::WorldIpv6 => notes.push(format!(
+                "{source}: entity world-ipv6 selects nothing: this datapath enforces IPv4 only"
+            )),
+            Entity::None => {}
+            // Node addresses and the rest are not in the ipcache: the datapath sees them as
+            // world. An allow for them allows nothing; a deny denies world (fail closed).
+            Entity::Host
+            | Entity::RemoteNode
+            | Entity::KubeApiserver
+            | Entity::Ingress
+            | Entity::Health
+            | Entity::Init
+            | Entity::Unmanaged => {
+                if peers.deny {
+                    out.insert(WORLD);
+                    notes.push(format!(
+                        "{source}: entity {e} is not told apart from world by this datapath \
+                         (node addresses are not in the ipcache); the rule denies world instead"
+                    ));
+                } else {
+                    notes.push(format!(
+                        "{source}: entity {e} is not told apart from world by this datapath \
+                         (node addresses are not in the ipcache); left out: the rule allows less"
+                    ));
+                }
+            }
+        }
+    }
+    (out.into_iter().collect(), notes)
 }
 
 fn has_ports(rules: &[PortRule]) -> bool {
@@ -202,12 +270,21 @@ fn resolve_rules(view: &View) -> Vec<ResolvedRule<'_>> {
             for (list, deny) in ingress {
                 let kind = if deny { "ingressDeny" } else { "ingress" };
                 for (i, r) in list.iter().enumerate() {
+                    let source = format!("{name} {kind}[{i}]");
+                    let wanted = Peers {
+                        selectors: &r.from_endpoints,
+                        entities: &r.from_entities,
+                        has_ports: has_ports(&r.to_ports),
+                        deny,
+                    };
+                    let (peers, notes) = select_peers(view, &wanted, ns, &source);
                     peer_rules.push(PeerRule {
                         direction: Direction::Ingress,
                         deny,
-                        peers: select_peers(view, &r.from_endpoints, ns, has_ports(&r.to_ports)),
+                        peers,
                         ports: r.to_ports.clone(),
-                        source: format!("{name} {kind}[{i}]"),
+                        source,
+                        notes,
                     });
                 }
             }
@@ -215,16 +292,33 @@ fn resolve_rules(view: &View) -> Vec<ResolvedRule<'_>> {
             for (list, deny) in egress {
                 let kind = if deny { "egressDeny" } else { "egress" };
                 for (i, r) in list.iter().enumerate() {
+                    let source = format!("{name} {kind}[{i}]");
+                    let wanted = Peers {
+                        selectors: &r.to_endpoints,
+                        entities: &r.to_entities,
+                        has_ports: has_ports(&r.to_ports),
+                        deny,
+                    };
+                    let (peers, notes) = select_peers(view, &wanted, ns, &source);
                     peer_rules.push(PeerRule {
                         direction: Direction::Egress,
                         deny,
-                        peers: select_peers(view, &r.to_endpoints, ns, has_ports(&r.to_ports)),
+                        peers,
                         ports: r.to_ports.clone(),
-                        source: format!("{name} {kind}[{i}]"),
+                        source,
+                        notes,
                     });
                 }
             }
+            let prefix = format!("rule {ri} ");
+            let notes = policy
+                .notes
+                .iter()
+                .filter_map(|n| n.strip_prefix(&prefix))
+                .map(|n| format!("{name} {n}"))
+                .collect();
             out.push(ResolvedRule {
+                notes,
                 policy_ns: ns,
                 audit: policy.audit,
                 selector: &rule.endpoint_selector,
@@ -343,6 +437,10 @@ fn resolve_endpoint(
     let mut audited = [false; 2];
     for r in &selecting {
         explain.selected_by.push(r.name.clone());
+        explain.notes.extend(r.notes.iter().cloned());
+        for pr in &r.peer_rules {
+            explain.notes.extend(pr.notes.iter().cloned());
+        }
         for d in 0..2 {
             if r.covers[d] {
                 if r.audit {

@@ -403,3 +403,73 @@ fn removing_the_policy_removes_its_entries_and_enforcement() {
     assert!(s.entries.is_empty());
     assert_eq!(flags(&s), EndpointFlags::default());
 }
+
+/// `toEntities`/`fromEntities`: `all` is any identity, `world` the reserved world identity,
+/// `cluster` every identity of the local cluster (any namespace, no other cluster); `host`
+/// and the like are not told apart from world: left out of an allow, world in a deny.
+/// The policy's own notes (what the apiserver could not translate) show in explain.
+#[test]
+fn entities_select_identities_and_what_is_not_enforced_is_explained() {
+    let (mut v, ids) = mesh();
+    policy(
+        &mut v,
+        "
+namespace: prod
+name: entities
+rules:
+- endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEntities: [cluster]
+    toPorts: [{ports: [{port: '8080', protocol: TCP}]}]
+  - fromEntities: [world, host]
+    toPorts: [{ports: [{port: '443', protocol: TCP}]}]
+  - fromEntities: [host]
+    toPorts: [{ports: [{port: '22', protocol: TCP}]}]
+  - fromEntities: [none]
+    toPorts: [{ports: [{port: '23', protocol: TCP}]}]
+  - {}
+  egressDeny:
+  - toEntities: [all]
+    toPorts: [{ports: [{port: '25', protocol: TCP}]}]
+  - toEntities: [kube-apiserver]
+    toPorts: [{ports: [{port: '6443', protocol: TCP}]}]
+notes:
+- 'rule 0 ingress[4]: toCIDR not enforced yet; the rule is left out: it allows nothing (its direction stays default-deny)'
+- 'rule 1 egress[0]: a note on another rule'
+",
+    );
+    let s = resolve(&v);
+    let tcp = |p| Some((p, Proto::Tcp));
+    let mut want = BTreeMap::new();
+    for who in ["web", "frontend", "other-ns"] {
+        want.insert((ids[who], tcp(8080), Direction::Ingress), Verdict::Allow);
+    }
+    want.insert((2, tcp(443), Direction::Ingress), Verdict::Allow);
+    want.insert((0, tcp(25), Direction::Egress), Verdict::Deny);
+    want.insert((2, tcp(6443), Direction::Egress), Verdict::Deny);
+    assert_eq!(web_entries(&s), want);
+    assert_eq!(
+        flags(&s),
+        EndpointFlags {
+            enforce_ingress: true,
+            enforce_egress: true,
+            audit_ingress: false,
+            audit_egress: false,
+        }
+    );
+    let explain = &s.explain[&WEB.parse::<Ipv4Addr>().unwrap()];
+    assert_eq!(
+        explain.notes,
+        [
+            "prod/entities rule 0 ingress[4]: toCIDR not enforced yet; the rule is left out: it \
+             allows nothing (its direction stays default-deny)",
+            "prod/entities rule 0 ingress[1]: entity host is not told apart from world by this \
+             datapath (node addresses are not in the ipcache); left out: the rule allows less",
+            "prod/entities rule 0 ingress[2]: entity host is not told apart from world by this \
+             datapath (node addresses are not in the ipcache); left out: the rule allows less",
+            "prod/entities rule 0 egressDeny[1]: entity kube-apiserver is not told apart from \
+             world by this datapath (node addresses are not in the ipcache); the rule denies \
+             world instead",
+        ]
+    );
+}

@@ -13,7 +13,7 @@ use clustermesh_model::keys::ExportKind;
 use clustermesh_model::labels::{Label, LabelSet};
 use clustermesh_model::node::{Node, NodeAddress};
 use clustermesh_model::policy::{
-    EgressRule, EndpointSelector, IngressRule, NetworkPolicy, PolicyProtocol, PolicyRule,
+    EgressRule, EndpointSelector, Entity, IngressRule, NetworkPolicy, PolicyProtocol, PolicyRule,
     PortProtocol, PortRule, SelectorOperator, SelectorRequirement,
 };
 use clustermesh_model::service::{Affinity, BackendConditions, ClusterService, PortConfiguration};
@@ -206,6 +206,11 @@ fn ingress_to_wire(rules: &[IngressRule]) -> Vec<v1::PeerRule> {
         .map(|r| v1::PeerRule {
             peers: r.from_endpoints.iter().map(selector_to_wire).collect(),
             to_ports: port_rules_to_wire(&r.to_ports),
+            entities: r
+                .from_entities
+                .iter()
+                .map(|e| e.as_str().to_owned())
+                .collect(),
         })
         .collect()
 }
@@ -216,6 +221,11 @@ fn egress_to_wire(rules: &[EgressRule]) -> Vec<v1::PeerRule> {
         .map(|r| v1::PeerRule {
             peers: r.to_endpoints.iter().map(selector_to_wire).collect(),
             to_ports: port_rules_to_wire(&r.to_ports),
+            entities: r
+                .to_entities
+                .iter()
+                .map(|e| e.as_str().to_owned())
+                .collect(),
         })
         .collect()
 }
@@ -322,6 +332,7 @@ impl From<&Object> for v1::Upsert {
                         description: r.description.clone().unwrap_or_default(),
                     })
                     .collect(),
+                notes: policy.notes.clone(),
             }),
             Object::ClusterStatus(s) => W::ClusterStatus(v1::ClusterStatus {
                 cluster: s.cluster.to_string(),
@@ -418,25 +429,35 @@ fn peers_from_wire(rules: &[v1::PeerRule]) -> Result<Vec<PeersAndPorts>, Convert
     rules
         .iter()
         .map(|r| {
+            let entities = r
+                .entities
+                .iter()
+                .map(|e| {
+                    Entity::parse(e)
+                        .ok_or_else(|| bad("policy.entities", format!("unknown entity {e:?}")))
+                })
+                .collect::<Result<_, _>>()?;
             Ok((
                 r.peers
                     .iter()
                     .map(selector_from_wire)
                     .collect::<Result<_, _>>()?,
+                entities,
                 port_rules_from_wire(&r.to_ports)?,
             ))
         })
         .collect()
 }
 
-/// The peers and ports of one ingress or egress rule.
-type PeersAndPorts = (Vec<EndpointSelector>, Vec<PortRule>);
+/// The peers (by labels and by entity) and ports of one ingress or egress rule.
+type PeersAndPorts = (Vec<EndpointSelector>, Vec<Entity>, Vec<PortRule>);
 
 fn ingress_from_wire(rules: &[v1::PeerRule]) -> Result<Vec<IngressRule>, ConvertError> {
     Ok(peers_from_wire(rules)?
         .into_iter()
-        .map(|(from_endpoints, to_ports)| IngressRule {
+        .map(|(from_endpoints, from_entities, to_ports)| IngressRule {
             from_endpoints,
+            from_entities,
             to_ports,
         })
         .collect())
@@ -445,8 +466,9 @@ fn ingress_from_wire(rules: &[v1::PeerRule]) -> Result<Vec<IngressRule>, Convert
 fn egress_from_wire(rules: &[v1::PeerRule]) -> Result<Vec<EgressRule>, ConvertError> {
     Ok(peers_from_wire(rules)?
         .into_iter()
-        .map(|(to_endpoints, to_ports)| EgressRule {
+        .map(|(to_endpoints, to_entities, to_ports)| EgressRule {
             to_endpoints,
+            to_entities,
             to_ports,
         })
         .collect())
@@ -599,6 +621,7 @@ impl TryFrom<&v1::Upsert> for Object {
                     name: p.name.clone(),
                     audit: p.audit,
                     rules,
+                    notes: p.notes.clone(),
                 };
                 policy.validate().map_err(|e| bad("policy", e))?;
                 Self::Policy {

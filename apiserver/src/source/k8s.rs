@@ -6,10 +6,12 @@ use std::net::IpAddr;
 
 use clustermesh_model::endpoint::NamedPort;
 use clustermesh_model::ip::{Protocol, parse_ip};
+use clustermesh_model::labels::{DEFAULT_SERVICE_ACCOUNT, Label, SERVICE_ACCOUNT_LABEL};
 use clustermesh_model::names;
-use clustermesh_model::policy::{ANNOTATION_AUDIT_MODE, NetworkPolicy, PolicyRule};
+use clustermesh_model::policy::cilium::CiliumRule;
+use clustermesh_model::policy::{ANNOTATION_AUDIT_MODE, NetworkPolicy};
 use clustermesh_model::service::BackendConditions;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, PodSpec, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -25,13 +27,13 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Why an object could not be used.
 pub type Problem = String;
 
-fn name(meta: &ObjectMeta) -> Result<String, Problem> {
+pub(crate) fn name(meta: &ObjectMeta) -> Result<String, Problem> {
     let n = meta.name.clone().ok_or("metadata.name is missing")?;
     names::check_dns_subdomain("name", &n).map_err(|e| e.to_string())?;
     Ok(n)
 }
 
-fn namespace(meta: &ObjectMeta) -> Result<String, Problem> {
+pub(crate) fn namespace(meta: &ObjectMeta) -> Result<String, Problem> {
     let ns = meta
         .namespace
         .clone()
@@ -117,6 +119,7 @@ pub fn pod_info(pod: &Pod) -> Result<PodInfo, Problem> {
         namespace: namespace(&pod.metadata)?,
         name: name(&pod.metadata)?,
         labels: pod.metadata.labels.clone().unwrap_or_default(),
+        service_account: service_account(spec)?,
         ips,
         host_ip: status
             .and_then(|s| s.host_ip.as_deref())
@@ -135,6 +138,24 @@ pub fn pod_info(pod: &Pod) -> Result<PodInfo, Problem> {
         terminating: pod.metadata.deletion_timestamp.is_some(),
         node_name: spec.and_then(|s| s.node_name.clone()),
     })
+}
+
+/// A pod's service account: `spec.serviceAccountName`, else the deprecated
+/// `spec.serviceAccount`, else `default` (what a real API server's admission fills in). It
+/// becomes a label value, so it must be a valid one (a ServiceAccount's name is a DNS
+/// subdomain of up to 253 characters; a label value holds 63).
+fn service_account(spec: Option<&PodSpec>) -> Result<String, Problem> {
+    let name = spec
+        .and_then(|s| {
+            s.service_account_name
+                .as_deref()
+                .filter(|n| !n.is_empty())
+                .or(s.service_account.as_deref().filter(|n| !n.is_empty()))
+        })
+        .unwrap_or(DEFAULT_SERVICE_ACCOUNT);
+    Label::k8s(SERVICE_ACCOUNT_LABEL, name)
+        .map_err(|e| format!("service account {name:?}: {e}"))?;
+    Ok(name.to_owned())
 }
 
 /// A Service.
@@ -273,10 +294,10 @@ pub struct CiliumPolicyDoc {
     pub metadata: ObjectMeta,
     /// One rule.
     #[serde(default)]
-    pub spec: Option<PolicyRule>,
+    pub spec: Option<CiliumRule>,
     /// Several rules.
     #[serde(default)]
-    pub specs: Option<Vec<PolicyRule>>,
+    pub specs: Option<Vec<CiliumRule>>,
 }
 
 /// A policy; `clusterwide` for CiliumClusterwideNetworkPolicy.
@@ -296,13 +317,20 @@ pub fn policy(doc: CiliumPolicyDoc, clusterwide: bool) -> Result<NetworkPolicy, 
             ));
         }
     };
-    let rules: Vec<PolicyRule> = doc
+    let written: Vec<CiliumRule> = doc
         .spec
         .into_iter()
         .chain(doc.specs.into_iter().flatten())
         .collect();
-    if rules.is_empty() {
+    if written.is_empty() {
         return Err("has neither spec nor specs".into());
+    }
+    let mut rules = Vec::with_capacity(written.len());
+    let mut notes = Vec::new();
+    for (i, r) in written.into_iter().enumerate() {
+        let t = r.translate().map_err(|e| e.to_string())?;
+        rules.push(t.rule);
+        notes.extend(t.notes.into_iter().map(|n| format!("rule {i} {n}")));
     }
     let p = NetworkPolicy {
         namespace: if clusterwide {
@@ -313,6 +341,7 @@ pub fn policy(doc: CiliumPolicyDoc, clusterwide: bool) -> Result<NetworkPolicy, 
         name: name(&doc.metadata)?,
         audit,
         rules,
+        notes,
     };
     p.validate().map_err(|e| e.to_string())?;
     Ok(p)

@@ -19,7 +19,7 @@ use super::SourceProblem;
 use super::manifest::{Loaded, add_document};
 
 /// The kinds watched: group, version, kind, plural, whether a missing CRD is tolerated.
-const KINDS: [(&str, &str, &str, &str, bool); 7] = [
+const KINDS: [(&str, &str, &str, &str, bool); 8] = [
     ("", "v1", "Namespace", "namespaces", false),
     ("", "v1", "Pod", "pods", false),
     ("", "v1", "Service", "services", false),
@@ -29,6 +29,13 @@ const KINDS: [(&str, &str, &str, &str, bool); 7] = [
         "v1",
         "EndpointSlice",
         "endpointslices",
+        false,
+    ),
+    (
+        "networking.k8s.io",
+        "v1",
+        "NetworkPolicy",
+        "networkpolicies",
         false,
     ),
     (

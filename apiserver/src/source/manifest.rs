@@ -642,9 +642,19 @@ pub(crate) fn add_document(
                 "policy",
             )
         }
+        ("networking.k8s.io/v1", "NetworkPolicy") => {
+            let p =
+                super::knp::network_policy(&decode(value, "NetworkPolicy")?).map_err(with_kind)?;
+            insert(
+                &mut objects.policies,
+                (p.namespace.clone(), p.name.clone()),
+                p,
+                "policy",
+            )
+        }
         ("", _) | (_, "") => Err("has no apiVersion or kind".into()),
         _ => Err(format!(
-            "{api} {kind} is not a supported kind (Service, Pod, Node, Namespace, EndpointSlice, CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy)"
+            "{api} {kind} is not a supported kind (Service, Pod, Node, Namespace, EndpointSlice, NetworkPolicy, CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy)"
         )),
     }
 }

@@ -13,6 +13,7 @@ use clustermesh_model::service::BackendConditions;
 pub mod crd;
 pub mod endpoints;
 pub mod k8s;
+pub mod knp;
 pub mod kubernetes;
 pub mod manifest;
 pub mod watch;
@@ -43,6 +44,9 @@ pub struct PodInfo {
     pub name: String,
     /// Its labels.
     pub labels: BTreeMap<String, String>,
+    /// Its service account (`spec.serviceAccountName`; `default` when the pod names none, as
+    /// a real API server's admission sets it).
+    pub service_account: String,
     /// Its IPs (none before it is scheduled and started).
     pub ips: Vec<IpAddr>,
     /// The IP of its node.

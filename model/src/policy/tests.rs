@@ -182,13 +182,14 @@ fn port_rules() {
         audit: true,
         rules: vec![PolicyRule {
             egress: vec![EgressRule {
-                to_endpoints: vec![],
                 to_ports: vec![PortRule {
                     ports: vec![pp("0")],
                 }],
+                ..EgressRule::default()
             }],
             ..PolicyRule::default()
         }],
+        notes: vec![],
     };
     assert_eq!(bad.validate(), Err(PolicyError::PortZero));
     let bad_ns = NetworkPolicy {
@@ -274,18 +275,22 @@ mod props {
                     r.egress = vec![EgressRule {
                         to_endpoints: peers,
                         to_ports,
+                        ..EgressRule::default()
                     }];
                     r.egress_deny = vec![EgressRule {
                         to_endpoints: deny_peers,
+                        to_entities: vec![Entity::World, Entity::Cluster],
                         to_ports: vec![],
                     }];
                 } else {
                     r.ingress = vec![IngressRule {
                         from_endpoints: peers,
                         to_ports,
+                        ..IngressRule::default()
                     }];
                     r.ingress_deny = vec![IngressRule {
                         from_endpoints: deny_peers,
+                        from_entities: vec![Entity::All, Entity::RemoteNode],
                         to_ports: vec![],
                     }];
                 }
@@ -299,7 +304,7 @@ mod props {
             ns in proptest::option::of("[a-z]{1,10}"), name in "[a-z]{1,10}", audit in any::<bool>(),
             rules in proptest::collection::vec(rule(), 1..3),
         ) {
-            let p = NetworkPolicy { namespace: ns, name, audit, rules };
+            let p = NetworkPolicy { namespace: ns, name, audit, rules, notes: vec!["rule 0 a note".into()] };
             prop_assert_eq!(p.validate(), Ok(()));
             let json = serde_json::to_vec(&p).unwrap();
             prop_assert_eq!(serde_json::from_slice::<NetworkPolicy>(&json).unwrap(), p);

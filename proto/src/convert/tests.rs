@@ -117,6 +117,7 @@ fn serde_json_policy() -> NetworkPolicy {
             },
             ingress: vec![IngressRule {
                 from_endpoints: vec![EndpointSelector::default()],
+                from_entities: vec![Entity::World, Entity::KubeApiserver],
                 to_ports: vec![
                     PortRule {
                         ports: vec![PortProtocol {
@@ -134,10 +135,12 @@ fn serde_json_policy() -> NetworkPolicy {
             }],
             egress_deny: vec![EgressRule {
                 to_endpoints: vec![EndpointSelector::default()],
+                to_entities: vec![Entity::All],
                 to_ports: vec![],
             }],
             ..PolicyRule::default()
         }],
+        notes: vec!["rule 0 egress[0]: toCIDR not enforced yet".into()],
     }
 }
 
@@ -222,6 +225,21 @@ fn malformed_messages_are_refused_with_the_field() {
                 ..Default::default()
             }),
             "policy",
+        ),
+        (
+            W::Policy(v1::NetworkPolicy {
+                cluster: "c1".into(),
+                name: "p".into(),
+                rules: vec![v1::PolicyRule {
+                    egress: vec![v1::PeerRule {
+                        entities: vec!["everything".into()],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            "policy.entities",
         ),
     ];
     for (object, field) in cases {

@@ -121,10 +121,10 @@ status: {podIP: 10.1.0.999}
 ---
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
-metadata: {name: l7, namespace: prod}
+metadata: {name: typo, namespace: prod}
 spec:
   endpointSelector: {}
-  ingress: [{toPorts: [{ports: [{port: "80"}], rules: {http: [{method: GET}]}}]}]
+  ingress: [{fromEndpoint: [{}]}]
 ---
 apiVersion: v1
 kind: Pod
@@ -155,7 +155,7 @@ metadata: {name: ok-pod, namespace: prod}
     assert!(reasons[2].contains("no apiVersion"), "{}", reasons[2]);
     assert!(reasons[3].contains("10.1.0.999"), "{}", reasons[3]);
     assert!(
-        reasons[4].contains("unknown field `rules`"),
+        reasons[4].contains("unknown field `fromEndpoint`"),
         "{}",
         reasons[4]
     );
@@ -590,4 +590,117 @@ fn a_file_named_by_a_notification_is_read_again_even_with_the_same_stamp() {
         .unwrap()
         .unwrap();
     assert_eq!(policies(&l), ["web"]);
+}
+
+/// Cilium's own connectivity-test policies (`connectivity/manifests/`, unchanged): every
+/// CiliumNetworkPolicy and Kubernetes NetworkPolicy loads, and what cannot be enforced as
+/// written is in the policy's notes, translated so that it fails closed (see
+/// `clustermesh_model::policy::cilium` and `source::knp`).
+#[test]
+fn ciliums_connectivity_policies_load_with_notes_on_what_is_not_enforced() {
+    let left_out = "the rule is left out: it allows nothing (its direction stays default-deny)";
+    let range_deny = "rule 0 egressDeny[0]: toPorts[0] port range 4096-8191 not enforced yet; \
+                      this rule denies every port instead";
+    let expected_notes: BTreeMap<&str, Vec<String>> = [
+        (
+            "allow-all-egress",
+            vec![format!(
+                "rule 0 egress[1]: toCIDR not enforced yet; {left_out}"
+            )],
+        ),
+        (
+            "client-egress-to-echo-deny-port-range",
+            vec![range_deny.to_owned()],
+        ),
+        (
+            "client-egress-to-echo-expression-deny-port-range",
+            vec![range_deny.to_owned()],
+        ),
+        (
+            "client-egress-to-echo-expression-port-range",
+            vec![format!(
+                "rule 0 egress[0]: toPorts[0] port range 4196-8191 not enforced yet; {left_out}"
+            )],
+        ),
+        (
+            "client-egress-to-echo-service-account-deny-port-range",
+            vec![range_deny.to_owned()],
+        ),
+        (
+            "client-egress-to-echo-service-account-port-range",
+            vec![format!(
+                "rule 0 egress[0]: toPorts[0] port range 4096-8191 not enforced yet; {left_out}"
+            )],
+        ),
+        (
+            "client-with-service-account-egress-to-echo-deny-port-range",
+            vec![range_deny.to_owned()],
+        ),
+        (
+            "client-with-service-account-egress-to-echo-port-range",
+            vec![format!(
+                "rule 0 egress[0]: toPorts[0] port range 4096-8191 not enforced yet; {left_out}"
+            )],
+        ),
+        (
+            // The Kubernetes NetworkPolicy of that name.
+            "client-egress-to-echo-expression-port-range-knp",
+            vec![format!(
+                "rule 0 egress[0]: port 0 port range 4096-8191 not enforced yet; {left_out}"
+            )],
+        ),
+        (
+            "client-ingress-from-client2-icmp",
+            vec![format!(
+                "rule 0 ingress[0]: icmps not enforced yet; {left_out}"
+            )],
+        ),
+        (
+            "client-ingress-from-other-client-icmp-deny",
+            vec![
+                "rule 0 ingressDeny[0]: icmps not enforced yet; this rule denies every port \
+                 instead"
+                    .to_owned(),
+            ],
+        ),
+    ]
+    .into_iter()
+    .collect();
+
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../connectivity/manifests");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 35, "the suite's 35 manifests");
+    let (mut cnps, mut knps) = (0, 0);
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        // cilium-cli applies them in its test namespace.
+        let text = text.replacen("metadata:\n", "metadata:\n  namespace: cilium-test\n", 1);
+        let mut loaded = Loaded::default();
+        parse_text("p.yaml", &text, &mut loaded);
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        if text.contains("kind: NetworkPolicy") {
+            knps += 1;
+        } else {
+            cnps += 1;
+        }
+        assert!(loaded.problems.is_empty(), "{file}: {:?}", loaded.problems);
+        assert_eq!(loaded.objects.policies.len(), 1, "{file}");
+        let (key, policy) = loaded.objects.policies.iter().next().unwrap();
+        assert_eq!(key.0.as_deref(), Some("cilium-test"));
+        let knp = if text.contains("kind: NetworkPolicy") {
+            "-knp"
+        } else {
+            ""
+        };
+        let want = expected_notes
+            .get(format!("{}{knp}", key.1).as_str())
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(policy.notes, want, "{file}");
+    }
+    assert_eq!((cnps, knps), (28, 7));
 }

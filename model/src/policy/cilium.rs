@@ -1,0 +1,512 @@
+//! CiliumNetworkPolicy rules as users write them, and their translation into the subset the
+//! datapath enforces ([`PolicyRule`]).
+//!
+//! Every field of Cilium's rule types is read. What the project cannot enforce yet (CIDR
+//! peers, FQDNs, services, nodes and groups as peers, `fromRequires`/`toRequires`, port
+//! ranges, ICMP rules, L7 rules, mutual authentication) never makes a policy disappear, and
+//! is never silently dropped: each part is translated so that the result **fails closed**,
+//! and a note on the policy says what was done:
+//! - in an allow rule the part is left out; where leaving it out would make the rule allow
+//!   more (its only peers, its only ports, an L7 filter on a port) the whole rule becomes
+//!   `{}`, which allows nothing and still makes its direction default-deny;
+//! - in a deny rule, an unsupported peer makes it deny every peer on its ports, an
+//!   unsupported port or ICMP part makes it deny every port of its peers, and an unsupported
+//!   condition on the peers (`fromRequires`) is dropped, so it denies those peers without it.
+//!
+//! A field Cilium does not have is refused, as before: a typo must not change a policy.
+//! DNS rules that allow every name (`matchPattern: "*"`) are enforced as the L4 rule they
+//! are attached to (only the DNS proxy's visibility is missing).
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{
+    EgressRule, EndpointSelector, Entity, IngressRule, PolicyError, PolicyProtocol, PolicyRule,
+    PortProtocol, PortRule,
+};
+
+/// One rule (`spec`, or an entry of `specs`) as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CiliumRule {
+    /// The endpoints the rule applies to.
+    pub endpoint_selector: EndpointSelector,
+    /// Allowed ingress.
+    #[serde(default)]
+    pub ingress: Vec<CiliumIngressRule>,
+    /// Allowed egress.
+    #[serde(default)]
+    pub egress: Vec<CiliumEgressRule>,
+    /// Denied ingress.
+    #[serde(default)]
+    pub ingress_deny: Vec<CiliumIngressRule>,
+    /// Denied egress.
+    #[serde(default)]
+    pub egress_deny: Vec<CiliumEgressRule>,
+    /// Free text.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Rule labels: metadata, they select nothing.
+    #[serde(default)]
+    pub labels: Option<Value>,
+    /// `enableDefaultDeny`: only `true` (the default) is enforced.
+    #[serde(default)]
+    pub enable_default_deny: Option<DefaultDeny>,
+}
+
+/// `enableDefaultDeny`.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultDeny {
+    /// Ingress.
+    #[serde(default)]
+    pub ingress: Option<bool>,
+    /// Egress.
+    #[serde(default)]
+    pub egress: Option<bool>,
+}
+
+/// An `ingress` or `ingressDeny` entry as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CiliumIngressRule {
+    /// Peers by labels.
+    #[serde(default)]
+    pub from_endpoints: Vec<EndpointSelector>,
+    /// Peers by entity.
+    #[serde(default)]
+    pub from_entities: Vec<Entity>,
+    /// Peers by CIDR (not enforced yet).
+    #[serde(default, rename = "fromCIDR")]
+    pub from_cidr: Vec<Value>,
+    /// Peers by CIDR, with exceptions (not enforced yet).
+    #[serde(default, rename = "fromCIDRSet")]
+    pub from_cidr_set: Vec<Value>,
+    /// Extra requirements on every peer (not enforced yet).
+    #[serde(default)]
+    pub from_requires: Vec<Value>,
+    /// Peers by cloud group (not enforced yet).
+    #[serde(default)]
+    pub from_groups: Vec<Value>,
+    /// Peers by node labels (not enforced yet).
+    #[serde(default)]
+    pub from_nodes: Vec<Value>,
+    /// Ports.
+    #[serde(default)]
+    pub to_ports: Vec<CiliumPortRule>,
+    /// ICMP types (not enforced yet).
+    #[serde(default)]
+    pub icmps: Vec<Value>,
+    /// Mutual authentication (not enforced).
+    #[serde(default)]
+    pub authentication: Option<Value>,
+}
+
+/// An `egress` or `egressDeny` entry as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CiliumEgressRule {
+    /// Peers by labels.
+    #[serde(default)]
+    pub to_endpoints: Vec<EndpointSelector>,
+    /// Peers by entity.
+    #[serde(default)]
+    pub to_entities: Vec<Entity>,
+    /// Peers by CIDR (not enforced yet).
+    #[serde(default, rename = "toCIDR")]
+    pub to_cidr: Vec<Value>,
+    /// Peers by CIDR, with exceptions (not enforced yet).
+    #[serde(default, rename = "toCIDRSet")]
+    pub to_cidr_set: Vec<Value>,
+    /// Extra requirements on every peer (not enforced yet).
+    #[serde(default)]
+    pub to_requires: Vec<Value>,
+    /// Peers by Kubernetes service (not enforced yet).
+    #[serde(default)]
+    pub to_services: Vec<Value>,
+    /// Peers by DNS name (not enforced yet).
+    #[serde(default, rename = "toFQDNs")]
+    pub to_fqdns: Vec<Value>,
+    /// Peers by cloud group (not enforced yet).
+    #[serde(default)]
+    pub to_groups: Vec<Value>,
+    /// Peers by node labels (not enforced yet).
+    #[serde(default)]
+    pub to_nodes: Vec<Value>,
+    /// Ports.
+    #[serde(default)]
+    pub to_ports: Vec<CiliumPortRule>,
+    /// ICMP types (not enforced yet).
+    #[serde(default)]
+    pub icmps: Vec<Value>,
+    /// Mutual authentication (not enforced).
+    #[serde(default)]
+    pub authentication: Option<Value>,
+}
+
+/// A `toPorts` entry as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CiliumPortRule {
+    /// The ports.
+    #[serde(default)]
+    pub ports: Vec<CiliumPort>,
+    /// L7 rules (only DNS rules with `matchPattern: "*"` are enforced, at L4).
+    #[serde(default)]
+    pub rules: Option<Value>,
+    /// TLS SNI names (not enforced).
+    #[serde(default)]
+    pub server_names: Vec<Value>,
+    /// An Envoy listener (not enforced).
+    #[serde(default)]
+    pub listener: Option<Value>,
+    /// TLS origination (not enforced).
+    #[serde(default, rename = "originatingTLS")]
+    pub originating_tls: Option<Value>,
+    /// TLS termination (not enforced).
+    #[serde(default, rename = "terminatingTLS")]
+    pub terminating_tls: Option<Value>,
+}
+
+/// A `toPorts[].ports[]` entry as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CiliumPort {
+    /// A number or a port name.
+    pub port: String,
+    /// The protocol.
+    #[serde(default)]
+    pub protocol: PolicyProtocol,
+    /// The end of a port range (not enforced yet, unless equal to `port`).
+    #[serde(default)]
+    pub end_port: Option<i64>,
+}
+
+/// A rule as written, translated; `notes` says what is not enforced as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Translated {
+    /// The enforced rule.
+    pub rule: PolicyRule,
+    /// One line per part that is not enforced as written.
+    pub notes: Vec<String>,
+}
+
+/// Peers and ports of one entry, direction-neutral.
+struct Entry<'a> {
+    endpoints: &'a [EndpointSelector],
+    entities: &'a [Entity],
+    /// Field names of peers that are not enforced yet, with their number of items.
+    unsupported_peers: Vec<&'static str>,
+    /// `fromRequires` / `toRequires`, `authentication`: conditions on the peers.
+    unsupported_conditions: Vec<&'static str>,
+    ports: &'a [CiliumPortRule],
+    icmps: bool,
+}
+
+/// The translated peers and ports of one entry.
+struct Out {
+    endpoints: Vec<EndpointSelector>,
+    entities: Vec<Entity>,
+    ports: Vec<PortRule>,
+}
+
+impl CiliumRule {
+    /// Validates and translates the rule (see the module documentation).
+    pub fn translate(self) -> Result<Translated, PolicyError> {
+        let mut notes = Vec::new();
+        let mut rule = PolicyRule {
+            endpoint_selector: self.endpoint_selector,
+            description: self.description,
+            ..PolicyRule::default()
+        };
+        for (i, r) in self.ingress.iter().enumerate() {
+            let o = entry(
+                &ingress_entry(r),
+                false,
+                &format!("ingress[{i}]"),
+                &mut notes,
+            )?;
+            rule.ingress.push(IngressRule {
+                from_endpoints: o.endpoints,
+                from_entities: o.entities,
+                to_ports: o.ports,
+            });
+        }
+        for (i, r) in self.ingress_deny.iter().enumerate() {
+            let o = entry(
+                &ingress_entry(r),
+                true,
+                &format!("ingressDeny[{i}]"),
+                &mut notes,
+            )?;
+            rule.ingress_deny.push(IngressRule {
+                from_endpoints: o.endpoints,
+                from_entities: o.entities,
+                to_ports: o.ports,
+            });
+        }
+        for (i, r) in self.egress.iter().enumerate() {
+            let o = entry(&egress_entry(r), false, &format!("egress[{i}]"), &mut notes)?;
+            rule.egress.push(EgressRule {
+                to_endpoints: o.endpoints,
+                to_entities: o.entities,
+                to_ports: o.ports,
+            });
+        }
+        for (i, r) in self.egress_deny.iter().enumerate() {
+            let o = entry(
+                &egress_entry(r),
+                true,
+                &format!("egressDeny[{i}]"),
+                &mut notes,
+            )?;
+            rule.egress_deny.push(EgressRule {
+                to_endpoints: o.endpoints,
+                to_entities: o.entities,
+                to_ports: o.ports,
+            });
+        }
+        if let Some(d) = self.enable_default_deny {
+            for (dir, v) in [("ingress", d.ingress), ("egress", d.egress)] {
+                if v == Some(false) {
+                    notes.push(format!(
+                        "enableDefaultDeny.{dir}: false is not enforced yet; the rule makes \
+                         its endpoints default-deny on {dir} when it has {dir} rules (it \
+                         allows less)"
+                    ));
+                }
+            }
+        }
+        rule.validate()?;
+        Ok(Translated { rule, notes })
+    }
+}
+
+fn ingress_entry(r: &CiliumIngressRule) -> Entry<'_> {
+    let mut unsupported_peers = Vec::new();
+    for (name, n) in [
+        ("fromCIDR", r.from_cidr.len()),
+        ("fromCIDRSet", r.from_cidr_set.len()),
+        ("fromGroups", r.from_groups.len()),
+        ("fromNodes", r.from_nodes.len()),
+    ] {
+        if n > 0 {
+            unsupported_peers.push(name);
+        }
+    }
+    let mut unsupported_conditions = Vec::new();
+    if !r.from_requires.is_empty() {
+        unsupported_conditions.push("fromRequires");
+    }
+    if r.authentication.is_some() {
+        unsupported_conditions.push("authentication");
+    }
+    Entry {
+        endpoints: &r.from_endpoints,
+        entities: &r.from_entities,
+        unsupported_peers,
+        unsupported_conditions,
+        ports: &r.to_ports,
+        icmps: !r.icmps.is_empty(),
+    }
+}
+
+fn egress_entry(r: &CiliumEgressRule) -> Entry<'_> {
+    let mut unsupported_peers = Vec::new();
+    for (name, n) in [
+        ("toCIDR", r.to_cidr.len()),
+        ("toCIDRSet", r.to_cidr_set.len()),
+        ("toServices", r.to_services.len()),
+        ("toFQDNs", r.to_fqdns.len()),
+        ("toGroups", r.to_groups.len()),
+        ("toNodes", r.to_nodes.len()),
+    ] {
+        if n > 0 {
+            unsupported_peers.push(name);
+        }
+    }
+    let mut unsupported_conditions = Vec::new();
+    if !r.to_requires.is_empty() {
+        unsupported_conditions.push("toRequires");
+    }
+    if r.authentication.is_some() {
+        unsupported_conditions.push("authentication");
+    }
+    Entry {
+        endpoints: &r.to_endpoints,
+        entities: &r.to_entities,
+        unsupported_peers,
+        unsupported_conditions,
+        ports: &r.to_ports,
+        icmps: !r.icmps.is_empty(),
+    }
+}
+
+/// Whether an L7 `rules` value is DNS rules that allow every name.
+fn dns_allows_every_name(rules: &Value) -> bool {
+    let Some(obj) = rules.as_object() else {
+        return false;
+    };
+    let Some(dns) = obj.get("dns").and_then(Value::as_array) else {
+        return false;
+    };
+    obj.len() == 1
+        && !dns.is_empty()
+        && dns.iter().any(|d| {
+            d.as_object().is_some_and(|m| {
+                m.len() == 1 && m.get("matchPattern").and_then(Value::as_str) == Some("*")
+            })
+        })
+}
+
+/// The ports of one entry: `(enforced, what was not enforceable)`.
+fn ports(
+    rules: &[CiliumPortRule],
+    at: &str,
+    notes: &mut Vec<String>,
+) -> Result<(Vec<PortRule>, Vec<String>), PolicyError> {
+    let mut out = Vec::new();
+    let mut lost = Vec::new();
+    for (pi, pr) in rules.iter().enumerate() {
+        let mut l7 = Vec::new();
+        match &pr.rules {
+            None => {}
+            Some(r) if r.is_null() => {}
+            Some(r) if dns_allows_every_name(r) => notes.push(format!(
+                "{at} toPorts[{pi}]: DNS rules allow every name (matchPattern \"*\"): \
+                 enforced as the L4 rule (no DNS visibility)"
+            )),
+            Some(_) => l7.push("L7 rules"),
+        }
+        if !pr.server_names.is_empty() {
+            l7.push("serverNames");
+        }
+        if pr.listener.is_some() {
+            l7.push("listener");
+        }
+        if pr.originating_tls.is_some() || pr.terminating_tls.is_some() {
+            l7.push("TLS");
+        }
+        if !l7.is_empty() {
+            lost.push(format!("toPorts[{pi}] {}", l7.join(", ")));
+            continue;
+        }
+        let mut kept = Vec::new();
+        for p in &pr.ports {
+            let pp = PortProtocol {
+                port: p.port.clone(),
+                protocol: p.protocol,
+            };
+            let spec = pp.port_spec()?;
+            match (p.end_port, spec) {
+                (None, _) => kept.push(pp),
+                (Some(end), super::PortSpec::Number(start)) if end == i64::from(start) => {
+                    kept.push(pp);
+                }
+                (Some(end), super::PortSpec::Number(start))
+                    if end > i64::from(start) && end <= 65_535 =>
+                {
+                    lost.push(format!("toPorts[{pi}] port range {start}-{end}"));
+                }
+                (Some(end), _) => return Err(PolicyError::EndPort(p.port.clone(), end)),
+            }
+        }
+        if !kept.is_empty() || pr.ports.is_empty() {
+            out.push(PortRule { ports: kept });
+        }
+    }
+    Ok((out, lost))
+}
+
+fn entry(e: &Entry<'_>, deny: bool, at: &str, notes: &mut Vec<String>) -> Result<Out, PolicyError> {
+    let (mut kept_ports, lost_ports) = ports(e.ports, at, notes)?;
+    let mut out = Out {
+        endpoints: e.endpoints.to_vec(),
+        entities: e.entities.to_vec(),
+        ports: Vec::new(),
+    };
+    let not_yet = |what: &[String]| format!("{at}: {} not enforced yet", what.join(", "));
+    if deny {
+        // Fail closed: deny more, never less.
+        if !e.unsupported_conditions.is_empty() {
+            notes.push(format!(
+                "{at}: {} not enforced yet; this rule denies its peers without that condition \
+                 (it denies more)",
+                e.unsupported_conditions.join(", ")
+            ));
+        }
+        let peers: Vec<String> = e
+            .unsupported_peers
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        if !peers.is_empty() {
+            notes.push(format!(
+                "{}; this rule denies every peer instead",
+                not_yet(&peers)
+            ));
+            out.endpoints.clear();
+            out.entities = vec![Entity::All];
+        }
+        let mut port_parts = lost_ports;
+        if e.icmps {
+            port_parts.push("icmps".to_owned());
+        }
+        if port_parts.is_empty() {
+            out.ports = kept_ports;
+        } else {
+            notes.push(format!(
+                "{}; this rule denies every port instead",
+                not_yet(&port_parts)
+            ));
+            // No ports: every port, and a rule with no peers left denies every peer.
+            if out.endpoints.is_empty() && out.entities.is_empty() {
+                out.entities = vec![Entity::All];
+            }
+        }
+        return Ok(out);
+    }
+    // Allow: leave out, and never let leaving out widen the rule.
+    let peers_lost_all =
+        !e.unsupported_peers.is_empty() && e.endpoints.is_empty() && e.entities.is_empty();
+    let had_l4 = !e.ports.is_empty() || e.icmps;
+    let ports_lost_all = had_l4 && kept_ports.is_empty();
+    let mut parts: Vec<String> = e
+        .unsupported_peers
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    parts.extend(lost_ports.iter().cloned());
+    if e.icmps {
+        parts.push("icmps".to_owned());
+    }
+    let conditions: Vec<String> = e
+        .unsupported_conditions
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    if !conditions.is_empty() || peers_lost_all || ports_lost_all {
+        let mut all = conditions;
+        all.extend(parts);
+        notes.push(format!(
+            "{}; the rule is left out: it allows nothing (its direction stays default-deny)",
+            not_yet(&all)
+        ));
+        return Ok(Out {
+            endpoints: Vec::new(),
+            entities: Vec::new(),
+            ports: Vec::new(),
+        });
+    }
+    if !parts.is_empty() {
+        notes.push(format!(
+            "{}; left out: this rule allows less",
+            not_yet(&parts)
+        ));
+    }
+    out.ports = std::mem::take(&mut kept_ports);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

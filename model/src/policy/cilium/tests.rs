@@ -1,0 +1,222 @@
+use serde_json::json;
+
+use super::*;
+
+fn translate(rule: Value) -> Result<Translated, String> {
+    let r: CiliumRule = serde_json::from_value(rule).map_err(|e| e.to_string())?;
+    r.translate().map_err(|e| e.to_string())
+}
+
+fn sel(app: &str) -> EndpointSelector {
+    EndpointSelector {
+        match_labels: [("app".to_owned(), app.to_owned())].into(),
+        match_expressions: vec![],
+    }
+}
+
+fn tcp(port: &str) -> PortRule {
+    PortRule {
+        ports: vec![PortProtocol {
+            port: port.into(),
+            protocol: PolicyProtocol::Tcp,
+        }],
+    }
+}
+
+#[test]
+fn supported_rules_translate_unchanged_without_notes() {
+    let t = translate(json!({
+        "endpointSelector": {"matchLabels": {"app": "web"}},
+        "description": "d",
+        "labels": [{"key": "k", "value": "v"}],
+        "egress": [{"toEntities": ["cluster", "world"], "toPorts": [{"ports": [{"port": "53", "protocol": "UDP", "endPort": 53}]}]}],
+        "ingressDeny": [{"fromEndpoints": [{"matchLabels": {"app": "db"}}]}],
+        "ingress": [{"toPorts": [{"ports": [{"port": "53"}], "rules": {"dns": [{"matchPattern": "*"}]}}]}],
+    }))
+    .unwrap();
+    assert_eq!(
+        t.rule.egress[0].to_entities,
+        [Entity::Cluster, Entity::World]
+    );
+    assert_eq!(
+        t.rule.egress[0].to_ports[0].ports[0].protocol,
+        PolicyProtocol::Udp
+    );
+    assert_eq!(t.rule.ingress_deny[0].from_endpoints, [sel("db")]);
+    assert_eq!(t.rule.ingress[0].to_ports[0].ports[0].port, "53");
+    assert_eq!(
+        t.notes,
+        [
+            "ingress[0] toPorts[0]: DNS rules allow every name (matchPattern \"*\"): enforced as \
+          the L4 rule (no DNS visibility)"
+        ]
+    );
+}
+
+#[test]
+fn an_allow_loses_what_it_cannot_enforce_and_never_widens() {
+    // Some peers and ports left: the rest stays, it allows less.
+    let t = translate(json!({
+        "endpointSelector": {},
+        "egress": [{
+            "toEndpoints": [{"matchLabels": {"app": "db"}}],
+            "toCIDR": ["10.0.0.0/8"],
+            "toPorts": [
+                {"ports": [{"port": "8080", "protocol": "TCP"}, {"port": "9000", "endPort": 9100, "protocol": "TCP"}]},
+                {"ports": [{"port": "80", "protocol": "TCP"}], "rules": {"http": [{"method": "GET"}]}},
+            ],
+            "icmps": [{"fields": [{"type": 8}]}],
+        }],
+    }))
+    .unwrap();
+    assert_eq!(t.rule.egress[0].to_endpoints, [sel("db")]);
+    assert!(t.rule.egress[0].to_entities.is_empty());
+    assert_eq!(t.rule.egress[0].to_ports, [tcp("8080")]);
+    assert_eq!(
+        t.notes,
+        [
+            "egress[0]: toCIDR, toPorts[0] port range 9000-9100, toPorts[1] L7 rules, icmps not \
+          enforced yet; left out: this rule allows less"
+        ]
+    );
+
+    // Nothing enforceable left of its peers, of its ports, or a condition on its peers: the
+    // rule becomes `{}` (allows nothing, the direction stays default-deny).
+    let cases = [
+        (
+            json!({"toCIDR": ["0.0.0.0/0"], "toPorts": [{"ports": [{"port": "80"}]}]}),
+            "toCIDR",
+        ),
+        (json!({"toFQDNs": [{"matchName": "x.example"}]}), "toFQDNs"),
+        (
+            json!({"toEndpoints": [{}], "toPorts": [{"ports": [{"port": "1", "endPort": 2}]}]}),
+            "toPorts[0] port range 1-2",
+        ),
+        (
+            json!({"toEndpoints": [{}], "icmps": [{"fields": [{"type": 8}]}]}),
+            "icmps",
+        ),
+        (
+            json!({"toEndpoints": [{}], "toPorts": [{"ports": [{"port": "80"}], "rules": {"dns": [{"matchName": "a.example"}]}}]}),
+            "toPorts[0] L7 rules",
+        ),
+        (
+            json!({"toEndpoints": [{}], "toRequires": [{}]}),
+            "toRequires",
+        ),
+        (
+            json!({"toEndpoints": [{}], "authentication": {"mode": "required"}}),
+            "authentication",
+        ),
+    ];
+    for (egress, what) in cases {
+        let t = translate(json!({"endpointSelector": {}, "egress": [egress]})).unwrap();
+        assert_eq!(t.rule.egress, [EgressRule::default()], "{what}");
+        assert!(t.rule.covers(super::super::Direction::Egress), "{what}");
+        assert_eq!(
+            t.notes,
+            [format!(
+                "egress[0]: {what} not enforced yet; the rule is left out: it allows nothing \
+                 (its direction stays default-deny)"
+            )],
+        );
+    }
+}
+
+#[test]
+fn a_deny_denies_more_when_it_cannot_be_enforced_as_written() {
+    let t = translate(json!({
+        "endpointSelector": {},
+        "ingressDeny": [
+            {"fromCIDR": ["192.0.2.0/24"], "toPorts": [{"ports": [{"port": "22", "protocol": "TCP"}]}]},
+            {"fromEndpoints": [{"matchLabels": {"app": "db"}}], "toPorts": [{"ports": [{"port": "1000", "endPort": 2000, "protocol": "TCP"}]}]},
+            {"fromEndpoints": [{"matchLabels": {"app": "db"}}], "icmps": [{"fields": [{"type": 8}]}]},
+            {"fromEndpoints": [{"matchLabels": {"app": "db"}}], "fromRequires": [{"matchLabels": {"env": "prod"}}]},
+            {"fromCIDRSet": [{"cidr": "0.0.0.0/0"}], "icmps": [{"fields": [{"type": 8}]}]},
+        ],
+    }))
+    .unwrap();
+    let d = &t.rule.ingress_deny;
+    // An unsupported peer: every peer, on its ports.
+    assert!(d[0].from_endpoints.is_empty());
+    assert_eq!(d[0].from_entities, [Entity::All]);
+    assert_eq!(d[0].to_ports, [tcp("22")]);
+    // An unsupported port or ICMP part: every port of its peers.
+    for r in &d[1..3] {
+        assert_eq!(r.from_endpoints, [sel("db")]);
+        assert!(r.to_ports.is_empty());
+    }
+    // A condition on the peers: dropped, so the deny covers more of them.
+    assert_eq!(d[3].from_endpoints, [sel("db")]);
+    // Both: every peer, every port.
+    assert_eq!(d[4].from_entities, [Entity::All]);
+    assert!(d[4].to_ports.is_empty());
+    assert_eq!(
+        t.notes,
+        [
+            "ingressDeny[0]: fromCIDR not enforced yet; this rule denies every peer instead",
+            "ingressDeny[1]: toPorts[0] port range 1000-2000 not enforced yet; this rule denies \
+             every port instead",
+            "ingressDeny[2]: icmps not enforced yet; this rule denies every port instead",
+            "ingressDeny[3]: fromRequires not enforced yet; this rule denies its peers without \
+             that condition (it denies more)",
+            "ingressDeny[4]: fromCIDRSet not enforced yet; this rule denies every peer instead",
+            "ingressDeny[4]: icmps not enforced yet; this rule denies every port instead",
+        ]
+    );
+}
+
+#[test]
+fn unknown_fields_and_bad_values_are_refused() {
+    let bad = [
+        // A typo must not change a policy.
+        (
+            json!({"endpointSelector": {}, "egress": [{"toEndpoint": [{}]}]}),
+            "unknown field",
+        ),
+        (
+            json!({"endpointSelector": {}, "ingress": [{"toEndpoints": [{}]}]}),
+            "unknown field",
+        ),
+        (
+            json!({"endpointSelector": {}, "nodeSelector": {}}),
+            "unknown field",
+        ),
+        (
+            json!({"endpointSelector": {}, "egress": [{"toEntities": ["everything"]}]}),
+            "unknown variant",
+        ),
+        (
+            json!({"endpointSelector": {}, "egress": [{"toPorts": [{"ports": [{"port": "90", "endPort": 80}]}]}]}),
+            "with endPort 80 is not a valid port range",
+        ),
+        (
+            json!({"endpointSelector": {}, "egress": [{"toPorts": [{"ports": [{"port": "http", "endPort": 80}]}]}]}),
+            "with endPort 80 is not a valid port range",
+        ),
+        (
+            json!({"endpointSelector": {}, "egress": [{"toPorts": [{"ports": [{"port": "1", "endPort": 65536}]}]}]}),
+            "with endPort 65536 is not a valid port range",
+        ),
+        (
+            json!({"endpointSelector": {}, "egress": [{"toPorts": [{"ports": [{"port": "0"}]}]}]}),
+            "port 0",
+        ),
+    ];
+    for (rule, want) in bad {
+        let err = translate(rule.clone()).unwrap_err();
+        assert!(err.contains(want), "{rule}: {err}");
+    }
+}
+
+#[test]
+fn enable_default_deny_false_is_noted() {
+    let t = translate(json!({
+        "endpointSelector": {},
+        "enableDefaultDeny": {"egress": false, "ingress": true},
+        "egress": [{"toEndpoints": [{}]}],
+    }))
+    .unwrap();
+    assert_eq!(t.notes.len(), 1);
+    assert!(t.notes[0].starts_with("enableDefaultDeny.egress: false is not enforced yet"));
+}

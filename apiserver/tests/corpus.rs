@@ -82,7 +82,7 @@ fn expected_problem(name: &str) -> &'static str {
         "bad-huge-port.yaml" => "invalid type: integer `99999999999999999999999`",
         "bad-invalid-utf8.yaml" => "is not UTF-8",
         "bad-ip-forms.yaml" => "\"010.001.0.1\" is not an IP address",
-        "bad-l7-rules.yaml" => "unknown field `rules`",
+        "bad-typo-field.yaml" => "unknown field `fromEndpoint`",
         "bad-long-name.yaml" => "v1 Namespace: namespace \"aaaa",
         "bad-negative-port.yaml" => "port -80 is not 1..=65535",
         "bad-nul-bytes.yaml" => "control characters are not allowed",

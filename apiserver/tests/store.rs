@@ -181,7 +181,8 @@ async fn scenario(cluster: TestCluster) {
     }
     assert_eq!(
         String::from_utf8(c[&format!("cilium/state/identities/v1/id/{web}")].clone()).unwrap(),
-        "k8s:app=web;k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.kubernetes.pod.namespace=prod;"
+        "k8s:app=web;k8s:io.cilium.k8s.policy.cluster=c1;\
+         k8s:io.cilium.k8s.policy.serviceaccount=default;k8s:io.kubernetes.pod.namespace=prod;"
     );
     assert_eq!(
         String::from_utf8(c["cilium/state/identities/v1/value/k8s:app=db;k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.kubernetes.pod.namespace=prod;"].clone()).unwrap(),

@@ -42,9 +42,12 @@ pub enum PolicyError {
     /// Port 0 in `toPorts`.
     #[error("toPorts port 0 is not valid; omit the port to allow every port")]
     PortZero,
-    /// An `endPort` below its `port`, past 65535, or on a named port.
-    #[error("toPorts port {0:?} with endPort {1} is not a valid port range")]
-    EndPort(String, i64),
+    /// A direction that is neither `ingress` nor `egress`.
+    #[error("direction {0:?} is neither ingress nor egress")]
+    Direction(String),
+    /// A `toPorts` protocol Cilium does not have.
+    #[error("toPorts protocol {0:?} is not TCP, UDP, SCTP, ANY, ICMP, ICMPV6, VRRP or IGMP")]
+    Protocol(String),
     /// A port that is neither a number nor a port name.
     #[error("toPorts port {0:?} is neither a port number nor a valid port name")]
     Port(String),
@@ -403,6 +406,12 @@ pub struct PolicyRule {
     /// Free text, as CiliumNetworkPolicy allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Directions (`ingress`, `egress`) whose `fromRequires`/`toRequires` the datapath does not
+    /// enforce yet: every allow of that direction is left out for the endpoints the rule
+    /// selects (set by [`cilium`], never written by users).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(skip))]
+    pub unenforced_requires: Vec<String>,
 }
 
 impl PolicyRule {
@@ -415,9 +424,23 @@ impl PolicyRule {
         }
     }
 
+    /// Whether allows of a direction are left out for the endpoints the rule selects.
+    pub fn requires_unenforced(&self, direction: Direction) -> bool {
+        self.unenforced_requires
+            .iter()
+            .any(|d| *d == direction.to_string())
+    }
+
     /// Checks every selector and port of the rule.
     pub fn validate(&self) -> Result<(), PolicyError> {
         self.endpoint_selector.validate()?;
+        if let Some(d) = self
+            .unenforced_requires
+            .iter()
+            .find(|d| *d != "ingress" && *d != "egress")
+        {
+            return Err(PolicyError::Direction(d.clone()));
+        }
         let ingress = self.ingress.iter().chain(&self.ingress_deny);
         let egress = self.egress.iter().chain(&self.egress_deny);
         let peers = ingress

@@ -124,6 +124,8 @@ struct ResolvedRule<'a> {
     peer_rules: Vec<PeerRule>,
     /// The policy's notes on this rule (what is not enforced as written).
     notes: Vec<String>,
+    /// [ingress, egress]: the rule has `fromRequires`/`toRequires`, not enforced yet.
+    requires: [bool; 2],
 }
 
 /// FNV-1a: a rule's ID, stable across restarts and nodes (never 0).
@@ -197,14 +199,32 @@ fn select_peers(
             }
             Entity::World | Entity::WorldIpv4 => {
                 out.insert(WORLD);
+                if !peers.deny {
+                    notes.push(format!(
+                        "{source}: entity {e} also covers node addresses (host, remote-node, \
+                         kube-apiserver): they are not in the ipcache yet, so the datapath \
+                         sees them as world"
+                    ));
+                }
             }
             // Every endpoint of the local cluster, in any namespace.
-            Entity::Cluster => out.extend(
-                view.identities()
-                    .iter()
-                    .filter(|(_, info)| info.cluster == *view.local())
-                    .map(|(id, _)| *id),
-            ),
+            Entity::Cluster => {
+                out.extend(
+                    view.identities()
+                        .iter()
+                        .filter(|(_, info)| info.cluster == *view.local())
+                        .map(|(id, _)| *id),
+                );
+                if peers.deny {
+                    // Cilium's `cluster` includes the nodes, which the datapath sees as world.
+                    out.insert(WORLD);
+                    notes.push(format!(
+                        "{source}: entity cluster includes the nodes, which this datapath \
+                         does not tell apart from world (node addresses are not in the \
+                         ipcache); the rule denies world too"
+                    ));
+                }
+            }
             Entity::WorldIpv6 => notes.push(format!(
                 "{source}: entity world-ipv6 selects nothing: this datapath enforces IPv4 only"
             )),
@@ -319,6 +339,10 @@ fn resolve_rules(view: &View) -> Vec<ResolvedRule<'_>> {
                 .collect();
             out.push(ResolvedRule {
                 notes,
+                requires: [
+                    rule.requires_unenforced(clustermesh_model::policy::Direction::Ingress),
+                    rule.requires_unenforced(clustermesh_model::policy::Direction::Egress),
+                ],
                 policy_ns: ns,
                 audit: policy.audit,
                 selector: &rule.endpoint_selector,
@@ -435,6 +459,25 @@ fn resolve_endpoint(
     // [ingress, egress]: (enforced by a non-audit rule, covered by an audit rule).
     let mut enforce = [false; 2];
     let mut audited = [false; 2];
+    // Directions whose allows are all left out: a selecting rule's requirement on every
+    // allowed peer is not enforced yet (fail closed).
+    let mut requires: [Option<&str>; 2] = [None; 2];
+    for r in &selecting {
+        for (slot, has) in requires.iter_mut().zip(r.requires) {
+            if has && slot.is_none() {
+                *slot = Some(&r.name);
+            }
+        }
+    }
+    for (d, by) in requires.iter().enumerate() {
+        if let Some(by) = by {
+            explain.notes.push(format!(
+                "every {} allow left out: {by} has {}, which is not enforced yet",
+                ["ingress", "egress"][d],
+                ["fromRequires", "toRequires"][d]
+            ));
+        }
+    }
     for r in &selecting {
         explain.selected_by.push(r.name.clone());
         explain.notes.extend(r.notes.iter().cloned());
@@ -462,6 +505,9 @@ fn resolve_endpoint(
     for r in &selecting {
         for pr in &r.peer_rules {
             let d = usize::from(pr.direction == Direction::Egress);
+            if !pr.deny && requires[d].is_some() {
+                continue;
+            }
             if r.audit && enforce[d] {
                 explain.notes.push(format!(
                     "{}: audit-mode rule left out, {} is enforced by another policy",

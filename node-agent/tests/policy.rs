@@ -463,6 +463,9 @@ notes:
         [
             "prod/entities rule 0 ingress[4]: toCIDR not enforced yet; the rule is left out: it \
              allows nothing (its direction stays default-deny)",
+            "prod/entities rule 0 ingress[1]: entity world also covers node addresses (host, \
+             remote-node, kube-apiserver): they are not in the ipcache yet, so the datapath \
+             sees them as world",
             "prod/entities rule 0 ingress[1]: entity host is not told apart from world by this \
              datapath (node addresses are not in the ipcache); left out: the rule allows less",
             "prod/entities rule 0 ingress[2]: entity host is not told apart from world by this \
@@ -471,5 +474,70 @@ notes:
              world by this datapath (node addresses are not in the ipcache); the rule denies \
              world instead",
         ]
+    );
+}
+
+/// `cluster` in a deny also denies world (Cilium's `cluster` includes the nodes, which this
+/// datapath sees as world); a rule whose `toRequires` is not enforced leaves every egress
+/// allow of the endpoints it selects out, from any policy, and keeps the denies.
+#[test]
+fn cluster_in_a_deny_and_unenforced_requires_fail_closed() {
+    let (mut v, ids) = mesh();
+    policy(
+        &mut v,
+        "
+namespace: prod
+name: allow-out
+rules:
+- endpointSelector: {matchLabels: {app: web}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: frontend}}]
+  egressDeny:
+  - toEntities: [cluster]
+    toPorts: [{ports: [{port: '22', protocol: TCP}]}]
+",
+    );
+    let s = resolve(&v);
+    let entries = web_entries(&s);
+    assert_eq!(
+        entries[&(ids["frontend"], None, Direction::Egress)],
+        Verdict::Allow
+    );
+    assert_eq!(
+        entries[&(2, Some((22, Proto::Tcp)), Direction::Egress)],
+        Verdict::Deny
+    );
+    assert_eq!(
+        entries[&(ids["frontend"], Some((22, Proto::Tcp)), Direction::Egress)],
+        Verdict::Deny
+    );
+    policy(
+        &mut v,
+        "
+namespace: prod
+name: requires
+rules:
+- endpointSelector: {matchLabels: {app: web}}
+  egress: [{}]
+  unenforcedRequires: [egress]
+",
+    );
+    let s = resolve(&v);
+    let entries = web_entries(&s);
+    assert!(
+        entries.values().all(|v| *v == Verdict::Deny),
+        "only the denies are left: {entries:?}"
+    );
+    assert_eq!(entries.len(), 4, "{entries:?}");
+    assert!(flags(&s).enforce_egress);
+    let explain = &s.explain[&WEB.parse::<Ipv4Addr>().unwrap()];
+    assert!(
+        explain.notes.contains(
+            &"every egress allow left out: prod/requires rule 0 has toRequires, which is not \
+              enforced yet"
+                .to_owned()
+        ),
+        "{:?}",
+        explain.notes
     );
 }

@@ -200,11 +200,40 @@ fn port_rules_to_wire(rules: &[PortRule]) -> Vec<v1::PortRule> {
         .collect()
 }
 
-fn ingress_to_wire(rules: &[IngressRule]) -> Vec<v1::PeerRule> {
+/// The key of a selector sent beside the entities of an allow rule that has no label
+/// selector. An agent older than entities ignores the `entities` field and would read "no
+/// peers, some ports" as "every peer on those ports"; to it this selector matches no identity,
+/// so the rule allows nothing (fail closed). A deny is sent without it: to an old agent it
+/// then denies every peer, which is closed too. Agents that know entities drop it.
+const ENTITIES_ONLY: &str = "reserved:clustermesh-entities-only";
+
+fn entities_only() -> v1::EndpointSelector {
+    v1::EndpointSelector {
+        match_labels: Default::default(),
+        match_expressions: vec![v1::SelectorRequirement {
+            key: ENTITIES_ONLY.to_owned(),
+            operator: "Exists".to_owned(),
+            values: Vec::new(),
+        }],
+    }
+}
+
+fn peers_to_wire(
+    selectors: &[EndpointSelector],
+    entities: &[Entity],
+    deny: bool,
+) -> Vec<v1::EndpointSelector> {
+    if selectors.is_empty() && !entities.is_empty() && !deny {
+        return vec![entities_only()];
+    }
+    selectors.iter().map(selector_to_wire).collect()
+}
+
+fn ingress_to_wire(rules: &[IngressRule], deny: bool) -> Vec<v1::PeerRule> {
     rules
         .iter()
         .map(|r| v1::PeerRule {
-            peers: r.from_endpoints.iter().map(selector_to_wire).collect(),
+            peers: peers_to_wire(&r.from_endpoints, &r.from_entities, deny),
             to_ports: port_rules_to_wire(&r.to_ports),
             entities: r
                 .from_entities
@@ -215,11 +244,11 @@ fn ingress_to_wire(rules: &[IngressRule]) -> Vec<v1::PeerRule> {
         .collect()
 }
 
-fn egress_to_wire(rules: &[EgressRule]) -> Vec<v1::PeerRule> {
+fn egress_to_wire(rules: &[EgressRule], deny: bool) -> Vec<v1::PeerRule> {
     rules
         .iter()
         .map(|r| v1::PeerRule {
-            peers: r.to_endpoints.iter().map(selector_to_wire).collect(),
+            peers: peers_to_wire(&r.to_endpoints, &r.to_entities, deny),
             to_ports: port_rules_to_wire(&r.to_ports),
             entities: r
                 .to_entities
@@ -325,11 +354,12 @@ impl From<&Object> for v1::Upsert {
                     .iter()
                     .map(|r| v1::PolicyRule {
                         endpoint_selector: Some(selector_to_wire(&r.endpoint_selector)),
-                        ingress: ingress_to_wire(&r.ingress),
-                        egress: egress_to_wire(&r.egress),
-                        ingress_deny: ingress_to_wire(&r.ingress_deny),
-                        egress_deny: egress_to_wire(&r.egress_deny),
+                        ingress: ingress_to_wire(&r.ingress, false),
+                        egress: egress_to_wire(&r.egress, false),
+                        ingress_deny: ingress_to_wire(&r.ingress_deny, true),
+                        egress_deny: egress_to_wire(&r.egress_deny, true),
                         description: r.description.clone().unwrap_or_default(),
+                        unenforced_requires: r.unenforced_requires.clone(),
                     })
                     .collect(),
                 notes: policy.notes.clone(),
@@ -440,6 +470,11 @@ fn peers_from_wire(rules: &[v1::PeerRule]) -> Result<Vec<PeersAndPorts>, Convert
             Ok((
                 r.peers
                     .iter()
+                    .filter(|s| {
+                        !(s.match_labels.is_empty()
+                            && s.match_expressions.len() == 1
+                            && s.match_expressions[0].key == ENTITIES_ONLY)
+                    })
                     .map(selector_from_wire)
                     .collect::<Result<_, _>>()?,
                 entities,
@@ -613,6 +648,7 @@ impl TryFrom<&v1::Upsert> for Object {
                             ingress_deny: ingress_from_wire(&r.ingress_deny)?,
                             egress_deny: egress_from_wire(&r.egress_deny)?,
                             description: (!r.description.is_empty()).then(|| r.description.clone()),
+                            unenforced_requires: r.unenforced_requires.clone(),
                         })
                     })
                     .collect::<Result<_, ConvertError>>()?;

@@ -39,11 +39,12 @@ pub fn network_policy(np: &K8sPolicy) -> Result<NetworkPolicy, Problem> {
     let ns = namespace(&np.metadata)?;
     let name = name(&np.metadata)?;
     let spec = np.spec.as_ref().ok_or("spec is missing")?;
+    // As the API server defaults it: Ingress, and Egress when there are egress rules.
     let types: Vec<String> = match &spec.policy_types {
-        Some(t) => t.clone(),
-        None => {
+        Some(t) if !t.is_empty() => t.clone(),
+        _ => {
             let mut t = vec!["Ingress".to_owned()];
-            if spec.egress.is_some() {
+            if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
                 t.push("Egress".to_owned());
             }
             t

@@ -21,8 +21,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    EgressRule, EndpointSelector, Entity, IngressRule, PolicyError, PolicyProtocol, PolicyRule,
-    PortProtocol, PortRule,
+    Direction, EgressRule, EndpointSelector, Entity, IngressRule, PolicyError, PolicyProtocol,
+    PolicyRule, PortProtocol, PortRule,
 };
 
 /// One rule (`spec`, or an entry of `specs`) as written.
@@ -174,10 +174,11 @@ pub struct CiliumPortRule {
 pub struct CiliumPort {
     /// A number or a port name.
     pub port: String,
-    /// The protocol.
+    /// The protocol: `TCP`, `UDP`, `SCTP`, `ANY` (the default), or one not enforced yet
+    /// (`ICMP`, `ICMPV6`, `VRRP`, `IGMP`).
     #[serde(default)]
-    pub protocol: PolicyProtocol,
-    /// The end of a port range (not enforced yet, unless equal to `port`).
+    pub protocol: String,
+    /// The end of a port range (not enforced yet; ignored when not past `port`).
     #[serde(default)]
     pub end_port: Option<i64>,
 }
@@ -197,8 +198,10 @@ struct Entry<'a> {
     entities: &'a [Entity],
     /// Field names of peers that are not enforced yet, with their number of items.
     unsupported_peers: Vec<&'static str>,
-    /// `fromRequires` / `toRequires`, `authentication`: conditions on the peers.
-    unsupported_conditions: Vec<&'static str>,
+    /// `fromRequires` / `toRequires`: conditions on every allowed peer of the endpoints.
+    requires: Option<&'static str>,
+    /// `authentication`: a condition on this entry's peers.
+    authentication: bool,
     ports: &'a [CiliumPortRule],
     icmps: bool,
 }
@@ -244,6 +247,13 @@ impl CiliumRule {
                 from_entities: o.entities,
                 to_ports: o.ports,
             });
+        }
+        if self.ingress.iter().any(|r| !r.from_requires.is_empty()) {
+            rule.unenforced_requires
+                .push(Direction::Ingress.to_string());
+        }
+        if self.egress.iter().any(|r| !r.to_requires.is_empty()) {
+            rule.unenforced_requires.push(Direction::Egress.to_string());
         }
         for (i, r) in self.egress.iter().enumerate() {
             let o = entry(&egress_entry(r), false, &format!("egress[{i}]"), &mut notes)?;
@@ -294,18 +304,13 @@ fn ingress_entry(r: &CiliumIngressRule) -> Entry<'_> {
             unsupported_peers.push(name);
         }
     }
-    let mut unsupported_conditions = Vec::new();
-    if !r.from_requires.is_empty() {
-        unsupported_conditions.push("fromRequires");
-    }
-    if r.authentication.is_some() {
-        unsupported_conditions.push("authentication");
-    }
+    let requires = (!r.from_requires.is_empty()).then_some("fromRequires");
     Entry {
         endpoints: &r.from_endpoints,
         entities: &r.from_entities,
         unsupported_peers,
-        unsupported_conditions,
+        requires,
+        authentication: r.authentication.is_some(),
         ports: &r.to_ports,
         icmps: !r.icmps.is_empty(),
     }
@@ -325,18 +330,13 @@ fn egress_entry(r: &CiliumEgressRule) -> Entry<'_> {
             unsupported_peers.push(name);
         }
     }
-    let mut unsupported_conditions = Vec::new();
-    if !r.to_requires.is_empty() {
-        unsupported_conditions.push("toRequires");
-    }
-    if r.authentication.is_some() {
-        unsupported_conditions.push("authentication");
-    }
+    let requires = (!r.to_requires.is_empty()).then_some("toRequires");
     Entry {
         endpoints: &r.to_endpoints,
         entities: &r.to_entities,
         unsupported_peers,
-        unsupported_conditions,
+        requires,
+        authentication: r.authentication.is_some(),
         ports: &r.to_ports,
         icmps: !r.icmps.is_empty(),
     }
@@ -359,19 +359,44 @@ fn dns_allows_every_name(rules: &Value) -> bool {
         })
 }
 
-/// The ports of one entry: `(enforced, what was not enforceable)`.
+/// The ports of one entry, translated.
+#[derive(Default)]
+struct Ports {
+    /// Port rules with the ports that are enforced as written.
+    kept: Vec<PortRule>,
+    /// A port `0` with protocol `ANY`: every port.
+    any_port: bool,
+    /// What could not be enforced.
+    lost: Vec<String>,
+}
+
+/// A protocol as written: the model's, or the name of one not enforced yet.
+fn protocol(p: &str) -> Result<Result<PolicyProtocol, &'static str>, PolicyError> {
+    Ok(Ok(match p {
+        "" | "ANY" => PolicyProtocol::Any,
+        "TCP" => PolicyProtocol::Tcp,
+        "UDP" => PolicyProtocol::Udp,
+        "SCTP" => PolicyProtocol::Sctp,
+        "ICMP" => return Ok(Err("ICMP")),
+        "ICMPV6" => return Ok(Err("ICMPV6")),
+        "VRRP" => return Ok(Err("VRRP")),
+        "IGMP" => return Ok(Err("IGMP")),
+        other => return Err(PolicyError::Protocol(other.to_owned())),
+    }))
+}
+
 fn ports(
     rules: &[CiliumPortRule],
     at: &str,
     notes: &mut Vec<String>,
-) -> Result<(Vec<PortRule>, Vec<String>), PolicyError> {
-    let mut out = Vec::new();
-    let mut lost = Vec::new();
+) -> Result<Ports, PolicyError> {
+    let mut out = Ports::default();
     for (pi, pr) in rules.iter().enumerate() {
         let mut l7 = Vec::new();
         match &pr.rules {
             None => {}
             Some(r) if r.is_null() => {}
+            Some(r) if dns_allows_every_name(r) && pr.ports.is_empty() => {}
             Some(r) if dns_allows_every_name(r) => notes.push(format!(
                 "{at} toPorts[{pi}]: DNS rules allow every name (matchPattern \"*\"): \
                  enforced as the L4 rule (no DNS visibility)"
@@ -388,51 +413,96 @@ fn ports(
             l7.push("TLS");
         }
         if !l7.is_empty() {
-            lost.push(format!("toPorts[{pi}] {}", l7.join(", ")));
+            out.lost.push(format!("toPorts[{pi}] {}", l7.join(", ")));
+            continue;
+        }
+        if pr.ports.is_empty() {
+            notes.push(format!(
+                "{at} toPorts[{pi}]: lists no ports, so it matches nothing (as in Cilium)"
+            ));
             continue;
         }
         let mut kept = Vec::new();
         for p in &pr.ports {
-            let pp = PortProtocol {
-                port: p.port.clone(),
-                protocol: p.protocol,
+            let proto = match protocol(&p.protocol)? {
+                Ok(proto) => proto,
+                Err(name) => {
+                    out.lost.push(format!("toPorts[{pi}] protocol {name}"));
+                    continue;
+                }
             };
+            // Cilium lower-cases port names.
+            let pp = PortProtocol {
+                port: p.port.to_ascii_lowercase(),
+                protocol: proto,
+            };
+            if pp.port.bytes().all(|b| b == b'0') && !pp.port.is_empty() {
+                // Port 0: every port of the protocol.
+                if proto == PolicyProtocol::Any {
+                    out.any_port = true;
+                } else {
+                    out.lost.push(format!(
+                        "toPorts[{pi}] every {} port (port 0)",
+                        proto_name(proto)
+                    ));
+                }
+                continue;
+            }
             let spec = pp.port_spec()?;
             match (p.end_port, spec) {
-                (None, _) => kept.push(pp),
-                (Some(end), super::PortSpec::Number(start)) if end == i64::from(start) => {
-                    kept.push(pp);
+                // Cilium ignores an endPort that is not past the port, and on a named port.
+                (Some(end), super::PortSpec::Number(start)) if end > i64::from(start) => {
+                    out.lost.push(format!(
+                        "toPorts[{pi}] port range {start}-{}",
+                        end.min(65_535)
+                    ));
                 }
-                (Some(end), super::PortSpec::Number(start))
-                    if end > i64::from(start) && end <= 65_535 =>
-                {
-                    lost.push(format!("toPorts[{pi}] port range {start}-{end}"));
-                }
-                (Some(end), _) => return Err(PolicyError::EndPort(p.port.clone(), end)),
+                _ => kept.push(pp),
             }
         }
-        if !kept.is_empty() || pr.ports.is_empty() {
-            out.push(PortRule { ports: kept });
+        if !kept.is_empty() {
+            out.kept.push(PortRule { ports: kept });
         }
     }
-    Ok((out, lost))
+    Ok(out)
+}
+
+fn proto_name(p: PolicyProtocol) -> &'static str {
+    match p {
+        PolicyProtocol::Tcp => "TCP",
+        PolicyProtocol::Udp => "UDP",
+        PolicyProtocol::Sctp => "SCTP",
+        PolicyProtocol::Any => "ANY",
+    }
 }
 
 fn entry(e: &Entry<'_>, deny: bool, at: &str, notes: &mut Vec<String>) -> Result<Out, PolicyError> {
-    let (mut kept_ports, lost_ports) = ports(e.ports, at, notes)?;
+    let ports = ports(e.ports, at, notes)?;
     let mut out = Out {
         endpoints: e.endpoints.to_vec(),
         entities: e.entities.to_vec(),
         ports: Vec::new(),
     };
+    let nothing = Out {
+        endpoints: Vec::new(),
+        entities: Vec::new(),
+        ports: Vec::new(),
+    };
     let not_yet = |what: &[String]| format!("{at}: {} not enforced yet", what.join(", "));
+    // toPorts (or icmps) given, and nothing of them matches as written.
+    let l4_given = !e.ports.is_empty() || e.icmps;
     if deny {
         // Fail closed: deny more, never less.
-        if !e.unsupported_conditions.is_empty() {
+        let conditions: Vec<&str> = e
+            .requires
+            .into_iter()
+            .chain(e.authentication.then_some("authentication"))
+            .collect();
+        if !conditions.is_empty() {
             notes.push(format!(
                 "{at}: {} not enforced yet; this rule denies its peers without that condition \
                  (it denies more)",
-                e.unsupported_conditions.join(", ")
+                conditions.join(", ")
             ));
         }
         let peers: Vec<String> = e
@@ -448,55 +518,62 @@ fn entry(e: &Entry<'_>, deny: bool, at: &str, notes: &mut Vec<String>) -> Result
             out.endpoints.clear();
             out.entities = vec![Entity::All];
         }
-        let mut port_parts = lost_ports;
+        let mut port_parts = ports.lost;
         if e.icmps {
             port_parts.push("icmps".to_owned());
         }
-        if port_parts.is_empty() {
-            out.ports = kept_ports;
-        } else {
+        if ports.any_port {
+            // Every port, as written.
+        } else if !port_parts.is_empty() {
             notes.push(format!(
                 "{}; this rule denies every port instead",
                 not_yet(&port_parts)
             ));
-            // No ports: every port, and a rule with no peers left denies every peer.
-            if out.endpoints.is_empty() && out.entities.is_empty() {
-                out.entities = vec![Entity::All];
-            }
+        } else if l4_given && ports.kept.is_empty() {
+            // Only port rules without ports: it denies nothing (as in Cilium), and still
+            // makes its direction default-deny.
+            return Ok(nothing);
+        } else {
+            out.ports = ports.kept;
+        }
+        // No ports left means every port; a rule with no peers left denies every peer.
+        if out.ports.is_empty() && out.endpoints.is_empty() && out.entities.is_empty() {
+            out.entities = vec![Entity::All];
         }
         return Ok(out);
     }
     // Allow: leave out, and never let leaving out widen the rule.
     let peers_lost_all =
         !e.unsupported_peers.is_empty() && e.endpoints.is_empty() && e.entities.is_empty();
-    let had_l4 = !e.ports.is_empty() || e.icmps;
-    let ports_lost_all = had_l4 && kept_ports.is_empty();
+    let ports_lost_all = l4_given && !ports.any_port && ports.kept.is_empty();
     let mut parts: Vec<String> = e
         .unsupported_peers
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
-    parts.extend(lost_ports.iter().cloned());
-    if e.icmps {
-        parts.push("icmps".to_owned());
+    if !ports.any_port {
+        parts.extend(ports.lost.iter().cloned());
+        if e.icmps {
+            parts.push("icmps".to_owned());
+        }
     }
-    let conditions: Vec<String> = e
-        .unsupported_conditions
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-    if !conditions.is_empty() || peers_lost_all || ports_lost_all {
-        let mut all = conditions;
-        all.extend(parts);
+    if let Some(requires) = e.requires {
+        // Cilium adds the requirement to every allow of the endpoints the rule selects,
+        // across policies; the agent leaves all of those allows out instead.
         notes.push(format!(
-            "{}; the rule is left out: it allows nothing (its direction stays default-deny)",
-            not_yet(&all)
+            "{}; every allow of this direction is left out for the endpoints this rule \
+             selects (they allow nothing; their direction stays default-deny)",
+            not_yet(&[requires.to_owned()])
         ));
-        return Ok(Out {
-            endpoints: Vec::new(),
-            entities: Vec::new(),
-            ports: Vec::new(),
-        });
+    }
+    if e.authentication {
+        parts.insert(0, "authentication".to_owned());
+    }
+    if e.authentication || peers_lost_all || ports_lost_all {
+        if !parts.is_empty() {
+            notes.push(format!("{}; {LEFT_OUT}", not_yet(&parts)));
+        }
+        return Ok(nothing);
     }
     if !parts.is_empty() {
         notes.push(format!(
@@ -504,9 +581,15 @@ fn entry(e: &Entry<'_>, deny: bool, at: &str, notes: &mut Vec<String>) -> Result
             not_yet(&parts)
         ));
     }
-    out.ports = std::mem::take(&mut kept_ports);
+    out.ports = if ports.any_port {
+        Vec::new()
+    } else {
+        ports.kept
+    };
     Ok(out)
 }
+
+const LEFT_OUT: &str = "the rule is left out: it allows nothing (its direction stays default-deny)";
 
 #[cfg(test)]
 mod tests;

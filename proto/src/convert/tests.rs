@@ -138,6 +138,7 @@ fn serde_json_policy() -> NetworkPolicy {
                 to_entities: vec![Entity::All],
                 to_ports: vec![],
             }],
+            unenforced_requires: vec!["egress".into()],
             ..PolicyRule::default()
         }],
         notes: vec!["rule 0 egress[0]: toCIDR not enforced yet".into()],
@@ -273,4 +274,55 @@ proptest! {
         };
         prop_assert_eq!(round_trip(&o), o);
     }
+}
+
+/// An allow rule with entities and no label selector is sent with a selector that matches no
+/// identity: an agent that predates entities (and ignores the field) then allows nothing,
+/// instead of reading "no peers" as every peer. Agents that know entities drop it; denies
+/// are sent without it (to an old agent they deny every peer).
+#[test]
+fn an_entities_only_allow_allows_nothing_to_an_agent_that_ignores_entities() {
+    use v1::upsert::Object as W;
+    let mut policy = serde_json_policy();
+    let port = PortRule {
+        ports: vec![PortProtocol {
+            port: "443".into(),
+            protocol: PolicyProtocol::Tcp,
+        }],
+    };
+    policy.rules[0].egress = vec![EgressRule {
+        to_entities: vec![Entity::World],
+        to_ports: vec![port.clone()],
+        ..EgressRule::default()
+    }];
+    policy.rules[0].egress_deny = vec![EgressRule {
+        to_entities: vec![Entity::All],
+        to_ports: vec![port],
+        ..EgressRule::default()
+    }];
+    let object = Object::Policy {
+        cluster: c("c1"),
+        policy,
+    };
+    let wire = v1::Upsert::from(&object);
+    assert_eq!(Object::try_from(&wire).unwrap(), object, "round trip");
+    let Some(W::Policy(p)) = &wire.object else {
+        panic!("not a policy")
+    };
+    let allow = &p.rules[0].egress[0];
+    assert_eq!(allow.entities, ["world"]);
+    assert_eq!(allow.peers.len(), 1);
+    // What an old agent makes of the placeholder: a selector no identity matches.
+    let old = selector_from_wire(&allow.peers[0]).unwrap();
+    old.validate().unwrap();
+    for labels in [
+        LabelSet::workload(&c("c1"), "prod", [("app", "web")]).unwrap(),
+        LabelSet::workload(&c("c2"), "kube-system", []).unwrap(),
+    ] {
+        assert!(!old.matches(&labels));
+    }
+    assert!(
+        p.rules[0].egress_deny[0].peers.is_empty(),
+        "a deny goes as it is"
+    );
 }

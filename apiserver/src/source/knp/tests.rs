@@ -62,6 +62,9 @@ fn policy_types_default_as_kubernetes_says() {
         "deny all egress"
     );
     assert!(translate(json!({"podSelector": {}, "policyTypes": ["Both"]})).is_err());
+    // An empty policyTypes is defaulted, and an empty egress list does not add Egress.
+    let p = translate(json!({"podSelector": {}, "policyTypes": [], "egress": []})).unwrap();
+    assert!(p.rules[0].covers(Direction::Ingress) && !p.rules[0].covers(Direction::Egress));
 }
 
 #[test]

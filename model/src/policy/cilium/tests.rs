@@ -101,10 +101,6 @@ fn an_allow_loses_what_it_cannot_enforce_and_never_widens() {
             "toPorts[0] L7 rules",
         ),
         (
-            json!({"toEndpoints": [{}], "toRequires": [{}]}),
-            "toRequires",
-        ),
-        (
             json!({"toEndpoints": [{}], "authentication": {"mode": "required"}}),
             "authentication",
         ),
@@ -187,20 +183,12 @@ fn unknown_fields_and_bad_values_are_refused() {
             "unknown variant",
         ),
         (
-            json!({"endpointSelector": {}, "egress": [{"toPorts": [{"ports": [{"port": "90", "endPort": 80}]}]}]}),
-            "with endPort 80 is not a valid port range",
+            json!({"endpointSelector": {}, "egress": [{"toPorts": [{"ports": [{"port": "80", "protocol": "HTTP"}]}]}]}),
+            "toPorts protocol \"HTTP\"",
         ),
         (
-            json!({"endpointSelector": {}, "egress": [{"toPorts": [{"ports": [{"port": "http", "endPort": 80}]}]}]}),
-            "with endPort 80 is not a valid port range",
-        ),
-        (
-            json!({"endpointSelector": {}, "egress": [{"toPorts": [{"ports": [{"port": "1", "endPort": 65536}]}]}]}),
-            "with endPort 65536 is not a valid port range",
-        ),
-        (
-            json!({"endpointSelector": {}, "egress": [{"toPorts": [{"ports": [{"port": "0"}]}]}]}),
-            "port 0",
+            json!({"endpointSelector": {}, "egress": [{"toPorts": [{"ports": [{"port": "-1"}]}]}]}),
+            "neither a port number nor a valid port name",
         ),
     ];
     for (rule, want) in bad {
@@ -219,4 +207,87 @@ fn enable_default_deny_false_is_noted() {
     .unwrap();
     assert_eq!(t.notes.len(), 1);
     assert!(t.notes[0].starts_with("enableDefaultDeny.egress: false is not enforced yet"));
+}
+
+/// What Cilium accepts is never refused (a refused policy vanishes, and its denies with it):
+/// port 0, endPort not past the port, protocols the datapath does not enforce, upper-case
+/// port names, `toPorts` entries without ports.
+#[test]
+fn what_cilium_accepts_is_translated_not_refused() {
+    let t = translate(json!({
+        "endpointSelector": {},
+        "egress": [
+            // Port 0 with ANY: every port.
+            {"toEndpoints": [{}], "toPorts": [{"ports": [{"port": "0"}]}, {"ports": [{"port": "1", "endPort": 9}]}]},
+            // endPort 0 or before the port is ignored (Cilium); a named port is lower-cased.
+            {"toEndpoints": [{}], "toPorts": [{"ports": [{"port": "90", "endPort": 80, "protocol": "TCP"}, {"port": "HTTP-8080", "endPort": 0, "protocol": "TCP"}]}]},
+            // Port 0 of one protocol, ICMP: not enforced yet; nothing else left.
+            {"toEndpoints": [{}], "toPorts": [{"ports": [{"port": "0", "protocol": "TCP"}, {"port": "8", "protocol": "ICMP"}]}]},
+            // No ports: matches nothing, as in Cilium (not "every port").
+            {"toEndpoints": [{}], "toPorts": [{}]},
+            {"toEndpoints": [{}], "toPorts": [{"rules": {"dns": [{"matchPattern": "*"}]}}]},
+        ],
+        "egressDeny": [
+            {"toEndpoints": [{}], "toPorts": [{"ports": [{"port": "0", "protocol": "UDP"}]}]},
+            {"toEndpoints": [{}], "toPorts": [{}]},
+        ],
+    }))
+    .unwrap();
+    let e = &t.rule.egress;
+    assert!(
+        e[0].to_ports.is_empty() && e[0].to_endpoints.len() == 1,
+        "every port"
+    );
+    let ports: Vec<&str> = e[1].to_ports[0]
+        .ports
+        .iter()
+        .map(|p| p.port.as_str())
+        .collect();
+    assert_eq!(ports, ["90", "http-8080"]);
+    for (i, r) in e.iter().enumerate().skip(2) {
+        assert_eq!(*r, EgressRule::default(), "egress[{i}] allows nothing");
+    }
+    let d = &t.rule.egress_deny;
+    assert!(
+        d[0].to_ports.is_empty() && d[0].to_endpoints.len() == 1,
+        "every port denied"
+    );
+    assert_eq!(d[1], EgressRule::default(), "denies nothing, as in Cilium");
+    assert_eq!(
+        t.notes,
+        [
+            "egress[2]: toPorts[0] every TCP port (port 0), toPorts[0] protocol ICMP not \
+             enforced yet; the rule is left out: it allows nothing (its direction stays \
+             default-deny)",
+            "egress[3] toPorts[0]: lists no ports, so it matches nothing (as in Cilium)",
+            "egress[4] toPorts[0]: lists no ports, so it matches nothing (as in Cilium)",
+            "egressDeny[0]: toPorts[0] every UDP port (port 0) not enforced yet; this rule \
+             denies every port instead",
+            "egressDeny[1] toPorts[0]: lists no ports, so it matches nothing (as in Cilium)",
+        ]
+    );
+}
+
+/// `fromRequires`/`toRequires` constrain every allow of the endpoints a rule selects (across
+/// policies, in Cilium): not enforced yet, the rule marks its direction, and the agent leaves
+/// every allow of it out for those endpoints.
+#[test]
+fn requires_mark_the_direction_for_the_agent() {
+    let t = translate(json!({
+        "endpointSelector": {},
+        "egress": [{"toEndpoints": [{}], "toRequires": [{"matchLabels": {"env": "prod"}}]}],
+        "ingress": [{"fromEndpoints": [{}]}],
+    }))
+    .unwrap();
+    assert_eq!(t.rule.unenforced_requires, ["egress"]);
+    assert!(t.rule.requires_unenforced(super::super::Direction::Egress));
+    assert!(!t.rule.requires_unenforced(super::super::Direction::Ingress));
+    assert_eq!(
+        t.notes,
+        [
+            "egress[0]: toRequires not enforced yet; every allow of this direction is left out for \
+          the endpoints this rule selects (they allow nothing; their direction stays \
+          default-deny)"
+        ]
+    );
 }

@@ -185,7 +185,7 @@ async fn scenario(cluster: TestCluster) {
          k8s:io.cilium.k8s.policy.serviceaccount=default;k8s:io.kubernetes.pod.namespace=prod;"
     );
     assert_eq!(
-        String::from_utf8(c["cilium/state/identities/v1/value/k8s:app=db;k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.kubernetes.pod.namespace=prod;"].clone()).unwrap(),
+        String::from_utf8(c["cilium/state/identities/v1/value/k8s:app=db;k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.cilium.k8s.policy.serviceaccount=default;k8s:io.kubernetes.pod.namespace=prod;"].clone()).unwrap(),
         db.to_string()
     );
     let svc: ClusterService =

@@ -384,6 +384,9 @@ struct cm_flow {
 	__u32 daddr;
 	__u16 sport;
 	__u16 dport;
+	/* What policy matches on (network order): the destination port, or for ICMP the
+	 * message type. Conntrack keys use sport/dport, which are 0 for ICMP. */
+	__u16 policy_port;
 	__u8 proto;
 	__u8 syn_only; /* TCP SYN without ACK: a new connection */
 };
@@ -403,6 +406,7 @@ static __always_inline int cm_parse(struct __sk_buff *skb, struct cm_flow *f)
 	f->proto = ip->protocol;
 	f->sport = 0;
 	f->dport = 0;
+	f->policy_port = 0;
 	f->syn_only = 0;
 	void *l4 = (void *)ip + ip->ihl * 4;
 	if (ip->frag_off & bpf_htons(0x1fff))
@@ -420,7 +424,23 @@ static __always_inline int cm_parse(struct __sk_buff *skb, struct cm_flow *f)
 			return -1;
 		f->sport = udp->source;
 		f->dport = udp->dest;
+	} else if (ip->protocol == IPPROTO_ICMP) {
+		/* type, code, checksum, then (echo) identifier and sequence. */
+		__u8 *icmp = l4;
+		if ((void *)(icmp + 8) > end)
+			return -1;
+		f->policy_port = bpf_htons(icmp[0]);
+		/* Conntrack tells echo exchanges apart by their identifier: a request's is its
+		 * "source port", a reply's its "destination port", so that a reply matches its
+		 * request reversed and a request the other way does not. */
+		__u16 id = (__u16)icmp[4] | ((__u16)icmp[5] << 8);
+		if (icmp[0] == 8)
+			f->sport = id;
+		else if (icmp[0] == 0)
+			f->dport = id;
+		return 0;
 	}
+	f->policy_port = f->dport;
 	return 0;
 }
 
@@ -467,7 +487,7 @@ static __always_inline void cm_report(const struct cm_flow *f, __u32 src_id, __u
 	e->dst_identity = dst_id;
 	e->src_cluster = src_cluster;
 	e->dst_cluster = dst_cluster;
-	e->dport = f->dport;
+	e->dport = f->policy_port;
 	e->proto = f->proto;
 	e->direction = dir;
 	e->verdict = verdict;
@@ -514,7 +534,7 @@ static __always_inline int cm_enforce(struct __sk_buff *skb, __u8 dir)
 	__u16 peer_cluster = peer ? peer->cluster_id : 0;
 
 	__u32 rule = 0;
-	__u8 v = cm_lookup_verdict(ep->endpoint_id, peer_id, f.dport, f.proto, dir, &rule);
+	__u8 v = cm_lookup_verdict(ep->endpoint_id, peer_id, f.policy_port, f.proto, dir, &rule);
 	__u8 outcome;
 	if (v == CM_VERDICT_ALLOW)
 		outcome = CM_EVENT_ALLOWED;

@@ -85,13 +85,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 // === impl Proto ===
 
-/// An L4 protocol the socket load balancer translates.
+/// An L4 protocol: TCP and UDP, which the socket load balancer translates and policy
+/// matches by port, and ICMP, which policy matches by message type (in the port's place).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Proto {
     /// TCP (and SCTP is not translated).
     Tcp,
     /// UDP.
     Udp,
+    /// ICMP (IPv4): policy entries only, the "port" is the message type.
+    Icmp,
 }
 
 impl Proto {
@@ -100,6 +103,7 @@ impl Proto {
         match self {
             Self::Tcp => "TCP",
             Self::Udp => "UDP",
+            Self::Icmp => "ICMP",
         }
     }
 
@@ -108,6 +112,7 @@ impl Proto {
         match self {
             Self::Tcp => 6,
             Self::Udp => 17,
+            Self::Icmp => 1,
         }
     }
 
@@ -116,6 +121,7 @@ impl Proto {
         match n {
             6 => Some(Self::Tcp),
             17 => Some(Self::Udp),
+            1 => Some(Self::Icmp),
             _ => None,
         }
     }
@@ -123,10 +129,7 @@ impl Proto {
 
 impl fmt::Display for Proto {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Tcp => "TCP",
-            Self::Udp => "UDP",
-        })
+        f.write_str(self.name())
     }
 }
 

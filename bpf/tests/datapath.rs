@@ -359,6 +359,105 @@ async fn policy_allows_denies_audits_and_reports_every_verdict() {
     dp.unpin_all().unwrap();
 }
 
+/// ICMP policy on real echo requests: an entry with protocol ICMP matches by message type
+/// (8, echo request); the reply of an allowed echo passes by conntrack, matched by its echo
+/// identifier, so that an echo request the other way is still checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn icmp_is_matched_by_type_and_replies_by_echo_identifier() {
+    let topo = Topology::new(
+        PROBE.as_ref(),
+        &[("client", ip(2)), ("other", ip(3)), ("server", ip(20))],
+    );
+    let dp = load(&topo);
+    let ipcache: Vec<_> = [(2, ID_CLIENT), (3, ID_OTHER), (20, ID_SERVER)]
+        .into_iter()
+        .map(|(last, identity)| {
+            (
+                Prefix::host(ip(last)),
+                IpCacheValue {
+                    identity,
+                    node_ip: None,
+                    cluster_id: 1,
+                },
+            )
+        })
+        .collect();
+    dp.upsert_ipcache(&ipcache).unwrap();
+    // The server enforces both directions; it allows echo requests from the client only.
+    let server = Endpoint {
+        endpoint_id: 1,
+        identity: ID_SERVER,
+        flags: EndpointFlags {
+            enforce_ingress: true,
+            enforce_egress: true,
+            ..EndpointFlags::default()
+        },
+        cluster_id: 1,
+    };
+    dp.upsert_endpoints(&[(ip(20), server)]).unwrap();
+    let echo_from_client = PolicyKey {
+        endpoint_id: 1,
+        identity: ID_CLIENT,
+        port: Some((8, Proto::Icmp)),
+        direction: Direction::Ingress,
+    };
+    dp.upsert_policy(&[(
+        echo_from_client,
+        PolicyValue {
+            verdict: Verdict::Allow,
+            rule_id: 11,
+        },
+    )])
+    .unwrap();
+    let srv = topo.pod("server").host_if.clone();
+    dp.attach_endpoint(Some(&topo.node_netns()), &srv).unwrap();
+    let mut events = dp.events().unwrap();
+    let ping = |from: &str, to: &str| topo.probe(from, false, &["icmp", to, "--timeout-ms", "500"]);
+
+    // Allowed: the request by its type, the reply by conntrack (egress is enforced and allows
+    // nothing).
+    assert_eq!(ping("client", "10.244.0.20"), ["ok 10.244.0.20"]);
+    let e = expect_event(&mut events, |e| e.verdict == EventVerdict::Allowed).await;
+    assert_eq!(
+        (e.src_identity, e.proto, e.dport, e.rule_id),
+        (ID_CLIENT, 1, 8, 11)
+    );
+    // Another identity: dropped at ingress.
+    assert_eq!(ping("other", "10.244.0.20"), ["err TimedOut 0"]);
+    let e = expect_event(&mut events, |e| e.verdict == EventVerdict::Denied).await;
+    assert_eq!((e.src_identity, e.proto, e.dport), (ID_OTHER, 1, 8));
+    // The server's own echo request to the client is not a reply of the client's echo: its
+    // egress allows nothing, so it is dropped, although the client's echo is in conntrack.
+    assert_eq!(ping("client", "10.244.0.20"), ["ok 10.244.0.20"]);
+    assert_eq!(ping("server", "10.244.0.2"), ["err TimedOut 0"]);
+    let e = expect_event(&mut events, |e| {
+        e.verdict == EventVerdict::Denied && e.src_identity == ID_SERVER
+    })
+    .await;
+    assert_eq!((e.direction, e.proto, e.dport), (Direction::Egress, 1, 8));
+    // A deny of echo requests from the client wins over the allow; TCP is not affected by
+    // an ICMP entry (nothing serves here, and no TCP entry exists either way).
+    dp.upsert_policy(&[(
+        PolicyKey {
+            identity: 0,
+            ..echo_from_client
+        },
+        PolicyValue {
+            verdict: Verdict::Deny,
+            rule_id: 12,
+        },
+    )])
+    .unwrap();
+    assert_eq!(ping("client", "10.244.0.20"), ["err TimedOut 0"]);
+    let e = expect_event(&mut events, |e| {
+        e.verdict == EventVerdict::Denied && e.src_identity == ID_CLIENT
+    })
+    .await;
+    assert_eq!(e.rule_id, 12);
+    drop(events);
+    dp.unpin_all().unwrap();
+}
+
 /// The service of the outlier tests: be1 and be2 serve, be3 is the one that fails.
 fn outlier_topology(probe_interval: Duration) -> (Topology, KernelDatapath, EventStream) {
     let topo = Topology::new(

@@ -431,15 +431,20 @@ pub(crate) async fn observe(
                 e["dstCluster"],
             );
         } else {
+            // For ICMP the datapath reports the message type in the port's place.
+            let (port, icmp_type) = if e["proto"] == 1 {
+                (String::new(), format!(" type {}", e["dport"]))
+            } else {
+                (format!(":{}", e["dport"]), String::new())
+            };
             println!(
-                "{:<8} {:<7} {} (identity {}, cluster {}) -> {}:{} (identity {}, cluster {}) proto {} rule {}",
+                "{:<8} {:<7} {} (identity {}, cluster {}) -> {}{port} (identity {}, cluster {}) proto {}{icmp_type} rule {}",
                 e["verdict"].as_str().unwrap_or("?"),
                 e["direction"].as_str().unwrap_or("?"),
                 e["src"].as_str().unwrap_or("?"),
                 e["srcIdentity"],
                 e["srcCluster"],
                 e["dst"].as_str().unwrap_or("?"),
-                e["dport"],
                 e["dstIdentity"],
                 e["dstCluster"],
                 e["proto"],

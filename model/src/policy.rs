@@ -42,6 +42,9 @@ pub enum PolicyError {
     /// Port 0 in `toPorts`.
     #[error("toPorts port 0 is not valid; omit the port to allow every port")]
     PortZero,
+    /// An ICMP type that is not 0..=255 or a known name.
+    #[error("ICMP type {0:?} is not 0..255 or a known type name")]
+    IcmpType(String),
     /// A direction that is neither `ingress` nor `egress`.
     #[error("direction {0:?} is neither ingress nor egress")]
     Direction(String),
@@ -215,6 +218,8 @@ pub enum PolicyProtocol {
     Udp,
     /// SCTP.
     Sctp,
+    /// ICMP (IPv4), from a rule's `icmps`: the port is the message type (0..=255).
+    Icmp,
     /// Any protocol.
     #[default]
     Any,
@@ -242,8 +247,15 @@ pub enum PortSpec {
 }
 
 impl PortProtocol {
-    /// Parses the port.
+    /// Parses the port (for ICMP, the message type).
     pub fn port_spec(&self) -> Result<PortSpec, PolicyError> {
+        if self.protocol == PolicyProtocol::Icmp {
+            return self
+                .port
+                .parse::<u8>()
+                .map(|t| PortSpec::Number(u16::from(t)))
+                .map_err(|_| PolicyError::IcmpType(self.port.clone()));
+        }
         if self.port.bytes().all(|b| b.is_ascii_digit()) && !self.port.is_empty() {
             return match self.port.parse::<u16>() {
                 Ok(0) => Err(PolicyError::PortZero),

@@ -150,6 +150,7 @@ fn protos(p: PolicyProtocol) -> &'static [Proto] {
         PolicyProtocol::Tcp => &[Proto::Tcp],
         PolicyProtocol::Udp => &[Proto::Udp],
         PolicyProtocol::Any => &[Proto::Tcp, Proto::Udp],
+        PolicyProtocol::Icmp => &[Proto::Icmp],
         PolicyProtocol::Sctp => &[],
     }
 }

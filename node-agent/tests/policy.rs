@@ -541,3 +541,36 @@ rules:
         explain.notes
     );
 }
+
+/// ICMP (from a rule's `icmps`): an entry of protocol ICMP whose port is the message type,
+/// type 0 included.
+#[test]
+fn icmp_types_are_entries_of_protocol_icmp() {
+    let (mut v, ids) = mesh();
+    policy(
+        &mut v,
+        "
+namespace: prod
+name: ping
+rules:
+- endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts: [{ports: [{port: '8', protocol: ICMP}, {port: '0', protocol: ICMP}]}]
+",
+    );
+    let s = resolve(&v);
+    let want: BTreeMap<EntryKey, Verdict> = [8, 0]
+        .into_iter()
+        .map(|t| {
+            (
+                (ids["frontend"], Some((t, Proto::Icmp)), Direction::Ingress),
+                Verdict::Allow,
+            )
+        })
+        .collect();
+    assert_eq!(web_entries(&s), want);
+    let explain = &s.explain[&WEB.parse::<Ipv4Addr>().unwrap()];
+    let ports: Vec<&str> = explain.entries.iter().map(|e| e.port.as_str()).collect();
+    assert_eq!(ports, ["0/ICMP", "8/ICMP"]);
+}

@@ -191,6 +191,7 @@ fn port_rules_to_wire(rules: &[PortRule]) -> Vec<v1::PortRule> {
                         PolicyProtocol::Tcp => "TCP",
                         PolicyProtocol::Udp => "UDP",
                         PolicyProtocol::Sctp => "SCTP",
+                        PolicyProtocol::Icmp => "ICMP",
                         PolicyProtocol::Any => "ANY",
                     }
                     .to_owned(),
@@ -436,6 +437,7 @@ fn port_rules_from_wire(rules: &[v1::PortRule]) -> Result<Vec<PortRule>, Convert
                         "TCP" => PolicyProtocol::Tcp,
                         "UDP" => PolicyProtocol::Udp,
                         "SCTP" => PolicyProtocol::Sctp,
+                        "ICMP" => PolicyProtocol::Icmp,
                         "ANY" | "" => PolicyProtocol::Any,
                         other => {
                             return Err(bad(

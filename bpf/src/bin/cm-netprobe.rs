@@ -12,12 +12,14 @@
 //! - `cm-netprobe tcp-loop ADDR:PORT --duration-ms D`: connects back to back for D ms, then
 //!   prints `attempts N ok N failed N`.
 //! - `cm-netprobe tcp-latency ADDR:PORT --count N`: N connects, prints `p50_us X p99_us Y`.
+//! - `cm-netprobe icmp ADDR [--count N] [--timeout-ms T]`: N ICMP echo requests (a raw
+//!   socket: root), one line each: `ok ADDR` (the echo reply came back) or `err TimedOut 0`.
 //! - `cm-netprobe tcp-log ADDR:PORT --duration-ms D [--timeout-ms T] [--gap-ms G]`: connects
 //!   one after the other (G ms apart) for D ms; one line each with the wall-clock time the
 //!   attempt started (Unix milliseconds): `MS ok NAME` or `MS err KIND ERRNO`.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 fn usage() -> ! {
@@ -91,6 +93,65 @@ fn udp_connected_once(addr: SocketAddr, timeout: Duration) -> std::io::Result<St
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
+/// The Internet checksum (RFC 1071).
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !u16::try_from(sum).unwrap_or(u16::MAX)
+}
+
+/// One ICMP echo request to `ip`, waiting for its reply (matched by identifier and sequence).
+fn ping(ip: Ipv4Addr, seq: u16, timeout: Duration) -> std::io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
+    let id = u16::try_from(std::process::id() & 0xffff).unwrap_or(0);
+    let mut msg = [0u8; 16];
+    msg[0] = 8; // echo request
+    msg[4..6].copy_from_slice(&id.to_be_bytes());
+    msg[6..8].copy_from_slice(&seq.to_be_bytes());
+    msg[8..].copy_from_slice(b"cmprobe!");
+    let sum = checksum(&msg);
+    msg[2..4].copy_from_slice(&sum.to_be_bytes());
+    sock.send_to(&msg, &SocketAddrV4::new(ip, 0).into())?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 1500];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        sock.set_read_timeout(Some(left))?;
+        let n = match (&sock).read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            Err(e) => return Err(e),
+        };
+        // A raw IPv4 socket hands over the IP header too.
+        let pkt = &buf[..n];
+        let ihl = usize::from(pkt.first().map_or(0, |b| b & 0x0f)) * 4;
+        let Some(icmp) = pkt.get(ihl..ihl + 8) else {
+            continue;
+        };
+        let from = pkt
+            .get(12..16)
+            .map(|a| Ipv4Addr::new(a[0], a[1], a[2], a[3]));
+        if icmp[0] == 0
+            && icmp[4..6] == id.to_be_bytes()
+            && icmp[6..8] == seq.to_be_bytes()
+            && from == Some(ip)
+        {
+            return Ok(());
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else { usage() };
@@ -99,6 +160,20 @@ fn main() {
         if let Err(e) = serve(text_flag(&args, "--name"), port) {
             eprintln!("serve failed: {e}");
             std::process::exit(1);
+        }
+        return;
+    }
+    if cmd == "icmp" {
+        let ip: Ipv4Addr = args
+            .get(1)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| usage());
+        let timeout = Duration::from_millis(flag(&args, "--timeout-ms", 1000));
+        for seq in 0..flag(&args, "--count", 1) {
+            match ping(ip, u16::try_from(seq).unwrap_or(u16::MAX), timeout) {
+                Ok(()) => println!("ok {ip}"),
+                Err(e) => println!("{}", describe(&e)),
+            }
         }
         return;
     }

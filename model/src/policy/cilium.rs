@@ -3,14 +3,14 @@
 //!
 //! Every field of Cilium's rule types is read. What the project cannot enforce yet (CIDR
 //! peers, FQDNs, services, nodes and groups as peers, `fromRequires`/`toRequires`, port
-//! ranges, ICMP rules, L7 rules, mutual authentication) never makes a policy disappear, and
-//! is never silently dropped: each part is translated so that the result **fails closed**,
-//! and a note on the policy says what was done:
+//! ranges, ICMP in `toPorts` and IPv6 ICMP types, L7 rules, mutual authentication) never
+//! makes a policy disappear, and is never silently dropped: each part is translated so that
+//! the result **fails closed**, and a note on the policy says what was done:
 //! - in an allow rule the part is left out; where leaving it out would make the rule allow
 //!   more (its only peers, its only ports, an L7 filter on a port) the whole rule becomes
 //!   `{}`, which allows nothing and still makes its direction default-deny;
 //! - in a deny rule, an unsupported peer makes it deny every peer on its ports, an
-//!   unsupported port or ICMP part makes it deny every port of its peers, and an unsupported
+//!   unsupported port part makes it deny every port of its peers, and an unsupported
 //!   condition on the peers (`fromRequires`) is dropped, so it denies those peers without it.
 //!
 //! A field Cilium does not have is refused, as before: a typo must not change a policy.
@@ -94,7 +94,7 @@ pub struct CiliumIngressRule {
     /// Ports.
     #[serde(default)]
     pub to_ports: Vec<CiliumPortRule>,
-    /// ICMP types (not enforced yet).
+    /// ICMP types (IPv4 enforced, by type; IPv6 noted).
     #[serde(default)]
     pub icmps: Vec<Value>,
     /// Mutual authentication (not enforced).
@@ -136,7 +136,7 @@ pub struct CiliumEgressRule {
     /// Ports.
     #[serde(default)]
     pub to_ports: Vec<CiliumPortRule>,
-    /// ICMP types (not enforced yet).
+    /// ICMP types (IPv4 enforced, by type; IPv6 noted).
     #[serde(default)]
     pub icmps: Vec<Value>,
     /// Mutual authentication (not enforced).
@@ -203,7 +203,7 @@ struct Entry<'a> {
     /// `authentication`: a condition on this entry's peers.
     authentication: bool,
     ports: &'a [CiliumPortRule],
-    icmps: bool,
+    icmps: &'a [Value],
 }
 
 /// The translated peers and ports of one entry.
@@ -312,7 +312,7 @@ fn ingress_entry(r: &CiliumIngressRule) -> Entry<'_> {
         requires,
         authentication: r.authentication.is_some(),
         ports: &r.to_ports,
-        icmps: !r.icmps.is_empty(),
+        icmps: &r.icmps,
     }
 }
 
@@ -338,7 +338,7 @@ fn egress_entry(r: &CiliumEgressRule) -> Entry<'_> {
         requires,
         authentication: r.authentication.is_some(),
         ports: &r.to_ports,
-        icmps: !r.icmps.is_empty(),
+        icmps: &r.icmps,
     }
 }
 
@@ -472,6 +472,7 @@ fn proto_name(p: PolicyProtocol) -> &'static str {
         PolicyProtocol::Tcp => "TCP",
         PolicyProtocol::Udp => "UDP",
         PolicyProtocol::Sctp => "SCTP",
+        PolicyProtocol::Icmp => "ICMP",
         PolicyProtocol::Any => "ANY",
     }
 }
@@ -490,7 +491,18 @@ fn entry(e: &Entry<'_>, deny: bool, at: &str, notes: &mut Vec<String>) -> Result
     };
     let not_yet = |what: &[String]| format!("{at}: {} not enforced yet", what.join(", "));
     // toPorts (or icmps) given, and nothing of them matches as written.
-    let l4_given = !e.ports.is_empty() || e.icmps;
+    let l4_given = !e.ports.is_empty() || !e.icmps.is_empty();
+    let (icmp, icmp_v6) = icmps(e.icmps)?;
+    if !icmp_v6.is_empty() {
+        notes.push(format!(
+            "{at}: icmps {} not enforced: this datapath does not enforce IPv6 at all",
+            icmp_v6.join(", ")
+        ));
+    }
+    let mut ports = ports;
+    if !icmp.is_empty() {
+        ports.kept.push(PortRule { ports: icmp });
+    }
     if deny {
         // Fail closed: deny more, never less.
         let conditions: Vec<&str> = e
@@ -518,10 +530,7 @@ fn entry(e: &Entry<'_>, deny: bool, at: &str, notes: &mut Vec<String>) -> Result
             out.endpoints.clear();
             out.entities = vec![Entity::All];
         }
-        let mut port_parts = ports.lost;
-        if e.icmps {
-            port_parts.push("icmps".to_owned());
-        }
+        let port_parts = ports.lost;
         if ports.any_port {
             // Every port, as written.
         } else if !port_parts.is_empty() {
@@ -553,9 +562,6 @@ fn entry(e: &Entry<'_>, deny: bool, at: &str, notes: &mut Vec<String>) -> Result
         .collect();
     if !ports.any_port {
         parts.extend(ports.lost.iter().cloned());
-        if e.icmps {
-            parts.push("icmps".to_owned());
-        }
     }
     if let Some(requires) = e.requires {
         // Cilium adds the requirement to every allow of the endpoints the rule selects,
@@ -587,6 +593,62 @@ fn entry(e: &Entry<'_>, deny: bool, at: &str, notes: &mut Vec<String>) -> Result
         ports.kept
     };
     Ok(out)
+}
+
+/// ICMP type names, as Cilium accepts them (IPv4).
+const ICMP_TYPES: [(&str, u8); 14] = [
+    ("EchoReply", 0),
+    ("DestinationUnreachable", 3),
+    ("Redirect", 5),
+    ("Echo", 8),
+    ("EchoRequest", 8),
+    ("RouterAdvertisement", 9),
+    ("RouterSelection", 10),
+    ("TimeExceeded", 11),
+    ("ParameterProblem", 12),
+    ("Timestamp", 13),
+    ("TimestampReply", 14),
+    ("Photuris", 40),
+    ("ExtendedEchoRequest", 42),
+    ("ExtendedEchoReply", 43),
+];
+
+/// `icmps[].fields[]`: the IPv4 types as ICMP "ports", and the IPv6 ones (not enforced) for
+/// the note.
+fn icmps(list: &[Value]) -> Result<(Vec<PortProtocol>, Vec<String>), PolicyError> {
+    let bad = |v: &Value| PolicyError::IcmpType(v.to_string());
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for rule in list {
+        let fields = rule
+            .get("fields")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad(rule))?;
+        for f in fields {
+            let family = f.get("family").and_then(Value::as_str).unwrap_or("IPv4");
+            let ty = f.get("type").ok_or_else(|| bad(f))?;
+            match family {
+                "IPv4" => {
+                    let n = match ty {
+                        Value::Number(n) => n.as_u64().and_then(|n| u8::try_from(n).ok()),
+                        Value::String(s) => ICMP_TYPES
+                            .iter()
+                            .find(|(name, _)| name == s)
+                            .map(|(_, n)| *n)
+                            .or_else(|| s.parse().ok()),
+                        _ => None,
+                    }
+                    .ok_or_else(|| bad(ty))?;
+                    v4.push(PortProtocol {
+                        port: n.to_string(),
+                        protocol: PolicyProtocol::Icmp,
+                    });
+                }
+                "IPv6" => v6.push(format!("IPv6 type {}", ty.to_string().trim_matches('"'))),
+                _ => return Err(PolicyError::IcmpType(format!("family {family:?}"))),
+            }
+        }
+    }
+    Ok((v4, v6))
 }
 
 const LEFT_OUT: &str = "the rule is left out: it allows nothing (its direction stays default-deny)";

@@ -651,15 +651,17 @@ fn ciliums_connectivity_policies_load_with_notes_on_what_is_not_enforced() {
         ),
         (
             "client-ingress-from-client2-icmp",
-            vec![format!(
-                "rule 0 ingress[0]: icmps not enforced yet; {left_out}"
-            )],
+            vec![
+                "rule 0 ingress[0]: icmps IPv6 type 128 not enforced: this datapath does not \
+                 enforce IPv6 at all"
+                    .to_owned(),
+            ],
         ),
         (
             "client-ingress-from-other-client-icmp-deny",
             vec![
-                "rule 0 ingressDeny[0]: icmps not enforced yet; this rule denies every port \
-                 instead"
+                "rule 0 ingressDeny[0]: icmps IPv6 type 128 not enforced: this datapath does \
+                 not enforce IPv6 at all"
                     .to_owned(),
             ],
         ),

@@ -65,18 +65,27 @@ fn an_allow_loses_what_it_cannot_enforce_and_never_widens() {
                 {"ports": [{"port": "8080", "protocol": "TCP"}, {"port": "9000", "endPort": 9100, "protocol": "TCP"}]},
                 {"ports": [{"port": "80", "protocol": "TCP"}], "rules": {"http": [{"method": "GET"}]}},
             ],
-            "icmps": [{"fields": [{"type": 8}]}],
+            "icmps": [{"fields": [{"type": 8}, {"family": "IPv6", "type": 128}]}],
         }],
     }))
     .unwrap();
     assert_eq!(t.rule.egress[0].to_endpoints, [sel("db")]);
     assert!(t.rule.egress[0].to_entities.is_empty());
-    assert_eq!(t.rule.egress[0].to_ports, [tcp("8080")]);
+    // ICMP (IPv4) types are ports of protocol ICMP.
+    let echo = PortRule {
+        ports: vec![PortProtocol {
+            port: "8".into(),
+            protocol: PolicyProtocol::Icmp,
+        }],
+    };
+    assert_eq!(t.rule.egress[0].to_ports, [tcp("8080"), echo]);
     assert_eq!(
         t.notes,
         [
-            "egress[0]: toCIDR, toPorts[0] port range 9000-9100, toPorts[1] L7 rules, icmps not \
-          enforced yet; left out: this rule allows less"
+            "egress[0]: icmps IPv6 type 128 not enforced: this datapath does not enforce IPv6 \
+             at all",
+            "egress[0]: toCIDR, toPorts[0] port range 9000-9100, toPorts[1] L7 rules not \
+             enforced yet; left out: this rule allows less",
         ]
     );
 
@@ -93,8 +102,8 @@ fn an_allow_loses_what_it_cannot_enforce_and_never_widens() {
             "toPorts[0] port range 1-2",
         ),
         (
-            json!({"toEndpoints": [{}], "icmps": [{"fields": [{"type": 8}]}]}),
-            "icmps",
+            json!({"toEndpoints": [{}], "toPorts": [{"ports": [{"port": "0", "protocol": "TCP"}]}]}),
+            "toPorts[0] every TCP port (port 0)",
         ),
         (
             json!({"toEndpoints": [{}], "toPorts": [{"ports": [{"port": "80"}], "rules": {"dns": [{"matchName": "a.example"}]}}]}),
@@ -126,9 +135,9 @@ fn a_deny_denies_more_when_it_cannot_be_enforced_as_written() {
         "ingressDeny": [
             {"fromCIDR": ["192.0.2.0/24"], "toPorts": [{"ports": [{"port": "22", "protocol": "TCP"}]}]},
             {"fromEndpoints": [{"matchLabels": {"app": "db"}}], "toPorts": [{"ports": [{"port": "1000", "endPort": 2000, "protocol": "TCP"}]}]},
-            {"fromEndpoints": [{"matchLabels": {"app": "db"}}], "icmps": [{"fields": [{"type": 8}]}]},
+            {"fromEndpoints": [{"matchLabels": {"app": "db"}}], "toPorts": [{"ports": [{"port": "80", "protocol": "VRRP"}]}]},
             {"fromEndpoints": [{"matchLabels": {"app": "db"}}], "fromRequires": [{"matchLabels": {"env": "prod"}}]},
-            {"fromCIDRSet": [{"cidr": "0.0.0.0/0"}], "icmps": [{"fields": [{"type": 8}]}]},
+            {"fromCIDRSet": [{"cidr": "0.0.0.0/0"}], "icmps": [{"fields": [{"type": "EchoRequest"}]}]},
         ],
     }))
     .unwrap();
@@ -144,20 +153,21 @@ fn a_deny_denies_more_when_it_cannot_be_enforced_as_written() {
     }
     // A condition on the peers: dropped, so the deny covers more of them.
     assert_eq!(d[3].from_endpoints, [sel("db")]);
-    // Both: every peer, every port.
+    // An unsupported peer with ICMP: every peer, that ICMP type.
     assert_eq!(d[4].from_entities, [Entity::All]);
-    assert!(d[4].to_ports.is_empty());
+    assert_eq!(d[4].to_ports[0].ports[0].port, "8");
+    assert_eq!(d[4].to_ports[0].ports[0].protocol, PolicyProtocol::Icmp);
     assert_eq!(
         t.notes,
         [
             "ingressDeny[0]: fromCIDR not enforced yet; this rule denies every peer instead",
             "ingressDeny[1]: toPorts[0] port range 1000-2000 not enforced yet; this rule denies \
              every port instead",
-            "ingressDeny[2]: icmps not enforced yet; this rule denies every port instead",
+            "ingressDeny[2]: toPorts[0] protocol VRRP not enforced yet; this rule denies every \
+             port instead",
             "ingressDeny[3]: fromRequires not enforced yet; this rule denies its peers without \
              that condition (it denies more)",
             "ingressDeny[4]: fromCIDRSet not enforced yet; this rule denies every peer instead",
-            "ingressDeny[4]: icmps not enforced yet; this rule denies every port instead",
         ]
     );
 }

@@ -389,18 +389,37 @@ struct cm_flow {
 	__u16 policy_port;
 	__u8 proto;
 	__u8 syn_only; /* TCP SYN without ACK: a new connection */
+	__u8 ct_mode;  /* CM_CT_*: how conntrack may be used for this packet */
 };
+
+/* Conntrack use: replies pass by it and allowed flows are recorded (TCP, UDP, other
+ * protocols); an ICMP echo request is recorded but never taken for a reply; an echo reply
+ * only passes as the reply of a recorded request; other ICMP messages (errors, later
+ * fragments) never use it, so a recorded exchange cannot carry them past policy. */
+#define CM_CT_BOTH 0
+#define CM_CT_RECORD 1
+#define CM_CT_REPLY 2
+#define CM_CT_NONE 3
+
+/* cm_parse: not IPv4 (passes), and IPv4 whose headers cannot be read (dropped where
+ * enforced: it cannot be matched against policy). */
+#define CM_PARSE_NOT_IPV4 -1
+#define CM_PARSE_MALFORMED -2
 
 static __always_inline int cm_parse(struct __sk_buff *skb, struct cm_flow *f)
 {
+	/* Headers in paged data are made readable first (a failure, for a packet shorter
+	 * than this, changes nothing). */
+	bpf_skb_pull_data(skb, sizeof(struct ethhdr) + 60 + sizeof(struct tcphdr));
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return -1;
+		return CM_PARSE_NOT_IPV4;
 	struct iphdr *ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > end || ip->ihl < 5)
-		return -1;
+		return CM_PARSE_NOT_IPV4; /* no addresses to find an endpoint by; the stack drops it */
+	f->ct_mode = CM_CT_BOTH;
 	f->saddr = ip->saddr;
 	f->daddr = ip->daddr;
 	f->proto = ip->protocol;
@@ -409,35 +428,46 @@ static __always_inline int cm_parse(struct __sk_buff *skb, struct cm_flow *f)
 	f->policy_port = 0;
 	f->syn_only = 0;
 	void *l4 = (void *)ip + ip->ihl * 4;
-	if (ip->frag_off & bpf_htons(0x1fff))
-		return 0; /* later fragments carry no ports */
+	if (ip->frag_off & bpf_htons(0x1fff)) {
+		/* Later fragments carry no ports; an ICMP one no type: 256 matches no type rule. */
+		if (ip->protocol == IPPROTO_ICMP) {
+			f->policy_port = bpf_htons(256);
+			f->ct_mode = CM_CT_NONE;
+		}
+		return 0;
+	}
 	if (ip->protocol == IPPROTO_TCP) {
 		struct tcphdr *tcp = l4;
 		if ((void *)(tcp + 1) > end)
-			return -1;
+			return CM_PARSE_MALFORMED;
 		f->sport = tcp->source;
 		f->dport = tcp->dest;
 		f->syn_only = tcp->syn && !tcp->ack;
 	} else if (ip->protocol == IPPROTO_UDP) {
 		struct udphdr *udp = l4;
 		if ((void *)(udp + 1) > end)
-			return -1;
+			return CM_PARSE_MALFORMED;
 		f->sport = udp->source;
 		f->dport = udp->dest;
 	} else if (ip->protocol == IPPROTO_ICMP) {
 		/* type, code, checksum, then (echo) identifier and sequence. */
 		__u8 *icmp = l4;
 		if ((void *)(icmp + 8) > end)
-			return -1;
+			return CM_PARSE_MALFORMED;
 		f->policy_port = bpf_htons(icmp[0]);
 		/* Conntrack tells echo exchanges apart by their identifier: a request's is its
 		 * "source port", a reply's its "destination port", so that a reply matches its
-		 * request reversed and a request the other way does not. */
+		 * request reversed. */
 		__u16 id = (__u16)icmp[4] | ((__u16)icmp[5] << 8);
-		if (icmp[0] == 8)
+		if (icmp[0] == 8) {
 			f->sport = id;
-		else if (icmp[0] == 0)
+			f->ct_mode = CM_CT_RECORD;
+		} else if (icmp[0] == 0) {
 			f->dport = id;
+			f->ct_mode = CM_CT_REPLY;
+		} else {
+			f->ct_mode = CM_CT_NONE;
+		}
 		return 0;
 	}
 	f->policy_port = f->dport;
@@ -502,7 +532,8 @@ static __always_inline void cm_report(const struct cm_flow *f, __u32 src_id, __u
 static __always_inline int cm_enforce(struct __sk_buff *skb, __u8 dir)
 {
 	struct cm_flow f;
-	if (cm_parse(skb, &f) < 0)
+	int parsed = cm_parse(skb, &f);
+	if (parsed == CM_PARSE_NOT_IPV4)
 		return TC_ACT_OK;
 	__u32 local_ip = dir == CM_DIR_EGRESS ? f.saddr : f.daddr;
 	__u32 peer_ip = dir == CM_DIR_EGRESS ? f.daddr : f.saddr;
@@ -513,20 +544,27 @@ static __always_inline int cm_enforce(struct __sk_buff *skb, __u8 dir)
 	__u32 audit = dir == CM_DIR_EGRESS ? CM_AUDIT_EGRESS : CM_AUDIT_INGRESS;
 	if (!(ep->flags & (enforce | audit)))
 		return TC_ACT_OK;
+	/* Headers that cannot be read cannot be matched: dropped where enforced. */
+	if (parsed < 0)
+		return (ep->flags & enforce) ? TC_ACT_SHOT : TC_ACT_OK;
 
 	/* Replies of flows this endpoint's policy allowed pass. */
-	struct cm_ct_key reply = {
-		.saddr = f.daddr, .daddr = f.saddr, .sport = f.dport, .dport = f.sport, .proto = f.proto,
-	};
-	struct cm_ct_value *ct = bpf_map_lookup_elem(&cm_ct, &reply);
-	if (ct) {
-		ct->last_seen_ns = bpf_ktime_get_ns();
-		return TC_ACT_OK;
+	if (f.ct_mode == CM_CT_BOTH || f.ct_mode == CM_CT_REPLY) {
+		struct cm_ct_key reply = {
+			.saddr = f.daddr, .daddr = f.saddr, .sport = f.dport, .dport = f.sport,
+			.proto = f.proto,
+		};
+		struct cm_ct_value *ct = bpf_map_lookup_elem(&cm_ct, &reply);
+		if (ct) {
+			ct->last_seen_ns = bpf_ktime_get_ns();
+			return TC_ACT_OK;
+		}
 	}
 	struct cm_ct_key fwd = {
 		.saddr = f.saddr, .daddr = f.daddr, .sport = f.sport, .dport = f.dport, .proto = f.proto,
 	};
-	int known_flow = bpf_map_lookup_elem(&cm_ct, &fwd) != 0;
+	int record = f.ct_mode == CM_CT_BOTH || f.ct_mode == CM_CT_RECORD;
+	int known_flow = record && bpf_map_lookup_elem(&cm_ct, &fwd) != 0;
 
 	struct cm_ipcache_key ik = { .prefixlen = 32, .ip = peer_ip };
 	struct cm_ipcache_value *peer = bpf_map_lookup_elem(&cm_ipcache, &ik);
@@ -555,8 +593,10 @@ static __always_inline int cm_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_SHOT;
 	}
 	if (!known_flow) {
-		struct cm_ct_value nv = { .last_seen_ns = bpf_ktime_get_ns() };
-		bpf_map_update_elem(&cm_ct, &fwd, &nv, BPF_ANY);
+		if (record) {
+			struct cm_ct_value nv = { .last_seen_ns = bpf_ktime_get_ns() };
+			bpf_map_update_elem(&cm_ct, &fwd, &nv, BPF_ANY);
+		}
 		cm_report(&f, src_id, dst_id, src_cl, dst_cl, dir, outcome, ep->endpoint_id, rule);
 	}
 	return TC_ACT_OK;

@@ -401,13 +401,29 @@ async fn icmp_is_matched_by_type_and_replies_by_echo_identifier() {
         port: Some((8, Proto::Icmp)),
         direction: Direction::Ingress,
     };
-    dp.upsert_policy(&[(
-        echo_from_client,
-        PolicyValue {
-            verdict: Verdict::Allow,
-            rule_id: 11,
-        },
-    )])
+    // Its egress allows everything to `other` only.
+    let out_to_other = PolicyKey {
+        endpoint_id: 1,
+        identity: ID_OTHER,
+        port: None,
+        direction: Direction::Egress,
+    };
+    dp.upsert_policy(&[
+        (
+            echo_from_client,
+            PolicyValue {
+                verdict: Verdict::Allow,
+                rule_id: 11,
+            },
+        ),
+        (
+            out_to_other,
+            PolicyValue {
+                verdict: Verdict::Allow,
+                rule_id: 13,
+            },
+        ),
+    ])
     .unwrap();
     let srv = topo.pod("server").host_if.clone();
     dp.attach_endpoint(Some(&topo.node_netns()), &srv).unwrap();
@@ -435,6 +451,19 @@ async fn icmp_is_matched_by_type_and_replies_by_echo_identifier() {
     })
     .await;
     assert_eq!((e.direction, e.proto, e.dport), (Direction::Egress, 1, 8));
+    // The server's echo to `other` (allowed egress) is recorded with its identifier; its
+    // reply passes. An echo *request* from `other` with the same identifier is no reply:
+    // checked by policy, and dropped (conntrack never lets an echo request, or any ICMP
+    // message but the reply of a recorded echo, past policy).
+    let ping_id = |from: &str, to: &str, id: &str| {
+        topo.probe(
+            from,
+            false,
+            &["icmp", to, "--timeout-ms", "500", "--ident", id],
+        )
+    };
+    assert_eq!(ping_id("server", "10.244.0.3", "0"), ["ok 10.244.0.3"]);
+    assert_eq!(ping_id("other", "10.244.0.20", "0"), ["err TimedOut 0"]);
     // A deny of echo requests from the client wins over the allow; TCP is not affected by
     // an ICMP entry (nothing serves here, and no TCP entry exists either way).
     dp.upsert_policy(&[(

@@ -12,8 +12,9 @@
 //! - `cm-netprobe tcp-loop ADDR:PORT --duration-ms D`: connects back to back for D ms, then
 //!   prints `attempts N ok N failed N`.
 //! - `cm-netprobe tcp-latency ADDR:PORT --count N`: N connects, prints `p50_us X p99_us Y`.
-//! - `cm-netprobe icmp ADDR [--count N] [--timeout-ms T]`: N ICMP echo requests (a raw
-//!   socket: root), one line each: `ok ADDR` (the echo reply came back) or `err TimedOut 0`.
+//! - `cm-netprobe icmp ADDR [--count N] [--timeout-ms T] [--ident I]`: N ICMP echo requests
+//!   (a raw socket: root; identifier I, default the process ID), one line each: `ok ADDR`
+//!   (the echo reply came back) or `err TimedOut 0`.
 //! - `cm-netprobe tcp-log ADDR:PORT --duration-ms D [--timeout-ms T] [--gap-ms G]`: connects
 //!   one after the other (G ms apart) for D ms; one line each with the wall-clock time the
 //!   attempt started (Unix milliseconds): `MS ok NAME` or `MS err KIND ERRNO`.
@@ -106,10 +107,9 @@ fn checksum(data: &[u8]) -> u16 {
 }
 
 /// One ICMP echo request to `ip`, waiting for its reply (matched by identifier and sequence).
-fn ping(ip: Ipv4Addr, seq: u16, timeout: Duration) -> std::io::Result<()> {
+fn ping(ip: Ipv4Addr, id: u16, seq: u16, timeout: Duration) -> std::io::Result<()> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
-    let id = u16::try_from(std::process::id() & 0xffff).unwrap_or(0);
     let mut msg = [0u8; 16];
     msg[0] = 8; // echo request
     msg[4..6].copy_from_slice(&id.to_be_bytes());
@@ -169,8 +169,14 @@ fn main() {
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| usage());
         let timeout = Duration::from_millis(flag(&args, "--timeout-ms", 1000));
+        let ident = u16::try_from(flag(
+            &args,
+            "--ident",
+            u64::from(std::process::id() & 0xffff),
+        ))
+        .unwrap_or_else(|_| usage());
         for seq in 0..flag(&args, "--count", 1) {
-            match ping(ip, u16::try_from(seq).unwrap_or(u16::MAX), timeout) {
+            match ping(ip, ident, u16::try_from(seq).unwrap_or(u16::MAX), timeout) {
                 Ok(()) => println!("ok {ip}"),
                 Err(e) => println!("{}", describe(&e)),
             }

@@ -474,8 +474,23 @@ static __always_inline int cm_parse(struct __sk_buff *skb, struct cm_flow *f)
 	return 0;
 }
 
+static __always_inline void cm_consider(struct cm_policy_key *k, __u8 *best, __u32 *best_rule)
+{
+	struct cm_policy_value *v = bpf_map_lookup_elem(&cm_policy, k);
+	if (!v)
+		return;
+	__u8 rank = v->verdict == CM_VERDICT_DENY ? 3 : v->verdict == CM_VERDICT_ALLOW ? 2 : 1;
+	__u8 best_rank = *best == CM_VERDICT_DENY ? 3 : *best == CM_VERDICT_ALLOW ? 2 : *best ? 1 : 0;
+	if (rank > best_rank) {
+		*best = v->verdict;
+		*best_rule = v->rule_id;
+	}
+}
+
+/* blocks: the endpoint's port block sizes in use (bit k-1: aligned blocks of 2^k ports, a
+ * port range's pieces); their entries carry k in bits 1..5 of the direction byte. */
 static __always_inline __u8 cm_lookup_verdict(__u32 ep, __u32 identity, __u16 port, __u8 proto,
-					      __u8 dir, __u32 *rule_id)
+					      __u8 dir, __u16 blocks, __u32 *rule_id)
 {
 	/* Exact, any port, any identity, any identity and port. Deny wins over allow, allow
 	 * over audit. */
@@ -488,15 +503,22 @@ static __always_inline __u8 cm_lookup_verdict(__u32 ep, __u32 identity, __u16 po
 	__u8 best = 0;
 	__u32 best_rule = 0;
 #pragma unroll
-	for (int i = 0; i < 4; i++) {
-		struct cm_policy_value *v = bpf_map_lookup_elem(&cm_policy, &keys[i]);
-		if (!v)
-			continue;
-		__u8 rank = v->verdict == CM_VERDICT_DENY ? 3 : v->verdict == CM_VERDICT_ALLOW ? 2 : 1;
-		__u8 best_rank = best == CM_VERDICT_DENY ? 3 : best == CM_VERDICT_ALLOW ? 2 : best ? 1 : 0;
-		if (rank > best_rank) {
-			best = v->verdict;
-			best_rule = v->rule_id;
+	for (int i = 0; i < 4; i++)
+		cm_consider(&keys[i], &best, &best_rule);
+	if (blocks) {
+		__u16 host_port = bpf_ntohs(port);
+#pragma unroll
+		for (int k = 1; k <= 16; k++) {
+			if (!(blocks & (1 << (k - 1))))
+				continue;
+			__u16 start = (__u16)(host_port & ~((1u << k) - 1));
+			struct cm_policy_key bk = {
+				.endpoint_id = ep, .identity = identity, .port = bpf_htons(start),
+				.proto = proto, .direction = (__u8)(dir | (k << 1)),
+			};
+			cm_consider(&bk, &best, &best_rule);
+			bk.identity = 0;
+			cm_consider(&bk, &best, &best_rule);
 		}
 	}
 	*rule_id = best_rule;
@@ -572,7 +594,8 @@ static __always_inline int cm_enforce(struct __sk_buff *skb, __u8 dir)
 	__u16 peer_cluster = peer ? peer->cluster_id : 0;
 
 	__u32 rule = 0;
-	__u8 v = cm_lookup_verdict(ep->endpoint_id, peer_id, f.policy_port, f.proto, dir, &rule);
+	__u8 v = cm_lookup_verdict(ep->endpoint_id, peer_id, f.policy_port, f.proto, dir,
+				   (__u16)(ep->flags >> 16), &rule);
 	__u8 outcome;
 	if (v == CM_VERDICT_ALLOW)
 		outcome = CM_EVENT_ALLOWED;

@@ -148,7 +148,8 @@ struct cm_policy_key {
 	__u32 identity;
 	__u16 port;       /* network order */
 	__u8 proto;
-	__u8 direction;   /* CM_DIR_* */
+	__u8 direction;   /* CM_DIR_* in bit 0; bits 1..5: k, the entry covers the aligned
+	                   * block of 2^k ports that starts at port (a port range's piece) */
 };
 
 #define CM_VERDICT_ALLOW 1

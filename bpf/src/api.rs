@@ -332,6 +332,10 @@ pub struct EndpointFlags {
     pub audit_ingress: bool,
     /// Egress default-deny verdicts pass and are reported as audited.
     pub audit_egress: bool,
+    /// The port block sizes the endpoint's entries use (port ranges): bit `k - 1` set when
+    /// an entry covers an aligned block of `2^k` ports (`k` 1..=16). The datapath probes
+    /// only those sizes.
+    pub port_blocks: u16,
 }
 
 impl EndpointFlags {
@@ -340,6 +344,7 @@ impl EndpointFlags {
             | u32::from(self.enforce_egress) << 1
             | u32::from(self.audit_ingress) << 2
             | u32::from(self.audit_egress) << 3
+            | u32::from(self.port_blocks) << 16
     }
 
     pub(crate) fn from_raw(v: u32) -> Self {
@@ -348,6 +353,7 @@ impl EndpointFlags {
             enforce_egress: v & 2 != 0,
             audit_ingress: v & 4 != 0,
             audit_egress: v & 8 != 0,
+            port_blocks: u16::try_from(v >> 16).unwrap_or(0),
         }
     }
 }
@@ -422,6 +428,10 @@ pub struct PolicyKey {
     pub port: Option<(u16, Proto)>,
     /// Direction.
     pub direction: Direction,
+    /// A port range: the entry covers the aligned block of `2^port_block` ports that starts
+    /// at `port` (0: exactly `port`; at most 16). Set the size's bit in the endpoint's
+    /// [`EndpointFlags::port_blocks`], or the datapath does not look for it.
+    pub port_block: u8,
 }
 
 impl PolicyKey {
@@ -434,7 +444,9 @@ impl PolicyKey {
             identity: self.identity,
             port,
             proto,
-            direction: self.direction.raw(),
+            // The block size rides in the direction byte (bits 1..=5), so that exact
+            // entries keep the layout they always had.
+            direction: self.direction.raw() | (self.port_block.min(16) << 1),
         }
     }
 
@@ -443,7 +455,8 @@ impl PolicyKey {
             endpoint_id: raw.endpoint_id,
             identity: raw.identity,
             port: Proto::from_number(raw.proto).map(|proto| (u16::from_be(raw.port), proto)),
-            direction: Direction::from_raw(raw.direction),
+            direction: Direction::from_raw(raw.direction & 1),
+            port_block: (raw.direction >> 1) & 0x1f,
         }
     }
 }
@@ -575,7 +588,7 @@ mod tests {
         };
         assert_eq!(Backend::from_raw(&b.raw()), Some(b));
 
-        for bits in 0..16 {
+        for bits in (0..16).chain([0x8001_0003, 0xffff_000f]) {
             assert_eq!(EndpointFlags::from_raw(bits).raw(), bits);
         }
         for k in [
@@ -584,12 +597,28 @@ mod tests {
                 identity: 0,
                 port: None,
                 direction: Direction::Egress,
+                port_block: 0,
             },
             PolicyKey {
                 endpoint_id: 9,
                 identity: 70_000,
                 port: Some((53, Proto::Udp)),
                 direction: Direction::Ingress,
+                port_block: 0,
+            },
+            PolicyKey {
+                endpoint_id: 9,
+                identity: 70_000,
+                port: Some((4096, Proto::Tcp)),
+                direction: Direction::Egress,
+                port_block: 12,
+            },
+            PolicyKey {
+                endpoint_id: 9,
+                identity: 0,
+                port: Some((0, Proto::Tcp)),
+                direction: Direction::Ingress,
+                port_block: 16,
             },
         ] {
             assert_eq!(PolicyKey::from_raw(&k.raw()), k);

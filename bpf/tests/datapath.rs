@@ -239,6 +239,7 @@ async fn policy_allows_denies_audits_and_reports_every_verdict() {
         identity: ID_CLIENT,
         port: Some((8080, Proto::Tcp)),
         direction: Direction::Ingress,
+        port_block: 0,
     };
     dp.upsert_policy(&[(
         allow_8080,
@@ -299,6 +300,7 @@ async fn policy_allows_denies_audits_and_reports_every_verdict() {
         identity: ID_CLIENT,
         port: None,
         direction: Direction::Ingress,
+        port_block: 0,
     };
     dp.upsert_policy(&[(
         deny_all_from_client,
@@ -359,6 +361,120 @@ async fn policy_allows_denies_audits_and_reports_every_verdict() {
     dp.unpin_all().unwrap();
 }
 
+/// Port ranges on real packets: an entry covering an aligned block of ports (here
+/// 8064..=8191, k = 7) matches every port in it, and only when the endpoint's flags name the
+/// block size; a deny block wins over an exact allow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_blocks_match_every_port_of_their_range() {
+    let topo = Topology::new(
+        PROBE.as_ref(),
+        &[("client", ip(2)), ("other", ip(3)), ("server", ip(20))],
+    );
+    topo.serve("server", 8080);
+    topo.serve("server", 8191);
+    topo.serve("server", 9090);
+    let dp = load(&topo);
+    let ipcache: Vec<_> = [(2, ID_CLIENT), (3, ID_OTHER), (20, ID_SERVER)]
+        .into_iter()
+        .map(|(last, identity)| {
+            (
+                Prefix::host(ip(last)),
+                IpCacheValue {
+                    identity,
+                    node_ip: None,
+                    cluster_id: 1,
+                },
+            )
+        })
+        .collect();
+    dp.upsert_ipcache(&ipcache).unwrap();
+    let with_blocks = |port_blocks| Endpoint {
+        endpoint_id: 1,
+        identity: ID_SERVER,
+        flags: EndpointFlags {
+            enforce_ingress: true,
+            port_blocks,
+            ..EndpointFlags::default()
+        },
+        cluster_id: 1,
+    };
+    dp.upsert_endpoints(&[(ip(20), with_blocks(0))]).unwrap();
+    let block = PolicyKey {
+        endpoint_id: 1,
+        identity: ID_CLIENT,
+        port: Some((8064, Proto::Tcp)),
+        direction: Direction::Ingress,
+        port_block: 7,
+    };
+    let allow = PolicyValue {
+        verdict: Verdict::Allow,
+        rule_id: 21,
+    };
+    dp.upsert_policy(&[
+        (block, allow),
+        (
+            PolicyKey {
+                identity: ID_OTHER,
+                ..block
+            },
+            allow,
+        ),
+    ])
+    .unwrap();
+    let srv = topo.pod("server").host_if.clone();
+    dp.attach_endpoint(Some(&topo.node_netns()), &srv).unwrap();
+    let tcp = |pod: &str, port: u16| {
+        topo.probe(
+            pod,
+            false,
+            &["tcp", &format!("10.244.0.20:{port}"), "--timeout-ms", "500"],
+        )
+    };
+
+    // The block is only looked for once the endpoint's flags name its size.
+    assert_eq!(tcp("client", 8080), ["err TimedOut 0"]);
+    dp.upsert_endpoints(&[(ip(20), with_blocks(1 << 6))])
+        .unwrap();
+    assert_eq!(tcp("client", 8080), ["ok server"]);
+    assert_eq!(tcp("client", 8191), ["ok server"]);
+    assert_eq!(tcp("client", 9090), ["err TimedOut 0"], "outside the block");
+    assert_eq!(tcp("other", 8080), ["ok server"]);
+
+    // A deny block (4096..=8191, k = 12) beats an exact allow of 8080 for `other`.
+    dp.upsert_policy(&[
+        (
+            PolicyKey {
+                identity: ID_OTHER,
+                port: Some((8080, Proto::Tcp)),
+                port_block: 0,
+                ..block
+            },
+            allow,
+        ),
+        (
+            PolicyKey {
+                identity: ID_OTHER,
+                port: Some((4096, Proto::Tcp)),
+                port_block: 12,
+                ..block
+            },
+            PolicyValue {
+                verdict: Verdict::Deny,
+                rule_id: 22,
+            },
+        ),
+    ])
+    .unwrap();
+    dp.upsert_endpoints(&[(ip(20), with_blocks((1 << 6) | (1 << 11)))])
+        .unwrap();
+    assert_eq!(tcp("other", 8080), ["err TimedOut 0"]);
+    assert_eq!(tcp("client", 8080), ["ok server"]);
+    // The entries read back with their blocks.
+    let snap = dp.snapshot().unwrap();
+    assert!(snap.policy.contains_key(&block), "{:?}", snap.policy.keys());
+    dp.unpin_all().unwrap();
+}
+
 /// ICMP policy on real echo requests: an entry with protocol ICMP matches by message type
 /// (8, echo request); the reply of an allowed echo passes by conntrack, matched by its echo
 /// identifier, so that an echo request the other way is still checked.
@@ -400,6 +516,7 @@ async fn icmp_is_matched_by_type_and_replies_by_echo_identifier() {
         identity: ID_CLIENT,
         port: Some((8, Proto::Icmp)),
         direction: Direction::Ingress,
+        port_block: 0,
     };
     // Its egress allows everything to `other` only.
     let out_to_other = PolicyKey {
@@ -407,6 +524,7 @@ async fn icmp_is_matched_by_type_and_replies_by_echo_identifier() {
         identity: ID_OTHER,
         port: None,
         direction: Direction::Egress,
+        port_block: 0,
     };
     dp.upsert_policy(&[
         (
@@ -861,6 +979,7 @@ fn program(dp: &dyn Datapath) {
         identity,
         port,
         direction: Direction::Ingress,
+        port_block: 0,
     };
     dp.upsert_policy(&[
         (

@@ -349,6 +349,7 @@ pub(crate) async fn bpf(agent: &str, map: &str, format: Format) -> anyhow::Resul
             "endpointId",
             "identity",
             "port",
+            "portBlock",
             "proto",
             "direction",
             "verdict",

@@ -48,6 +48,9 @@ pub enum PolicyError {
     /// A direction that is neither `ingress` nor `egress`.
     #[error("direction {0:?} is neither ingress nor egress")]
     Direction(String),
+    /// An `endPort` below its port, or on a named port or ICMP.
+    #[error("toPorts port {0:?} cannot end a range at {1}")]
+    PortRange(String, u16),
     /// A `toPorts` protocol Cilium does not have.
     #[error("toPorts protocol {0:?} is not TCP, UDP, SCTP, ANY, ICMP, ICMPV6, VRRP or IGMP")]
     Protocol(String),
@@ -235,6 +238,9 @@ pub struct PortProtocol {
     /// The protocol.
     #[serde(default)]
     pub protocol: PolicyProtocol,
+    /// The last port of a range that starts at `port` (a number; TCP, UDP or ANY).
+    #[serde(default, rename = "endPort", skip_serializing_if = "Option::is_none")]
+    pub end_port: Option<u16>,
 }
 
 /// The port of a [`PortProtocol`], parsed.
@@ -265,6 +271,24 @@ impl PortProtocol {
         }
         names::check_port_name(&self.port).map_err(|_| PolicyError::Port(self.port.clone()))?;
         Ok(PortSpec::Named(self.port.clone()))
+    }
+
+    /// The ports as a range `(first, last)`: `None` for a named port or ICMP; a single
+    /// port is `(p, p)`. An `endPort` needs a numbered TCP/UDP/ANY port at or below it.
+    pub fn range(&self) -> Result<Option<(u16, u16)>, PolicyError> {
+        let spec = self.port_spec()?;
+        match (spec, self.end_port) {
+            (PortSpec::Number(p), None) if self.protocol != PolicyProtocol::Icmp => {
+                Ok(Some((p, p)))
+            }
+            (PortSpec::Number(p), Some(end))
+                if end >= p && self.protocol != PolicyProtocol::Icmp =>
+            {
+                Ok(Some((p, end)))
+            }
+            (_, None) => Ok(None),
+            (_, Some(end)) => Err(PolicyError::PortRange(self.port.clone(), end)),
+        }
     }
 }
 
@@ -466,7 +490,7 @@ impl PolicyRule {
             .flat_map(|r| &r.to_ports)
             .chain(egress.flat_map(|r| &r.to_ports));
         for p in ports.flat_map(|r| &r.ports) {
-            p.port_spec()?;
+            p.range()?;
         }
         Ok(())
     }

@@ -388,7 +388,8 @@ async fn maps(State(s): State<Arc<Shared>>, Path(map): Path<String>) -> Response
                 serde_json::json!({"ip": ip.to_string(), "endpointId": e.endpoint_id,
                     "identity": e.identity, "clusterId": e.cluster_id,
                     "enforceIngress": e.flags.enforce_ingress, "enforceEgress": e.flags.enforce_egress,
-                    "auditIngress": e.flags.audit_ingress, "auditEgress": e.flags.audit_egress})
+                    "auditIngress": e.flags.audit_ingress, "auditEgress": e.flags.audit_egress,
+                    "portBlocks": e.flags.port_blocks})
             })
             .collect(),
         "policy" => snap
@@ -397,6 +398,8 @@ async fn maps(State(s): State<Arc<Shared>>, Path(map): Path<String>) -> Response
             .map(|(k, v)| {
                 serde_json::json!({"endpointId": k.endpoint_id, "identity": k.identity,
                     "port": k.port.map(|(p, _)| p), "proto": k.port.map(|(_, p)| p.name()),
+                    // A range's piece: the 2^portBlock ports from port.
+                    "portBlock": k.port_block,
                     "direction": format!("{:?}", k.direction).to_lowercase(),
                     "verdict": format!("{:?}", v.verdict).to_lowercase(), "ruleId": v.rule_id})
             })

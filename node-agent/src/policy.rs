@@ -361,12 +361,38 @@ fn resolve_rules(view: &View) -> Vec<ResolvedRule<'_>> {
 }
 
 /// The ports of a peer rule for one endpoint (`None`: any port).
+/// A port range as aligned blocks: `(first port, k)` for each block of `2^k` ports, the
+/// fewest that cover `first..=last` exactly (at most 30).
+pub fn port_blocks(first: u16, last: u16) -> Vec<(u16, u8)> {
+    let mut out = Vec::new();
+    let (mut lo, hi) = (u32::from(first), u32::from(last));
+    while lo <= hi {
+        // The largest block that starts at `lo` (aligned) and ends by `hi`.
+        let mut k = if lo == 0 {
+            16
+        } else {
+            lo.trailing_zeros().min(16)
+        };
+        while lo + (1 << k) - 1 > hi {
+            k -= 1;
+        }
+        out.push((
+            u16::try_from(lo).unwrap_or(u16::MAX),
+            u8::try_from(k).unwrap_or(0),
+        ));
+        lo += 1 << k;
+    }
+    out
+}
+
+/// The ports of a peer rule for one endpoint (`None`: any port): `(port, protocol, k)`,
+/// `k` > 0 for an aligned block of `2^k` ports starting at `port` (a range's piece).
 fn resolve_ports(
     view: &View,
     pr: &PeerRule,
     endpoint: &IpCacheEntry,
     notes: &mut Vec<String>,
-) -> Vec<Option<(u16, Proto)>> {
+) -> Vec<Option<(u16, Proto, u8)>> {
     if !has_ports(&pr.ports) {
         return vec![None];
     }
@@ -377,16 +403,23 @@ fn resolve_ports(
             notes.push(format!("{}: SCTP ports are not enforced", pr.source));
             continue;
         }
-        match pp.port_spec() {
-            Ok(PortSpec::Number(p)) => out.extend(wanted.iter().map(|proto| Some((p, *proto)))),
-            Ok(PortSpec::Named(name)) => {
+        match (pp.port_spec(), pp.range()) {
+            (Ok(PortSpec::Number(_)), Ok(Some((first, last)))) if last > first => {
+                for (start, k) in port_blocks(first, last) {
+                    out.extend(wanted.iter().map(|proto| Some((start, *proto, k))));
+                }
+            }
+            (Ok(PortSpec::Number(p)), _) => {
+                out.extend(wanted.iter().map(|proto| Some((p, *proto, 0))));
+            }
+            (Ok(PortSpec::Named(name)), _) => {
                 let found = named_ports(view, pr, endpoint, &name, wanted);
                 if found.is_empty() {
                     notes.push(format!("{}: named port {name:?} not found", pr.source));
                 }
-                out.extend(found.into_iter().map(Some));
+                out.extend(found.into_iter().map(|(p, proto)| Some((p, proto, 0))));
             }
-            Err(e) => notes.push(format!("{}: {e}", pr.source)),
+            (Err(e), _) => notes.push(format!("{}: {e}", pr.source)),
         }
     }
     out.into_iter().collect()
@@ -495,11 +528,12 @@ fn resolve_endpoint(
             }
         }
     }
-    let flags = EndpointFlags {
+    let mut flags = EndpointFlags {
         enforce_ingress: enforce[0],
         enforce_egress: enforce[1],
         audit_ingress: !enforce[0] && audited[0],
         audit_egress: !enforce[1] && audited[1],
+        port_blocks: 0,
     };
     // Per key: (rank, verdict, rule id, sources).
     let mut merged: BTreeMap<PolicyKey, (u8, Verdict, u32, Vec<String>)> = BTreeMap::new();
@@ -532,8 +566,9 @@ fn resolve_endpoint(
                     let key = PolicyKey {
                         endpoint_id,
                         identity: *peer,
-                        port,
+                        port: port.map(|(p, proto, _)| (p, proto)),
                         direction: pr.direction,
+                        port_block: port.map_or(0, |(_, _, k)| k),
                     };
                     let slot = merged
                         .entry(key)
@@ -550,6 +585,10 @@ fn resolve_endpoint(
             }
         }
     }
+    // The block sizes the datapath must probe for this endpoint.
+    for key in merged.keys().filter(|k| k.port_block > 0) {
+        flags.port_blocks |= 1 << (key.port_block - 1);
+    }
     let mut entries = BTreeMap::new();
     for (key, (_, verdict, rule_id, sources)) in merged {
         explain.entries.push(EntryExplain {
@@ -558,7 +597,10 @@ fn resolve_endpoint(
             cluster: view.identity(key.identity).map(|i| i.cluster.to_string()),
             port: key.port.map_or_else(
                 || "any".to_owned(),
-                |(p, proto)| format!("{p}/{}", proto.name()),
+                |(p, proto)| match key.port_block {
+                    0 => format!("{p}/{}", proto.name()),
+                    k => format!("{p}-{}/{}", u32::from(p) + (1u32 << k) - 1, proto.name()),
+                },
             ),
             verdict: match verdict {
                 Verdict::Allow => "allow",

@@ -133,6 +133,7 @@ fn a_selector_without_the_cluster_label_selects_the_local_cluster_only() {
         identity: ids["frontend"],
         port: Some((8080, Proto::Tcp)),
         direction: Direction::Ingress,
+        port_block: 0,
     };
     let name = "prod/allow-frontend rule 0";
     assert_eq!(
@@ -455,6 +456,7 @@ notes:
             enforce_egress: true,
             audit_ingress: false,
             audit_egress: false,
+            port_blocks: 0,
         }
     );
     let explain = &s.explain[&WEB.parse::<Ipv4Addr>().unwrap()];
@@ -573,4 +575,67 @@ rules:
     let explain = &s.explain[&WEB.parse::<Ipv4Addr>().unwrap()];
     let ports: Vec<&str> = explain.entries.iter().map(|e| e.port.as_str()).collect();
     assert_eq!(ports, ["0/ICMP", "8/ICMP"]);
+}
+
+/// A port range becomes the fewest aligned blocks that cover it exactly, and the endpoint's
+/// flags name the block sizes the datapath must probe.
+#[test]
+fn port_ranges_become_aligned_blocks() {
+    use clustermesh_agent::policy::port_blocks;
+    assert_eq!(port_blocks(4096, 8191), [(4096, 12)]);
+    assert_eq!(port_blocks(80, 80), [(80, 0)]);
+    assert_eq!(port_blocks(0, 65_535), [(0, 16)]);
+    assert_eq!(port_blocks(65_535, 65_535), [(65_535, 0)]);
+    let pieces = port_blocks(4196, 8191);
+    assert_eq!(
+        pieces,
+        [
+            (4196, 2),
+            (4200, 3),
+            (4208, 4),
+            (4224, 7),
+            (4352, 8),
+            (4608, 9),
+            (5120, 10),
+            (6144, 11)
+        ]
+    );
+    // Exactly the range, no gap and no overlap.
+    let covered: Vec<u32> = pieces
+        .iter()
+        .flat_map(|(start, k)| u32::from(*start)..u32::from(*start) + (1 << k))
+        .collect();
+    assert_eq!(covered, (4196..=8191).collect::<Vec<u32>>());
+
+    let (mut v, ids) = mesh();
+    policy(
+        &mut v,
+        "
+namespace: prod
+name: range
+rules:
+- endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts: [{ports: [{port: '8000', endPort: 8191, protocol: TCP}]}]
+",
+    );
+    let s = resolve(&v);
+    let web = u32::from(WEB.parse::<Ipv4Addr>().unwrap());
+    let keys: Vec<(u16, u8)> = s
+        .entries
+        .keys()
+        .filter(|k| k.endpoint_id == web)
+        .map(|k| (k.port.unwrap().0, k.port_block))
+        .collect();
+    assert_eq!(keys, [(8000, 6), (8064, 7)]);
+    assert!(
+        s.entries
+            .keys()
+            .all(|k| k.identity == ids["frontend"] || k.endpoint_id != web)
+    );
+    assert_eq!(flags(&s).port_blocks, (1 << 5) | (1 << 6));
+    let explain = &s.explain[&WEB.parse::<Ipv4Addr>().unwrap()];
+    let ports: Vec<&str> = explain.entries.iter().map(|e| e.port.as_str()).collect();
+    assert_eq!(ports, ["8000-8063/TCP", "8064-8191/TCP"]);
 }

@@ -195,6 +195,7 @@ fn port_rules_to_wire(rules: &[PortRule]) -> Vec<v1::PortRule> {
                         PolicyProtocol::Any => "ANY",
                     }
                     .to_owned(),
+                    end_port: p.end_port.map_or(0, u32::from),
                 })
                 .collect(),
         })
@@ -446,9 +447,16 @@ fn port_rules_from_wire(rules: &[v1::PortRule]) -> Result<Vec<PortRule>, Convert
                             ));
                         }
                     };
+                    let end_port = match p.end_port {
+                        0 => None,
+                        n => Some(u16::try_from(n).map_err(|_| {
+                            bad("policy.ports.endPort", format!("{n} is not a port"))
+                        })?),
+                    };
                     Ok(PortProtocol {
                         port: p.port.clone(),
                         protocol,
+                        end_port,
                     })
                 })
                 .collect::<Result<_, _>>()?;

@@ -11,7 +11,8 @@
 //!   like Cilium's, a pod selector without the cluster label selects the local cluster only;
 //! - no `from`/`to` is every peer, no `ports` every port; a port without a protocol is TCP
 //!   (the API server's default);
-//! - what cannot be enforced yet (`ipBlock`, other namespace labels, port ranges, a protocol
+//! - `endPort` ranges are enforced;
+//! - what cannot be enforced yet (`ipBlock`, other namespace labels, a protocol
 //!   without a port) fails closed as in `clustermesh_model::policy::cilium`: the part is left
 //!   out, and an entry with nothing enforceable left allows nothing; each is a note.
 
@@ -273,7 +274,11 @@ fn port(p: &NetworkPolicyPort) -> Result<Result<PortProtocol, String>, Problem> 
         }
         Some(IntOrString::String(s)) => s.clone(),
     };
-    let pp = PortProtocol { port, protocol };
+    let pp = PortProtocol {
+        port,
+        protocol,
+        end_port: None,
+    };
     pp.port_spec().map_err(|e| e.to_string())?;
     match p.end_port {
         None => Ok(Ok(pp)),
@@ -286,7 +291,10 @@ fn port(p: &NetworkPolicyPort) -> Result<Result<PortProtocol, String>, Problem> 
             if end == start {
                 Ok(Ok(pp))
             } else if end > start && end <= 65_535 {
-                Ok(Err(format!("port range {start}-{end}")))
+                Ok(Ok(PortProtocol {
+                    end_port: u16::try_from(end).ok(),
+                    ..pp
+                }))
             } else {
                 Err(format!("endPort {end} is not a valid end for port {start}"))
             }

@@ -2,9 +2,9 @@
 //! datapath enforces ([`PolicyRule`]).
 //!
 //! Every field of Cilium's rule types is read. What the project cannot enforce yet (CIDR
-//! peers, FQDNs, services, nodes and groups as peers, `fromRequires`/`toRequires`, port
-//! ranges, ICMP in `toPorts` and IPv6 ICMP types, L7 rules, mutual authentication) never
-//! makes a policy disappear, and is never silently dropped: each part is translated so that
+//! peers, FQDNs, services, nodes and groups as peers, `fromRequires`/`toRequires`, ICMP in
+//! `toPorts` and IPv6 ICMP types, L7 rules, mutual authentication) never makes a policy
+//! disappear, and is never silently dropped: each part is translated so that
 //! the result **fails closed**, and a note on the policy says what was done:
 //! - in an allow rule the part is left out; where leaving it out would make the rule allow
 //!   more (its only peers, its only ports, an L7 filter on a port) the whole rule becomes
@@ -178,7 +178,7 @@ pub struct CiliumPort {
     /// (`ICMP`, `ICMPV6`, `VRRP`, `IGMP`).
     #[serde(default)]
     pub protocol: String,
-    /// The end of a port range (not enforced yet; ignored when not past `port`).
+    /// The end of a port range (ignored when not past `port`, as Cilium does).
     #[serde(default)]
     pub end_port: Option<i64>,
 }
@@ -435,6 +435,7 @@ fn ports(
             let pp = PortProtocol {
                 port: p.port.to_ascii_lowercase(),
                 protocol: proto,
+                end_port: None,
             };
             if pp.port.bytes().all(|b| b == b'0') && !pp.port.is_empty() {
                 // Port 0: every port of the protocol.
@@ -452,10 +453,10 @@ fn ports(
             match (p.end_port, spec) {
                 // Cilium ignores an endPort that is not past the port, and on a named port.
                 (Some(end), super::PortSpec::Number(start)) if end > i64::from(start) => {
-                    out.lost.push(format!(
-                        "toPorts[{pi}] port range {start}-{}",
-                        end.min(65_535)
-                    ));
+                    kept.push(PortProtocol {
+                        end_port: Some(u16::try_from(end.min(65_535)).unwrap_or(u16::MAX)),
+                        ..pp
+                    });
                 }
                 _ => kept.push(pp),
             }
@@ -641,6 +642,7 @@ fn icmps(list: &[Value]) -> Result<(Vec<PortProtocol>, Vec<String>), PolicyError
                     v4.push(PortProtocol {
                         port: n.to_string(),
                         protocol: PolicyProtocol::Icmp,
+                        end_port: None,
                     });
                 }
                 "IPv6" => v6.push(format!("IPv6 type {}", ty.to_string().trim_matches('"'))),

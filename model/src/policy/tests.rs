@@ -164,6 +164,7 @@ fn port_rules() {
     let pp = |port: &str| PortProtocol {
         port: port.into(),
         protocol: PolicyProtocol::Tcp,
+        end_port: None,
     };
     assert_eq!(pp("80").port_spec(), Ok(PortSpec::Number(80)));
     assert_eq!(pp("0").port_spec(), Err(PolicyError::PortZero));
@@ -240,10 +241,10 @@ mod props {
 
     fn ports() -> impl Strategy<Value = Vec<PortRule>> {
         proptest::collection::vec(
-            proptest::collection::vec((1u16.., 0..4u8), 1..3).prop_map(|ps| PortRule {
+            proptest::collection::vec((1u16.., 0..4u8, 0u16..100), 1..3).prop_map(|ps| PortRule {
                 ports: ps
                     .into_iter()
-                    .map(|(p, proto)| PortProtocol {
+                    .map(|(p, proto, span)| PortProtocol {
                         port: p.to_string(),
                         protocol: [
                             PolicyProtocol::Tcp,
@@ -251,6 +252,7 @@ mod props {
                             PolicyProtocol::Sctp,
                             PolicyProtocol::Any,
                         ][usize::from(proto)],
+                        end_port: (span > 50).then(|| p.saturating_add(span)),
                     })
                     .collect(),
             }),
@@ -309,5 +311,30 @@ mod props {
             let json = serde_json::to_vec(&p).unwrap();
             prop_assert_eq!(serde_json::from_slice::<NetworkPolicy>(&json).unwrap(), p);
         }
+    }
+}
+
+#[test]
+fn port_ranges_need_a_numbered_port_at_or_below_their_end() {
+    let pp = |port: &str, protocol, end_port| PortProtocol {
+        port: port.into(),
+        protocol,
+        end_port,
+    };
+    let tcp = PolicyProtocol::Tcp;
+    assert_eq!(pp("4096", tcp, Some(8191)).range(), Ok(Some((4096, 8191))));
+    assert_eq!(pp("80", tcp, None).range(), Ok(Some((80, 80))));
+    assert_eq!(pp("80", tcp, Some(80)).range(), Ok(Some((80, 80))));
+    assert_eq!(pp("http", tcp, None).range(), Ok(None));
+    assert_eq!(pp("8", PolicyProtocol::Icmp, None).range(), Ok(None));
+    for bad in [
+        pp("90", tcp, Some(80)),
+        pp("http", tcp, Some(80)),
+        pp("8", PolicyProtocol::Icmp, Some(9)),
+    ] {
+        assert!(
+            matches!(bad.range(), Err(PolicyError::PortRange(..))),
+            "{bad:?}"
+        );
     }
 }

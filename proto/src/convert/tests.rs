@@ -123,12 +123,14 @@ fn serde_json_policy() -> NetworkPolicy {
                         ports: vec![PortProtocol {
                             port: "5432".into(),
                             protocol: PolicyProtocol::Tcp,
+                            end_port: Some(5440),
                         }],
                     },
                     PortRule {
                         ports: vec![PortProtocol {
                             port: "metrics".into(),
                             protocol: PolicyProtocol::Any,
+                            end_port: None,
                         }],
                     },
                 ],
@@ -288,6 +290,7 @@ fn an_entities_only_allow_allows_nothing_to_an_agent_that_ignores_entities() {
         ports: vec![PortProtocol {
             port: "443".into(),
             protocol: PolicyProtocol::Tcp,
+            end_port: None,
         }],
     };
     policy.rules[0].egress = vec![EgressRule {

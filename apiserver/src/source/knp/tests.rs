@@ -117,25 +117,25 @@ fn peers_are_pods_of_the_policys_namespace_unless_a_namespace_selector_says_othe
         ]
     );
     assert!(r.from_entities.is_empty());
-    let ports: Vec<(String, PolicyProtocol)> = r.to_ports[0]
+    let ports: Vec<(String, PolicyProtocol, Option<u16>)> = r.to_ports[0]
         .ports
         .iter()
-        .map(|p| (p.port.clone(), p.protocol))
+        .map(|p| (p.port.clone(), p.protocol, p.end_port))
         .collect();
     assert_eq!(
         ports,
         [
-            ("8080".to_owned(), PolicyProtocol::Tcp),
-            ("http".to_owned(), PolicyProtocol::Udp),
-            ("9000".to_owned(), PolicyProtocol::Tcp),
+            ("8080".to_owned(), PolicyProtocol::Tcp, None),
+            ("http".to_owned(), PolicyProtocol::Udp, None),
+            ("9000".to_owned(), PolicyProtocol::Tcp, None),
+            ("1000".to_owned(), PolicyProtocol::Tcp, Some(2000)),
         ]
     );
     assert_eq!(
         p.notes,
         [
             "rule 0 ingress[0]: peer 4 namespaceSelector on \"team\", peer 5 ipBlock, port 3 every \
-          TCP port (no port), port 4 port range 1000-2000 not enforced yet; left out: this rule \
-          allows less"
+          TCP port (no port) not enforced yet; left out: this rule allows less"
         ]
     );
 }
@@ -148,8 +148,8 @@ fn an_entry_with_nothing_enforceable_left_allows_nothing() {
             "peer 0 ipBlock",
         ),
         (
-            json!({"from": [{"podSelector": {}}], "ports": [{"port": 1, "endPort": 9}]}),
-            "port 0 port range 1-9",
+            json!({"from": [{"podSelector": {}}], "ports": [{"protocol": "UDP"}]}),
+            "port 0 every UDP port (no port)",
         ),
     ] {
         let p = translate(json!({"podSelector": {}, "ingress": [entry]})).unwrap();

@@ -19,6 +19,7 @@ fn tcp(port: &str) -> PortRule {
         ports: vec![PortProtocol {
             port: port.into(),
             protocol: PolicyProtocol::Tcp,
+            end_port: None,
         }],
     }
 }
@@ -76,16 +77,24 @@ fn an_allow_loses_what_it_cannot_enforce_and_never_widens() {
         ports: vec![PortProtocol {
             port: "8".into(),
             protocol: PolicyProtocol::Icmp,
+            end_port: None,
         }],
     };
-    assert_eq!(t.rule.egress[0].to_ports, [tcp("8080"), echo]);
+    // A port range is kept as a range.
+    let mut ports = tcp("8080");
+    ports.ports.push(PortProtocol {
+        port: "9000".into(),
+        protocol: PolicyProtocol::Tcp,
+        end_port: Some(9100),
+    });
+    assert_eq!(t.rule.egress[0].to_ports, [ports, echo]);
     assert_eq!(
         t.notes,
         [
             "egress[0]: icmps IPv6 type 128 not enforced: this datapath does not enforce IPv6 \
              at all",
-            "egress[0]: toCIDR, toPorts[0] port range 9000-9100, toPorts[1] L7 rules not \
-             enforced yet; left out: this rule allows less",
+            "egress[0]: toCIDR, toPorts[1] L7 rules not enforced yet; left out: this rule \
+             allows less",
         ]
     );
 
@@ -97,10 +106,6 @@ fn an_allow_loses_what_it_cannot_enforce_and_never_widens() {
             "toCIDR",
         ),
         (json!({"toFQDNs": [{"matchName": "x.example"}]}), "toFQDNs"),
-        (
-            json!({"toEndpoints": [{}], "toPorts": [{"ports": [{"port": "1", "endPort": 2}]}]}),
-            "toPorts[0] port range 1-2",
-        ),
         (
             json!({"toEndpoints": [{}], "toPorts": [{"ports": [{"port": "0", "protocol": "TCP"}]}]}),
             "toPorts[0] every TCP port (port 0)",
@@ -146,11 +151,11 @@ fn a_deny_denies_more_when_it_cannot_be_enforced_as_written() {
     assert!(d[0].from_endpoints.is_empty());
     assert_eq!(d[0].from_entities, [Entity::All]);
     assert_eq!(d[0].to_ports, [tcp("22")]);
-    // An unsupported port or ICMP part: every port of its peers.
-    for r in &d[1..3] {
-        assert_eq!(r.from_endpoints, [sel("db")]);
-        assert!(r.to_ports.is_empty());
-    }
+    // A port range is denied as a range.
+    assert_eq!(d[1].to_ports[0].ports[0].end_port, Some(2000));
+    // An unsupported port part: every port of its peers.
+    assert_eq!(d[2].from_endpoints, [sel("db")]);
+    assert!(d[2].to_ports.is_empty());
     // A condition on the peers: dropped, so the deny covers more of them.
     assert_eq!(d[3].from_endpoints, [sel("db")]);
     // An unsupported peer with ICMP: every peer, that ICMP type.
@@ -161,8 +166,6 @@ fn a_deny_denies_more_when_it_cannot_be_enforced_as_written() {
         t.notes,
         [
             "ingressDeny[0]: fromCIDR not enforced yet; this rule denies every peer instead",
-            "ingressDeny[1]: toPorts[0] port range 1000-2000 not enforced yet; this rule denies \
-             every port instead",
             "ingressDeny[2]: toPorts[0] protocol VRRP not enforced yet; this rule denies every \
              port instead",
             "ingressDeny[3]: fromRequires not enforced yet; this rule denies its peers without \

@@ -408,9 +408,6 @@ struct cm_flow {
 
 static __always_inline int cm_parse(struct __sk_buff *skb, struct cm_flow *f)
 {
-	/* Headers in paged data are made readable first (a failure, for a packet shorter
-	 * than this, changes nothing). */
-	bpf_skb_pull_data(skb, sizeof(struct ethhdr) + 60 + sizeof(struct tcphdr));
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
@@ -555,6 +552,13 @@ static __always_inline int cm_enforce(struct __sk_buff *skb, __u8 dir)
 {
 	struct cm_flow f;
 	int parsed = cm_parse(skb, &f);
+	if (parsed == CM_PARSE_MALFORMED) {
+		/* The L4 header may be in paged data: pull it into the linear part and look
+		 * again. Only here, not for every packet (pulling can copy a cloned packet). */
+		__u32 want = sizeof(struct ethhdr) + 60 + sizeof(struct tcphdr);
+		if (bpf_skb_pull_data(skb, skb->len < want ? skb->len : want) == 0)
+			parsed = cm_parse(skb, &f);
+	}
 	if (parsed == CM_PARSE_NOT_IPV4)
 		return TC_ACT_OK;
 	__u32 local_ip = dir == CM_DIR_EGRESS ? f.saddr : f.daddr;

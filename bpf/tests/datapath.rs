@@ -361,18 +361,13 @@ async fn policy_allows_denies_audits_and_reports_every_verdict() {
     dp.unpin_all().unwrap();
 }
 
-/// Port ranges on real packets: an entry covering an aligned block of ports (here
-/// 8064..=8191, k = 7) matches every port in it, and only when the endpoint's flags name the
-/// block size; a deny block wins over an exact allow.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn port_blocks_match_every_port_of_their_range() {
+/// Pods `client` (10.244.0.2), `other` (.3) and `server` (.20) with their identities in the
+/// ipcache (cluster 1), and the datapath loaded.
+fn client_other_server() -> (Topology, KernelDatapath) {
     let topo = Topology::new(
         PROBE.as_ref(),
         &[("client", ip(2)), ("other", ip(3)), ("server", ip(20))],
     );
-    topo.serve("server", 8080);
-    topo.serve("server", 8191);
-    topo.serve("server", 9090);
     let dp = load(&topo);
     let ipcache: Vec<_> = [(2, ID_CLIENT), (3, ID_OTHER), (20, ID_SERVER)]
         .into_iter()
@@ -388,6 +383,18 @@ async fn port_blocks_match_every_port_of_their_range() {
         })
         .collect();
     dp.upsert_ipcache(&ipcache).unwrap();
+    (topo, dp)
+}
+
+/// Port ranges on real packets: an entry covering an aligned block of ports (here
+/// 8064..=8191, k = 7) matches every port in it, and only when the endpoint's flags name the
+/// block size; a deny block wins over an exact allow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_blocks_match_every_port_of_their_range() {
+    let (topo, dp) = client_other_server();
+    topo.serve("server", 8080);
+    topo.serve("server", 8191);
+    topo.serve("server", 9090);
     let with_blocks = |port_blocks| Endpoint {
         endpoint_id: 1,
         identity: ID_SERVER,
@@ -480,25 +487,7 @@ async fn port_blocks_match_every_port_of_their_range() {
 /// identifier, so that an echo request the other way is still checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn icmp_is_matched_by_type_and_replies_by_echo_identifier() {
-    let topo = Topology::new(
-        PROBE.as_ref(),
-        &[("client", ip(2)), ("other", ip(3)), ("server", ip(20))],
-    );
-    let dp = load(&topo);
-    let ipcache: Vec<_> = [(2, ID_CLIENT), (3, ID_OTHER), (20, ID_SERVER)]
-        .into_iter()
-        .map(|(last, identity)| {
-            (
-                Prefix::host(ip(last)),
-                IpCacheValue {
-                    identity,
-                    node_ip: None,
-                    cluster_id: 1,
-                },
-            )
-        })
-        .collect();
-    dp.upsert_ipcache(&ipcache).unwrap();
+    let (topo, dp) = client_other_server();
     // The server enforces both directions; it allows echo requests from the client only.
     let server = Endpoint {
         endpoint_id: 1,

@@ -36,7 +36,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use clustermesh_bpf::{Direction, Endpoint, EndpointFlags, PolicyKey, PolicyValue, Proto, Verdict};
 use clustermesh_model::endpoint::IpCacheEntry;
 use clustermesh_model::labels::{CLUSTER_LABEL, LabelSet, NAMESPACE_LABEL};
-use clustermesh_model::policy::{EndpointSelector, Entity, PolicyProtocol, PortRule, PortSpec};
+use clustermesh_model::policy::{
+    EgressRule, EndpointSelector, Entity, IngressRule, PolicyProtocol, PortRule, PortSpec,
+};
 use serde::Serialize;
 
 use crate::merge::proto_of;
@@ -280,6 +282,21 @@ pub fn resolve(view: &View) -> PolicyState {
     state
 }
 
+/// An entry's peer selectors, entities and ports, whatever its direction.
+type EntryParts<'a> = (&'a [EndpointSelector], &'a [Entity], &'a [PortRule]);
+
+fn ingress_entries(l: &[IngressRule]) -> Vec<EntryParts<'_>> {
+    l.iter()
+        .map(|r| (&r.from_endpoints[..], &r.from_entities[..], &r.to_ports[..]))
+        .collect()
+}
+
+fn egress_entries(l: &[EgressRule]) -> Vec<EntryParts<'_>> {
+    l.iter()
+        .map(|r| (&r.to_endpoints[..], &r.to_entities[..], &r.to_ports[..]))
+        .collect()
+}
+
 fn resolve_rules(view: &View) -> Vec<ResolvedRule<'_>> {
     let mut out = Vec::new();
     for (pkey, policy) in view.policies() {
@@ -287,45 +304,47 @@ fn resolve_rules(view: &View) -> Vec<ResolvedRule<'_>> {
         for (ri, rule) in policy.rules.iter().enumerate() {
             let name = format!("{pkey} rule {ri}");
             let mut peer_rules = Vec::new();
-            let ingress = [(&rule.ingress, false), (&rule.ingress_deny, true)];
-            for (list, deny) in ingress {
-                let kind = if deny { "ingressDeny" } else { "ingress" };
-                for (i, r) in list.iter().enumerate() {
+            let lists = [
+                (
+                    Direction::Ingress,
+                    "ingress",
+                    false,
+                    ingress_entries(&rule.ingress),
+                ),
+                (
+                    Direction::Ingress,
+                    "ingressDeny",
+                    true,
+                    ingress_entries(&rule.ingress_deny),
+                ),
+                (
+                    Direction::Egress,
+                    "egress",
+                    false,
+                    egress_entries(&rule.egress),
+                ),
+                (
+                    Direction::Egress,
+                    "egressDeny",
+                    true,
+                    egress_entries(&rule.egress_deny),
+                ),
+            ];
+            for (direction, kind, deny, list) in lists {
+                for (i, (selectors, entities, ports)) in list.into_iter().enumerate() {
                     let source = format!("{name} {kind}[{i}]");
                     let wanted = Peers {
-                        selectors: &r.from_endpoints,
-                        entities: &r.from_entities,
-                        has_ports: has_ports(&r.to_ports),
+                        selectors,
+                        entities,
+                        has_ports: has_ports(ports),
                         deny,
                     };
                     let (peers, notes) = select_peers(view, &wanted, ns, &source);
                     peer_rules.push(PeerRule {
-                        direction: Direction::Ingress,
+                        direction,
                         deny,
                         peers,
-                        ports: r.to_ports.clone(),
-                        source,
-                        notes,
-                    });
-                }
-            }
-            let egress = [(&rule.egress, false), (&rule.egress_deny, true)];
-            for (list, deny) in egress {
-                let kind = if deny { "egressDeny" } else { "egress" };
-                for (i, r) in list.iter().enumerate() {
-                    let source = format!("{name} {kind}[{i}]");
-                    let wanted = Peers {
-                        selectors: &r.to_endpoints,
-                        entities: &r.to_entities,
-                        has_ports: has_ports(&r.to_ports),
-                        deny,
-                    };
-                    let (peers, notes) = select_peers(view, &wanted, ns, &source);
-                    peer_rules.push(PeerRule {
-                        direction: Direction::Egress,
-                        deny,
-                        peers,
-                        ports: r.to_ports.clone(),
+                        ports: ports.to_vec(),
                         source,
                         notes,
                     });

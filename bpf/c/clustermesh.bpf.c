@@ -568,8 +568,28 @@ static __always_inline int cm_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_OK;
 	__u32 enforce = dir == CM_DIR_EGRESS ? CM_ENFORCE_EGRESS : CM_ENFORCE_INGRESS;
 	__u32 audit = dir == CM_DIR_EGRESS ? CM_AUDIT_EGRESS : CM_AUDIT_INGRESS;
-	if (!(ep->flags & (enforce | audit)))
+	if (!(ep->flags & (enforce | audit))) {
+		/* This direction is open. When the other one is enforced, the flow is recorded
+		 * all the same: its replies pass there (a server whose egress is enforced
+		 * answers the connections its open ingress let in). */
+		__u32 other = dir == CM_DIR_EGRESS ? CM_ENFORCE_INGRESS | CM_AUDIT_INGRESS :
+						     CM_ENFORCE_EGRESS | CM_AUDIT_EGRESS;
+		if ((ep->flags & other) && parsed >= 0 &&
+		    (f.ct_mode == CM_CT_BOTH || f.ct_mode == CM_CT_RECORD)) {
+			struct cm_ct_key open = {
+				.saddr = f.saddr, .daddr = f.daddr, .sport = f.sport,
+				.dport = f.dport, .proto = f.proto,
+			};
+			struct cm_ct_value *ct = bpf_map_lookup_elem(&cm_ct, &open);
+			if (ct) {
+				ct->last_seen_ns = bpf_ktime_get_ns();
+			} else {
+				struct cm_ct_value nv = { .last_seen_ns = bpf_ktime_get_ns() };
+				bpf_map_update_elem(&cm_ct, &open, &nv, BPF_ANY);
+			}
+		}
 		return TC_ACT_OK;
+	}
 	/* Headers that cannot be read cannot be matched: dropped where enforced. */
 	if (parsed < 0)
 		return (ep->flags & enforce) ? TC_ACT_SHOT : TC_ACT_OK;

@@ -594,6 +594,71 @@ async fn icmp_is_matched_by_type_and_replies_by_echo_identifier() {
     dp.unpin_all().unwrap();
 }
 
+/// A direction left open still records its flows: a server whose egress is enforced (and
+/// allows nothing) answers what its open ingress let in, and a client whose ingress is
+/// enforced gets the answers of what it opened, by conntrack (Cilium's behaviour: replies
+/// are never subject to policy). What the enforced direction itself opens stays dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_direction_records_flows_so_replies_pass_the_enforced_one() {
+    let (topo, dp) = client_other_server();
+    topo.serve("server", 8080);
+    topo.serve("client", 9090);
+    let only = |identity, egress: bool| Endpoint {
+        endpoint_id: if egress { 1 } else { 2 },
+        identity,
+        flags: EndpointFlags {
+            enforce_egress: egress,
+            enforce_ingress: !egress,
+            ..EndpointFlags::default()
+        },
+        cluster_id: 1,
+    };
+    dp.upsert_endpoints(&[
+        (ip(20), only(ID_SERVER, true)),
+        (ip(2), only(ID_CLIENT, false)),
+    ])
+    .unwrap();
+    for pod in ["server", "client"] {
+        let host_if = topo.pod(pod).host_if.clone();
+        dp.attach_endpoint(Some(&topo.node_netns()), &host_if)
+            .unwrap();
+    }
+    let mut events = dp.events().unwrap();
+    let probe = |from: &str, args: &[&str]| topo.probe(from, false, args);
+
+    // client -> server: the client's egress and the server's ingress are open; the SYN-ACK
+    // passes the server's enforced egress and the client's enforced ingress as a reply.
+    assert_eq!(
+        probe(
+            "client",
+            &["tcp", "10.244.0.20:8080", "--timeout-ms", "500"]
+        ),
+        ["ok server"]
+    );
+    assert_eq!(
+        probe("client", &["icmp", "10.244.0.20", "--timeout-ms", "500"]),
+        ["ok 10.244.0.20"]
+    );
+    // server -> client: opened by the enforced egress, which allows nothing.
+    assert_eq!(
+        probe("server", &["tcp", "10.244.0.2:9090", "--timeout-ms", "500"]),
+        ["err TimedOut 0"]
+    );
+    let e = expect_event(&mut events, |e| e.verdict == EventVerdict::Denied).await;
+    assert_eq!(
+        (e.direction, e.src_identity, e.dport, e.rule_id),
+        (Direction::Egress, ID_SERVER, 9090, 0)
+    );
+    // other -> client: the client's enforced ingress allows nothing.
+    topo.serve("client", 9091);
+    assert_eq!(
+        probe("other", &["tcp", "10.244.0.2:9091", "--timeout-ms", "500"]),
+        ["err TimedOut 0"]
+    );
+    drop(events);
+    dp.unpin_all().unwrap();
+}
+
 /// The service of the outlier tests: be1 and be2 serve, be3 is the one that fails.
 fn outlier_topology(probe_interval: Duration) -> (Topology, KernelDatapath, EventStream) {
     let topo = Topology::new(

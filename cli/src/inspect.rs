@@ -405,6 +405,39 @@ impl EventFilter {
     }
 }
 
+/// One verdict event of the agent's `/events` as `observe` prints it.
+pub(crate) fn event_line(e: &Value) -> String {
+    if let Some(what) = e["outlier"].as_str() {
+        return format!(
+            "{:<8} backend {}:{} (identity {}, cluster {}): {what}",
+            e["verdict"].as_str().unwrap_or("?"),
+            e["dst"].as_str().unwrap_or("?"),
+            e["dport"],
+            e["dstIdentity"],
+            e["dstCluster"],
+        );
+    }
+    // For ICMP the datapath reports the message type in the port's place.
+    let (port, icmp_type) = if e["proto"] == 1 {
+        (String::new(), format!(" type {}", e["dport"]))
+    } else {
+        (format!(":{}", e["dport"]), String::new())
+    };
+    format!(
+        "{:<8} {:<7} {} (identity {}, cluster {}) -> {}{port} (identity {}, cluster {}) proto {}{icmp_type} rule {}",
+        e["verdict"].as_str().unwrap_or("?"),
+        e["direction"].as_str().unwrap_or("?"),
+        e["src"].as_str().unwrap_or("?"),
+        e["srcIdentity"],
+        e["srcCluster"],
+        e["dst"].as_str().unwrap_or("?"),
+        e["dstIdentity"],
+        e["dstCluster"],
+        e["proto"],
+        e["rule"],
+    )
+}
+
 /// `clustermesh observe`: live verdict events until interrupted (or `limit` events).
 pub(crate) async fn observe(
     agent: &str,
@@ -422,35 +455,8 @@ pub(crate) async fn observe(
         }
         if format == Format::Json {
             println!("{line}");
-        } else if let Some(what) = e["outlier"].as_str() {
-            println!(
-                "{:<8} backend {}:{} (identity {}, cluster {}): {what}",
-                e["verdict"].as_str().unwrap_or("?"),
-                e["dst"].as_str().unwrap_or("?"),
-                e["dport"],
-                e["dstIdentity"],
-                e["dstCluster"],
-            );
         } else {
-            // For ICMP the datapath reports the message type in the port's place.
-            let (port, icmp_type) = if e["proto"] == 1 {
-                (String::new(), format!(" type {}", e["dport"]))
-            } else {
-                (format!(":{}", e["dport"]), String::new())
-            };
-            println!(
-                "{:<8} {:<7} {} (identity {}, cluster {}) -> {}{port} (identity {}, cluster {}) proto {}{icmp_type} rule {}",
-                e["verdict"].as_str().unwrap_or("?"),
-                e["direction"].as_str().unwrap_or("?"),
-                e["src"].as_str().unwrap_or("?"),
-                e["srcIdentity"],
-                e["srcCluster"],
-                e["dst"].as_str().unwrap_or("?"),
-                e["dstIdentity"],
-                e["dstCluster"],
-                e["proto"],
-                e["rule"],
-            );
+            println!("{}", event_line(&e));
         }
         seen += 1;
         limit.is_none_or(|l| seen < l)

@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 
 mod clusterdir;
 mod connect;
+mod connectivity;
 mod inspect;
 mod kube_connect;
 mod output;
@@ -228,6 +229,12 @@ enum Command {
         #[arg(long)]
         count: Option<usize>,
     },
+    /// Cilium's multi-cluster connectivity tests on a running mesh (eBPF datapath): test
+    /// pods in two clusters, each test's policies, the verdict of every connection.
+    Connectivity {
+        #[command(subcommand)]
+        command: ConnectivityCommand,
+    },
     /// Run a cluster's apiserver: read its manifests, write its state into the kvstore and
     /// serve it to other clusters and to its agents over mTLS gRPC.
     Apiserver {
@@ -339,6 +346,43 @@ enum UpAction {
     Start {
         /// The cluster's name.
         cluster: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConnectivityCommand {
+    /// Deploy the test pods (namespace cilium-test) into two clusters, run every test of
+    /// Cilium's table (connectivity/README.md) on real packets, print a verdict per test and
+    /// remove everything it made (also on Ctrl-C). Exit code 1 when a test fails.
+    Test {
+        /// The source cluster's directory, or `up`'s data directory (its first two clusters
+        /// are used).
+        #[arg(long, value_name = "DIR", default_value = "clustermesh-data")]
+        dir: PathBuf,
+        /// The destination cluster's directory (echo-other-node runs there).
+        #[arg(long, value_name = "DIR")]
+        destination_dir: Option<PathBuf>,
+        /// Only the tests whose name matches this regular expression (the others are
+        /// skipped), e.g. `--test 'deny'`.
+        #[arg(long, value_name = "REGEX")]
+        test: Option<regex::Regex>,
+        /// The first three octets of the test pods' addresses (pods get .10 to .13).
+        #[arg(long, default_value = "10.254.0", value_parser = connectivity::octets)]
+        pod_prefix: [u8; 3],
+        /// The first three octets of the echo Services' VIPs (.10 and .11).
+        #[arg(long, default_value = "10.96.254", value_parser = connectivity::octets)]
+        service_prefix: [u8; 3],
+        /// How long one connection attempt or ping waits for an answer: an expected drop
+        /// takes this long.
+        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+        action_timeout: std::time::Duration,
+        /// How long to wait for the agents to have the pods and to enforce a test's policies.
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+        /// Output format (`-o json`: every test with its actions, expected and observed
+        /// verdicts and the verdict events).
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
     },
 }
 
@@ -665,6 +709,40 @@ async fn run(command: Command, log_format: &'static str) -> anyhow::Result<bool>
                 "{}",
                 inspect::bpf(&agent.address()?, &map, agent.output).await?
             );
+        }
+        Command::Connectivity {
+            command:
+                ConnectivityCommand::Test {
+                    dir,
+                    destination_dir,
+                    test,
+                    pod_prefix,
+                    service_prefix,
+                    action_timeout,
+                    wait,
+                    output,
+                },
+        } => {
+            let options = connectivity::Options {
+                dir,
+                destination_dir,
+                test,
+                output,
+                addresses: connectivity::Addresses {
+                    pods: pod_prefix,
+                    services: service_prefix,
+                },
+                action_timeout,
+                wait,
+            };
+            // Dropping the test on a signal removes what it made.
+            tokio::select! {
+                r = connectivity::test(options) => return r,
+                r = shutdown_signal() => {
+                    r?;
+                    bail!("interrupted: the test pods, services and policies were removed");
+                }
+            }
         }
         Command::Observe {
             agent,

@@ -89,12 +89,12 @@ pub(crate) async fn get_json(addr: &str, path: &str) -> anyhow::Result<serde_jso
     serde_json::from_str(&body).with_context(|| format!("{addr}{path} did not answer JSON"))
 }
 
-/// GET a stream of lines; calls `f` for each until it returns false or the stream ends.
-pub(crate) async fn get_lines(
+/// GET a stream of lines: the lines of the body once the answer's headers arrived (a `200`),
+/// or the error the server gave.
+pub(crate) async fn open_lines(
     addr: &str,
     path: &str,
-    mut f: impl FnMut(&str) -> bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<tokio::io::Lines<BufReader<tokio::net::TcpStream>>> {
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
@@ -120,6 +120,16 @@ pub(crate) async fn get_lines(
         }
         bail!("{addr}{path} answered {code}: {body}");
     }
+    Ok(lines)
+}
+
+/// GET a stream of lines; calls `f` for each until it returns false or the stream ends.
+pub(crate) async fn get_lines(
+    addr: &str,
+    path: &str,
+    mut f: impl FnMut(&str) -> bool,
+) -> anyhow::Result<()> {
+    let mut lines = open_lines(addr, path).await?;
     while let Some(l) = lines.next_line().await? {
         if !l.is_empty() && !f(&l) {
             break;

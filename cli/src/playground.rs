@@ -196,7 +196,7 @@ pub(crate) fn build(
 }
 
 /// `cm-netprobe serve` in a pod, once it listens; it dies with `up` (parent-death signal).
-fn serve(ns: &str, probe: &Path, name: &str, port: u16) -> anyhow::Result<Child> {
+pub(crate) fn serve(ns: &str, probe: &Path, name: &str, port: u16) -> anyhow::Result<Child> {
     use std::io::BufRead as _;
     let mut child = Command::new("ip")
         .args(["netns", "exec", ns, "setpriv", "--pdeathsig", "KILL"])

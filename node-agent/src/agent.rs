@@ -8,7 +8,7 @@
 //! way. A broken stream resumes from the last revision applied.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,6 +106,11 @@ pub struct AgentStatus {
     pub endpoints: BTreeMap<Ipv4Addr, Attachment>,
     /// Objects from the stream that were refused.
     pub rejected: u64,
+    /// The policies (`namespace/name`) the datapath enforces: those of the view at the last
+    /// pass that wrote the maps without error (what `connectivity test` waits for).
+    pub policies: Vec<String>,
+    /// This node's addresses (from its Node object).
+    pub node_addresses: Vec<IpAddr>,
 }
 
 /// State shared with the admin endpoint.
@@ -728,6 +733,11 @@ impl Loop {
 
     fn publish(&self) {
         let counts = self.reconciler.counts();
+        // Taken before the status lock (the admin endpoint takes desired, then status).
+        let enforced = self
+            .retry_at
+            .is_none()
+            .then(|| self.shared.desired.lock().policy.policies.clone());
         let mut st = self.shared.status.lock();
         st.reconciles += 1;
         st.maps = ["services", "backends", "ipcache", "endpoints", "policy"]
@@ -743,6 +753,10 @@ impl Loop {
                 ("policies", view.policies().len()),
             ]);
             st.clusters = view.statuses().values().cloned().collect();
+            st.node_addresses = view.node_ips().iter().copied().collect();
+        }
+        if let Some(p) = enforced {
+            st.policies = p;
         }
         st.endpoints = self.attached.clone();
         st.datapath_errors = self

@@ -55,6 +55,8 @@ pub struct PolicyState {
     pub explain: BTreeMap<Ipv4Addr, EndpointExplain>,
     /// Rule IDs (as the datapath reports them in verdict events) and the rules they name.
     pub rules: BTreeMap<u32, String>,
+    /// The policies (`namespace/name`) of the view this state was resolved from.
+    pub policies: Vec<String>,
 }
 
 /// Why an endpoint's policy is what it is.
@@ -265,7 +267,10 @@ fn has_ports(rules: &[PortRule]) -> bool {
 
 /// Resolves every policy for every local endpoint.
 pub fn resolve(view: &View) -> PolicyState {
-    let mut state = PolicyState::default();
+    let mut state = PolicyState {
+        policies: view.policies().keys().cloned().collect(),
+        ..PolicyState::default()
+    };
     let rules = resolve_rules(view);
     for r in &rules {
         state.rules.insert(r.rule_id, r.name.clone());

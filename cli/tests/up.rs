@@ -495,6 +495,10 @@ fn host_state() -> HostState {
 }
 
 fn start_bpf_mesh(data: &Path) -> (Up, mpsc::Receiver<String>) {
+    start_bpf_mesh_at(data, "127.0.78")
+}
+
+fn start_bpf_mesh_at(data: &Path, prefix: &str) -> (Up, mpsc::Receiver<String>) {
     let mut child = Command::new(BIN)
         .args([
             "up",
@@ -503,7 +507,7 @@ fn start_bpf_mesh(data: &Path) -> (Up, mpsc::Receiver<String>) {
             "--datapath",
             "bpf",
             "--ip-prefix",
-            "127.0.78",
+            prefix,
             "--dir",
         ])
         .arg(data)
@@ -551,8 +555,17 @@ fn wait_state(want: &HostState, what: &str) {
     }
 }
 
+/// The tests that change the kernel's state run one at a time: each compares the machine's
+/// links before and after.
+static KERNEL: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
+fn kernel_lock() -> parking_lot::MutexGuard<'static, ()> {
+    KERNEL.lock()
+}
+
 #[test]
 fn up_on_the_ebpf_datapath_programs_kernel_maps() {
+    let _kernel = kernel_lock();
     // Root and cgroup v2 are required (CI runs as root); the agents mount bpffs themselves.
     let data = tempfile::tempdir().unwrap();
     let before = host_state();
@@ -783,4 +796,174 @@ fn up_on_the_ebpf_datapath_programs_kernel_maps() {
     assert!(child.wait().unwrap().success());
     wait_line(&rx, "removed the pods, pins and cgroups");
     wait_state(&before, "after SIGTERM");
+}
+
+/// `clustermesh connectivity test` on a fresh `up --datapath bpf` mesh: every test of Cilium's
+/// table passes; a policy that breaks the mesh makes it fail with the evidence; Ctrl-C and
+/// the end of a run leave no pod, namespace, link or policy behind.
+#[test]
+fn the_connectivity_test_passes_cilium_s_table_on_the_bpf_playground() {
+    let _kernel = kernel_lock();
+    let before = host_state();
+    let data = tempfile::tempdir().unwrap();
+    let (up, rx) = start_bpf_mesh_at(data.path(), "127.0.79");
+    wait_line(&rx, "mesh ready: 2 clusters");
+    let data_s = data.path().to_str().unwrap();
+    let manifests = |c: &str| {
+        let mut files: Vec<String> = std::fs::read_dir(data.path().join(c).join("manifests"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        files
+    };
+    let test_namespaces = || {
+        out_of("ip", &["netns", "list"])
+            .lines()
+            .filter(|l| l.starts_with("cmct-"))
+            .count()
+    };
+    let links_before = host_state().links;
+
+    // The whole suite: 35 tests, each passed, none skipped.
+    let out = Command::new(BIN)
+        .args(["connectivity", "test", "--dir", data_s, "-o", "json"])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let failed: Vec<&serde_json::Value> = report["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["result"] != "pass")
+        .collect();
+    assert_eq!(failed, Vec::<&serde_json::Value>::new());
+    assert_eq!(
+        (&report["passed"], &report["failed"], &report["skipped"]),
+        (&35.into(), &0.into(), &0.into())
+    );
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        (&report["source"], &report["destination"]),
+        (&"c1".into(), &"c2".into())
+    );
+    let tests = report["tests"].as_array().unwrap();
+    let actions: usize = tests
+        .iter()
+        .map(|t| t["actions"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(actions, 140, "every scenario of every test ran");
+    // An expected drop passed with the agent's event saying where.
+    let egress_deny = tests
+        .iter()
+        .find(|t| t["name"] == "all-egress-deny")
+        .unwrap();
+    for a in egress_deny["actions"].as_array().unwrap() {
+        assert_eq!(a["observed"], "no answer (timed out)");
+        assert!(
+            a["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["verdict"] == "denied" && e["direction"] == "egress"),
+            "{a}"
+        );
+    }
+    assert_eq!(report["policiesEnforced"]["samples"], 34);
+    // Nothing of the run is left.
+    assert_eq!(manifests("c1"), ["example-mesh.yaml"]);
+    assert_eq!(manifests("c2"), ["example-mesh.yaml"]);
+    assert_eq!(test_namespaces(), 0);
+
+    // A clusterwide policy the suite does not know denies ingress to the echo pods: the run
+    // fails (exit 1) and says which action, what was expected, what happened and what the
+    // agent reported.
+    std::fs::write(
+        data.path().join("c1/manifests/break-echo.yaml"),
+        "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: break-echo}\n\
+         spec:\n  endpointSelector: {matchLabels: {kind: echo}}\n  ingressDeny: [{fromEntities: [all]}]\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "connectivity",
+            "test",
+            "--dir",
+            data_s,
+            "--test",
+            "^no-policies$",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("❌ [1/35] no-policies"), "{text}");
+    assert!(
+        text.contains(
+            "pod-to-pod client -> cilium-test/echo-same-node:8080 (TCP): expected ok, observed no answer (timed out)"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("denied   ingress 10.254.0.10"), "{text}");
+    assert!(
+        text.contains("0/1 tests passed (1 failed, 34 skipped)"),
+        "{text}"
+    );
+    std::fs::remove_file(data.path().join("c1/manifests/break-echo.yaml")).unwrap();
+
+    // Ctrl-C in the middle: the pods, namespaces and policies go.
+    let mut child = Command::new(BIN)
+        .args(["connectivity", "test", "--dir", data_s])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines.next().unwrap().unwrap();
+        if line.contains("[3/35]") {
+            break;
+        }
+    }
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("interrupted: the test pods, services and policies were removed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(manifests("c1"), ["example-mesh.yaml"]);
+    assert_eq!(manifests("c2"), ["example-mesh.yaml"]);
+    assert_eq!(test_namespaces(), 0);
+    // The veth pairs go with their namespaces (the kernel removes them a moment later), and
+    // so do the TC links of the test pods.
+    let t = std::time::Instant::now();
+    while host_state().links != links_before {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "TC links of the test pods remain"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    drop(up);
+    let t = std::time::Instant::now();
+    while host_state().links != before.links {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "links remain after up stopped"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

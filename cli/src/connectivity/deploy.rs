@@ -299,8 +299,12 @@ impl Deployment {
     ) -> anyhow::Result<()> {
         let n = PODS.iter().position(|p| p == pod).unwrap_or(0);
         let ns = pod_namespace(pod);
+        let host_if = format!("{PREFIX}{n}");
+        // The kernel removes a deleted namespace's veth pair a moment later: one of a run that
+        // just ended may still be there.
+        let _ = clustermesh_bpf::netns::ip(&["-n", &c.node_ns, "link", "del", &host_if]);
         self.namespaces.push(ns.clone());
-        clustermesh_bpf::netns::add_pod(&c.node_ns, &ns, &format!("{PREFIX}{n}"), ip)
+        clustermesh_bpf::netns::add_pod(&c.node_ns, &ns, &host_if, ip)
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("building pod {NAMESPACE}/{}", pod.name))?;
         if pod.echo {

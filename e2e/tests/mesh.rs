@@ -3,7 +3,7 @@
 //! - a global service with backends in both clusters is programmed with both, and a client
 //!   in B reaches A's backend through the VIP;
 //! - a cross-cluster policy on B's web pod allows A's frontend and drops A's other pod, with
-//!   real connections;
+//!   real connections, and lets in another node of A as `remote-node`;
 //! - when A is killed, its backends leave B's maps after the withdraw delay and new
 //!   connections all go to B's backend.
 
@@ -58,6 +58,8 @@ spec:
     toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
   - fromEndpoints: [{matchLabels: {app: client}}]
     toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+  - fromEntities: [remote-node]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
 "#;
 
 /// The IDs of the kernel's TCX links (bpftool 7.1 prints the type as its number, 11).
@@ -91,6 +93,8 @@ fn global_service_policy_and_failover_across_two_clusters() {
             ("a-web", ip("10.244.1.10")),
             ("a-frontend", ip("10.244.1.20")),
             ("a-other", ip("10.244.1.21")),
+            // Not a pod: the address of another node of cluster A.
+            ("a-node2", ip("10.244.1.30")),
             ("b-web", ip("10.244.2.10")),
             ("b-client", ip("10.244.2.20")),
         ],
@@ -107,12 +111,13 @@ fn global_service_policy_and_failover_across_two_clusters() {
     a.write_manifest(
         "a.yaml",
         &format!(
-            "{SERVICE}{}{}{}{}{}",
+            "{SERVICE}{}{}{}{}{}{}",
             slice("10.244.1.10"),
             pod("a-web", "web", "10.244.1.10", "192.0.2.1"),
             pod("a-frontend", "frontend", "10.244.1.20", "192.0.2.1"),
             pod("a-other", "other", "10.244.1.21", "192.0.2.1"),
             node("a-node", "192.0.2.1"),
+            node("a-node2", "10.244.1.30"),
         ),
     );
     b.write_manifest(
@@ -358,6 +363,25 @@ fn global_service_policy_and_failover_across_two_clusters() {
         ],
     );
     assert_eq!(tally(&lines), (Default::default(), 3), "{lines:?}");
+    // A node of A is `remote-node` to B (its address is in B's ipcache with identity 6), not
+    // world: `fromEntities: [remote-node]` lets it in.
+    let lines = topo.probe(
+        "a-node2",
+        false,
+        &[
+            "tcp",
+            "10.244.2.10:8080",
+            "--count",
+            "2",
+            "--timeout-ms",
+            "3000",
+        ],
+    );
+    assert_eq!(
+        tally(&lines),
+        ([("b-web".to_owned(), 2)].into(), 0),
+        "{lines:?}"
+    );
     let out = observer.wait_with_output().unwrap();
     assert!(out.status.success());
     let event: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

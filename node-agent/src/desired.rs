@@ -40,7 +40,30 @@ pub fn ipcache_entry(view: &View, ip: &IpAddr) -> Option<(Prefix, IpCacheValue)>
     let IpAddr::V4(ip4) = ip else {
         return None;
     };
-    let (_, entry) = view.ipcache_entry(ip)?;
+    let Some((_, entry)) = view.ipcache_entry(ip) else {
+        // A node's address: this node is `host`, every other node of any cluster
+        // `remote-node` (Cilium's reserved identities), so that policies tell them apart
+        // from world.
+        if !view.is_node_address(ip) {
+            return None;
+        }
+        let identity = if view.node_ips().contains(ip) {
+            crate::policy::HOST
+        } else {
+            crate::policy::REMOTE_NODE
+        };
+        return Some((
+            Prefix {
+                addr: *ip4,
+                len: 32,
+            },
+            IpCacheValue {
+                identity,
+                node_ip: None,
+                cluster_id: 0,
+            },
+        ));
+    };
     let identity = entry.identity.get();
     Some((
         Prefix {
@@ -62,7 +85,7 @@ impl Desired {
     /// The desired state of a whole view.
     pub fn from_view(view: &View) -> Self {
         let mut d = Self::default();
-        for ip in view.ipcache_ips() {
+        for ip in view.ipcache_ips().chain(view.node_address_ips()) {
             if let Some((p, v)) = ipcache_entry(view, ip) {
                 d.ipcache.insert(p, v);
             }

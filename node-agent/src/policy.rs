@@ -13,10 +13,12 @@
 //!   `policy-default-local-cluster`); in a namespaced policy, one that does not mention
 //!   `io.kubernetes.pod.namespace` selects only the policy's namespace;
 //! - `fromEntities`/`toEntities`: `all` is any peer (identity 0), `world` (and `world-ipv4`)
-//!   the reserved world identity 2, which the datapath gives every address no cluster's
-//!   endpoint has, `cluster` every identity of the local cluster; `host`, `remote-node` and
-//!   the other entities are not told apart from world (node addresses are not in the
-//!   ipcache): left out of an allow (noted), world in a deny (fail closed, noted);
+//!   the reserved world identity 2, which the datapath gives every address the ipcache does
+//!   not know; `host` this node's addresses (identity 1) and `remote-node` every other node's
+//!   of any cluster (identity 6), both in the ipcache from the Node objects; `cluster` every
+//!   identity of the local cluster with host and remote-node; `kube-apiserver`, `ingress`,
+//!   `health`, `init` and `unmanaged` are not told apart from world (no address has those
+//!   identities here): left out of an allow (noted), world in a deny (fail closed, noted);
 //! - a rule with no peer selector, no entity and `toPorts` allows any peer on those ports;
 //!   one with neither selects nothing (it still makes the direction default-deny);
 //! - what the apiserver could not translate as written (the policy's notes, see
@@ -162,6 +164,11 @@ fn protos(p: PolicyProtocol) -> &'static [Proto] {
 /// The reserved identity of addresses outside the mesh (what the datapath gives an address
 /// its ipcache does not know).
 const WORLD: u32 = 2;
+/// The reserved identity of this node's addresses (Cilium's `reserved:host`).
+pub const HOST: u32 = 1;
+/// The reserved identity of every other node's addresses, of any cluster (Cilium's
+/// `reserved:remote-node`).
+pub const REMOTE_NODE: u32 = 6;
 
 /// The peers of one ingress or egress rule.
 struct Peers<'a> {
@@ -202,17 +209,19 @@ fn select_peers(
             Entity::All => {
                 out.insert(0);
             }
+            // Node addresses are in the ipcache as host / remote-node: world is only what
+            // is outside the mesh.
             Entity::World | Entity::WorldIpv4 => {
                 out.insert(WORLD);
-                if !peers.deny {
-                    notes.push(format!(
-                        "{source}: entity {e} also covers node addresses (host, remote-node, \
-                         kube-apiserver): they are not in the ipcache yet, so the datapath \
-                         sees them as world"
-                    ));
-                }
             }
-            // Every endpoint of the local cluster, in any namespace.
+            Entity::Host => {
+                out.insert(HOST);
+            }
+            Entity::RemoteNode => {
+                out.insert(REMOTE_NODE);
+            }
+            // Every endpoint of the local cluster, in any namespace, and the nodes (Cilium's
+            // `cluster` includes host and remote-node).
             Entity::Cluster => {
                 out.extend(
                     view.identities()
@@ -220,25 +229,15 @@ fn select_peers(
                         .filter(|(_, info)| info.cluster == *view.local())
                         .map(|(id, _)| *id),
                 );
-                if peers.deny {
-                    // Cilium's `cluster` includes the nodes, which the datapath sees as world.
-                    out.insert(WORLD);
-                    notes.push(format!(
-                        "{source}: entity cluster includes the nodes, which this datapath \
-                         does not tell apart from world (node addresses are not in the \
-                         ipcache); the rule denies world too"
-                    ));
-                }
+                out.extend([HOST, REMOTE_NODE]);
             }
             Entity::WorldIpv6 => notes.push(format!(
                 "{source}: entity world-ipv6 selects nothing: this datapath enforces IPv4 only"
             )),
             Entity::None => {}
-            // Node addresses and the rest are not in the ipcache: the datapath sees them as
-            // world. An allow for them allows nothing; a deny denies world (fail closed).
-            Entity::Host
-            | Entity::RemoteNode
-            | Entity::KubeApiserver
+            // Addresses of these are not in the ipcache: the datapath sees them as world. An
+            // allow for them allows nothing; a deny denies world (fail closed).
+            Entity::KubeApiserver
             | Entity::Ingress
             | Entity::Health
             | Entity::Init
@@ -247,12 +246,12 @@ fn select_peers(
                     out.insert(WORLD);
                     notes.push(format!(
                         "{source}: entity {e} is not told apart from world by this datapath \
-                         (node addresses are not in the ipcache); the rule denies world instead"
+                         (no address has that identity here); the rule denies world instead"
                     ));
                 } else {
                     notes.push(format!(
                         "{source}: entity {e} is not told apart from world by this datapath \
-                         (node addresses are not in the ipcache); left out: the rule allows less"
+                         (no address has that identity here); left out: the rule allows less"
                     ));
                 }
             }

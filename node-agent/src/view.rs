@@ -76,6 +76,8 @@ pub struct View {
     named_port_ips: BTreeSet<IpAddr>,
     /// The local cluster's endpoint addresses by the node address they run on.
     local_by_host: HashMap<IpAddr, BTreeSet<IpAddr>>,
+    /// Every node's addresses: the nodes (cluster, name) that claim each.
+    node_addresses: BTreeMap<IpAddr, BTreeSet<(ClusterName, String)>>,
 }
 
 impl View {
@@ -100,6 +102,7 @@ impl View {
             node_ips: BTreeSet::new(),
             named_port_ips: BTreeSet::new(),
             local_by_host: HashMap::new(),
+            node_addresses: BTreeMap::new(),
         }
     }
 
@@ -191,6 +194,16 @@ impl View {
         &self.nodes
     }
 
+    /// Every address of any node of any cluster.
+    pub fn node_address_ips(&self) -> impl Iterator<Item = &IpAddr> {
+        self.node_addresses.keys()
+    }
+
+    /// Whether some node of some cluster has this address.
+    pub fn is_node_address(&self, ip: &IpAddr) -> bool {
+        self.node_addresses.contains_key(ip)
+    }
+
     /// This node's addresses (empty until its Node object arrives).
     pub fn node_ips(&self) -> &BTreeSet<IpAddr> {
         &self.node_ips
@@ -277,7 +290,17 @@ impl View {
                 let key = (node.cluster.clone(), node.name.clone());
                 if self.nodes.get(&key) != Some(&node) {
                     let mine = node.cluster == self.local && node.name == self.node;
-                    self.nodes.insert(key, node);
+                    let new: Vec<IpAddr> = node.addresses.iter().map(|a| a.ip).collect();
+                    if let Some(old) = self.nodes.insert(key.clone(), node) {
+                        self.forget_node_addresses(&key, &old, &mut dirty);
+                    }
+                    for ip in new {
+                        self.node_addresses
+                            .entry(ip)
+                            .or_default()
+                            .insert(key.clone());
+                        dirty.ips.insert(ip);
+                    }
                     if mine {
                         self.refresh_node_ips();
                         dirty.policy = true;
@@ -343,13 +366,12 @@ impl View {
                 }
             }
             v1::Kind::Nodes => {
-                if self
-                    .nodes
-                    .remove(&(r.cluster.clone(), r.name.clone()))
-                    .is_some()
-                    && r.cluster == self.local
-                    && r.name == self.node
-                {
+                let key = (r.cluster.clone(), r.name.clone());
+                let removed = self.nodes.remove(&key);
+                if let Some(old) = &removed {
+                    self.forget_node_addresses(&key, old, &mut dirty);
+                }
+                if removed.is_some() && r.cluster == self.local && r.name == self.node {
                     self.refresh_node_ips();
                     dirty.policy = true;
                 }
@@ -405,6 +427,24 @@ impl View {
             self.named_port_ips.insert(ip);
         } else {
             self.named_port_ips.remove(&ip);
+        }
+    }
+
+    /// Drops a node's addresses from the index (their ipcache entries may change).
+    fn forget_node_addresses(
+        &mut self,
+        key: &(ClusterName, String),
+        node: &Node,
+        dirty: &mut Dirty,
+    ) {
+        for a in &node.addresses {
+            if let Some(claims) = self.node_addresses.get_mut(&a.ip) {
+                claims.remove(key);
+                if claims.is_empty() {
+                    self.node_addresses.remove(&a.ip);
+                }
+            }
+            dirty.ips.insert(a.ip);
         }
     }
 

@@ -47,7 +47,8 @@ fn bpf_and_userspace_datapaths_hold_the_same_entries() {
             first.backends.len(),
             first.ipcache.len()
         ),
-        (1, 2, 2)
+        (1, 2, 3),
+        "the service, its backends; two endpoints and the node (host) in the ipcache"
     );
     assert_eq!((first.endpoints.len(), first.policy.len()), (1, 1));
 

@@ -406,9 +406,10 @@ fn removing_the_policy_removes_its_entries_and_enforcement() {
 }
 
 /// `toEntities`/`fromEntities`: `all` is any identity, `world` the reserved world identity,
-/// `cluster` every identity of the local cluster (any namespace, no other cluster); `host`
-/// and the like are not told apart from world: left out of an allow, world in a deny.
-/// The policy's own notes (what the apiserver could not translate) show in explain.
+/// `cluster` every identity of the local cluster (any namespace, no other cluster) with host
+/// and remote-node; `host` identity 1; `kube-apiserver` and the like are not told apart from
+/// world: left out of an allow, world in a deny. The policy's own notes (what the apiserver
+/// could not translate) show in explain.
 #[test]
 fn entities_select_identities_and_what_is_not_enforced_is_explained() {
     let (mut v, ids) = mesh();
@@ -442,10 +443,12 @@ notes:
     let s = resolve(&v);
     let tcp = |p| Some((p, Proto::Tcp));
     let mut want = BTreeMap::new();
-    for who in ["web", "frontend", "other-ns"] {
-        want.insert((ids[who], tcp(8080), Direction::Ingress), Verdict::Allow);
+    for id in [ids["web"], ids["frontend"], ids["other-ns"], 1, 6] {
+        want.insert((id, tcp(8080), Direction::Ingress), Verdict::Allow);
     }
     want.insert((2, tcp(443), Direction::Ingress), Verdict::Allow);
+    want.insert((1, tcp(443), Direction::Ingress), Verdict::Allow);
+    want.insert((1, tcp(22), Direction::Ingress), Verdict::Allow);
     want.insert((0, tcp(25), Direction::Egress), Verdict::Deny);
     want.insert((2, tcp(6443), Direction::Egress), Verdict::Deny);
     assert_eq!(web_entries(&s), want);
@@ -465,22 +468,15 @@ notes:
         [
             "prod/entities rule 0 ingress[4]: toCIDR not enforced yet; the rule is left out: it \
              allows nothing (its direction stays default-deny)",
-            "prod/entities rule 0 ingress[1]: entity world also covers node addresses (host, \
-             remote-node, kube-apiserver): they are not in the ipcache yet, so the datapath \
-             sees them as world",
-            "prod/entities rule 0 ingress[1]: entity host is not told apart from world by this \
-             datapath (node addresses are not in the ipcache); left out: the rule allows less",
-            "prod/entities rule 0 ingress[2]: entity host is not told apart from world by this \
-             datapath (node addresses are not in the ipcache); left out: the rule allows less",
             "prod/entities rule 0 egressDeny[1]: entity kube-apiserver is not told apart from \
-             world by this datapath (node addresses are not in the ipcache); the rule denies \
+             world by this datapath (no address has that identity here); the rule denies \
              world instead",
         ]
     );
 }
 
-/// `cluster` in a deny also denies world (Cilium's `cluster` includes the nodes, which this
-/// datapath sees as world); a rule whose `toRequires` is not enforced leaves every egress
+/// `cluster` in a deny denies the local cluster's identities and the nodes (host,
+/// remote-node), not world; a rule whose `toRequires` is not enforced leaves every egress
 /// allow of the endpoints it selects out, from any policy, and keeps the denies.
 #[test]
 fn cluster_in_a_deny_and_unenforced_requires_fail_closed() {
@@ -505,14 +501,13 @@ rules:
         entries[&(ids["frontend"], None, Direction::Egress)],
         Verdict::Allow
     );
-    assert_eq!(
-        entries[&(2, Some((22, Proto::Tcp)), Direction::Egress)],
-        Verdict::Deny
-    );
-    assert_eq!(
-        entries[&(ids["frontend"], Some((22, Proto::Tcp)), Direction::Egress)],
-        Verdict::Deny
-    );
+    for id in [ids["frontend"], 1, 6] {
+        assert_eq!(
+            entries[&(id, Some((22, Proto::Tcp)), Direction::Egress)],
+            Verdict::Deny
+        );
+    }
+    assert!(!entries.contains_key(&(2, Some((22, Proto::Tcp)), Direction::Egress)));
     policy(
         &mut v,
         "
@@ -530,7 +525,11 @@ rules:
         entries.values().all(|v| *v == Verdict::Deny),
         "only the denies are left: {entries:?}"
     );
-    assert_eq!(entries.len(), 4, "{entries:?}");
+    assert_eq!(
+        entries.len(),
+        5,
+        "3 local identities, host, remote-node: {entries:?}"
+    );
     assert!(flags(&s).enforce_egress);
     let explain = &s.explain[&WEB.parse::<Ipv4Addr>().unwrap()];
     assert!(
@@ -638,4 +637,67 @@ rules:
     let explain = &s.explain[&WEB.parse::<Ipv4Addr>().unwrap()];
     let ports: Vec<&str> = explain.entries.iter().map(|e| e.port.as_str()).collect();
     assert_eq!(ports, ["8000-8063/TCP", "8064-8191/TCP"]);
+}
+
+/// Node addresses are in the ipcache: this node's as `host` (1), every other node's, of any
+/// cluster, as `remote-node` (6), with no cluster ID; an endpoint's own entry wins over a node
+/// claiming its address; a node that moves or goes takes its entries along.
+#[test]
+fn node_addresses_are_host_and_remote_node_in_the_ipcache() {
+    use clustermesh_agent::desired::Desired;
+    use clustermesh_model::node::{Node, NodeAddress};
+    let (mut v, ids) = mesh();
+    let node = |cluster: &str, name: &str, addrs: &[&str]| {
+        Object::Node(Node {
+            name: name.into(),
+            cluster: c(cluster),
+            cluster_id: clustermesh_model::cluster::ClusterId::new(
+                u32::from(support::id_of(cluster)),
+                clustermesh_model::cluster::MaxConnectedClusters::C255,
+            )
+            .unwrap(),
+            addresses: addrs
+                .iter()
+                .map(|a| NodeAddress {
+                    kind: "InternalIP".into(),
+                    ip: ip(a),
+                })
+                .collect(),
+            ipv4_alloc_cidr: None,
+            labels: BTreeMap::new(),
+        })
+    };
+    v.upsert(node("c1", "n2", &["192.0.2.2"]));
+    v.upsert(node("c2", "c2-n1", &["198.51.100.1", "10.1.0.20"]));
+    let entry = |d: &Desired, a: &str| {
+        d.ipcache
+            .iter()
+            .find(|(p, _)| p.addr.to_string() == a && p.len == 32)
+            .map(|(_, v)| (v.identity, v.cluster_id))
+    };
+    let d = Desired::from_view(&v);
+    assert_eq!(entry(&d, "192.0.2.1"), Some((1, 0)), "this node: host");
+    assert_eq!(entry(&d, "192.0.2.2"), Some((6, 0)), "another node of c1");
+    assert_eq!(entry(&d, "198.51.100.1"), Some((6, 0)), "a node of c2");
+    assert_eq!(
+        entry(&d, "10.1.0.20"),
+        Some((ids["frontend"], 1)),
+        "the endpoint's entry wins"
+    );
+
+    // Incremental: n2 moves to another address, c2's node goes.
+    let mut d = d;
+    let dirty = v.upsert(node("c1", "n2", &["192.0.2.3"]));
+    d.update(&v, &dirty);
+    assert_eq!(entry(&d, "192.0.2.2"), None);
+    assert_eq!(entry(&d, "192.0.2.3"), Some((6, 0)));
+    let dirty = v.delete(&clustermesh_proto::ObjectRef {
+        kind: clustermesh_proto::v1::Kind::Nodes,
+        cluster: c("c2"),
+        name: "c2-n1".into(),
+    });
+    d.update(&v, &dirty);
+    assert_eq!(entry(&d, "198.51.100.1"), None);
+    assert_eq!(entry(&d, "10.1.0.20"), Some((ids["frontend"], 1)));
+    assert_eq!(d.ipcache, Desired::from_view(&v).ipcache);
 }

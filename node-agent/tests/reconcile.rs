@@ -133,7 +133,8 @@ fn writes_come_before_what_refers_to_them_and_removals_after() {
     let (services, ipcache, endpoints, policy) = resolved(dp.as_ref());
     assert_eq!(services.len(), 1);
     assert_eq!(services.values().next().unwrap().len(), 2);
-    assert_eq!((ipcache.len(), endpoints.len(), policy.len()), (2, 1, 1));
+    // Two endpoints and the node's address (host).
+    assert_eq!((ipcache.len(), endpoints.len(), policy.len()), (3, 1, 1));
     assert!(endpoints.values().next().unwrap().flags.enforce_ingress);
 
     // Remove the policy, the remote service and the remote endpoint.
@@ -161,7 +162,7 @@ fn writes_come_before_what_refers_to_them_and_removals_after() {
         1,
         "the unused backend is gone"
     );
-    assert_eq!((ipcache.len(), policy.len()), (1, 0));
+    assert_eq!((ipcache.len(), policy.len()), (2, 0));
     assert!(!endpoints.values().next().unwrap().flags.enforce_ingress);
 }
 
@@ -187,7 +188,8 @@ fn nothing_is_removed_until_pruning_is_allowed() {
     let stats = r.reconcile(&empty, Scope::Full, true).unwrap();
     assert_eq!(stats.deletes, 1 + 1 + 1 + 2 + 2, "... and the two backends");
     let s = dp.snapshot().unwrap();
-    assert!(s.services.is_empty() && s.backends.is_empty() && s.ipcache.is_empty());
+    assert!(s.services.is_empty() && s.backends.is_empty());
+    assert_eq!(s.ipcache.len(), 1, "the node's own address (host) stays");
 }
 
 #[test]
@@ -374,7 +376,7 @@ fn a_service_the_datapath_refuses_does_not_stop_the_pass() {
     // enforcement and its policy entry.
     let (services, ipcache, endpoints, policy) = resolved(dp.as_ref());
     assert_eq!(services.keys().collect::<Vec<_>>(), [&other]);
-    assert_eq!((ipcache.len(), endpoints.len(), policy.len()), (2, 1, 1));
+    assert_eq!((ipcache.len(), endpoints.len(), policy.len()), (3, 1, 1));
     assert!(endpoints.values().next().unwrap().flags.enforce_ingress);
     // The refused backends are not left in the backends map.
     assert_eq!(dp.snapshot().unwrap().backends.len(), 2);

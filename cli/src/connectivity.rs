@@ -337,9 +337,8 @@ fn judge(
                 Action::ClientToClient(..) => addresses.pod(&dst).to_string(),
                 _ => dst.name.to_owned(),
             };
-            (*by != want).then(|| format!("answered by {by}, not by {want}"))
+            (*by != want).then(|| format!("expected an answer from {want}, observed one from {by}"))
         }
-        (Expect::Ok, o) => Some(format!("expected ok, observed {}", o.describe())),
         (Expect::Drop(d), Observed::TimedOut) => {
             let seen = events.iter().any(|e| {
                 e["verdict"] == "denied"
@@ -348,14 +347,15 @@ fn judge(
             });
             (!seen).then(|| {
                 format!(
-                    "no answer as expected, but no agent reported it {}",
+                    "expected {}, observed no answer, but no agent reported the packets {}",
+                    d.describe(),
                     d.describe()
                 )
             })
         }
-        (Expect::Drop(d), o) => Some(format!(
+        (e, o) => Some(format!(
             "expected {}, observed {}",
-            d.describe(),
+            e.describe(),
             o.describe()
         )),
     }
@@ -431,7 +431,6 @@ impl TestResult {
     fn text(&self, index: usize, total: usize) -> String {
         let n = self.actions.as_ref().map_or(0, Vec::len);
         let mut out = match self.result() {
-            "skip" => format!("⏭️  [{index}/{total}] {} (skipped)", self.name),
             "pass" => format!("✅ [{index}/{total}] {} ({n} actions)", self.name),
             _ => format!("❌ [{index}/{total}] {}", self.name),
         };
@@ -440,17 +439,26 @@ impl TestResult {
         }
         for r in self.actions.iter().flatten() {
             let Some(why) = &r.failure else { continue };
-            out.push_str(&format!(
-                "\n   {}: expected {}, observed {} ({why})",
-                r.action.describe(),
-                r.expected.describe(),
-                r.observed.describe()
-            ));
+            out.push_str(&format!("\n   {}: {why}", r.action.describe()));
             if r.events.is_empty() {
                 out.push_str("\n     no verdict events about these packets");
             }
+            // Retransmissions make the same line again: said once, with the count.
+            let mut lines: Vec<(String, usize)> = Vec::new();
             for e in &r.events {
-                out.push_str(&format!("\n     {}", crate::inspect::event_line(e)));
+                let line = crate::inspect::event_line(e);
+                match lines.last_mut() {
+                    Some((last, n)) if *last == line => *n += 1,
+                    _ => lines.push((line, 1)),
+                }
+            }
+            for (line, n) in lines {
+                let times = if n > 1 {
+                    format!(" (×{n})")
+                } else {
+                    String::new()
+                };
+                out.push_str(&format!("\n     {line}{times}"));
             }
         }
         out
@@ -717,7 +725,10 @@ pub(crate) async fn test(o: Options) -> anyhow::Result<bool> {
                 enforced_after: None,
             }
         };
-        say(r.text(i + 1, TESTS.len()));
+        // Tests left out by --test are counted, not listed.
+        if selected {
+            say(r.text(i + 1, TESTS.len()));
+        }
         results.push(r);
     }
     let problems = d.finish();

@@ -423,8 +423,14 @@ pub(crate) fn event_line(e: &Value) -> String {
     } else {
         (format!(":{}", e["dport"]), String::new())
     };
+    // The rule that decided: its name when the agent knows it.
+    let rule = match (e["rule"].as_u64(), e["ruleName"].as_str()) {
+        (_, Some(name)) => format!("by {name}"),
+        (Some(0), None) if e["verdict"] == "denied" => "rule 0 (default deny)".to_owned(),
+        _ => format!("rule {}", e["rule"]),
+    };
     format!(
-        "{:<8} {:<7} {} (identity {}, cluster {}) -> {}{port} (identity {}, cluster {}) proto {}{icmp_type} rule {}",
+        "{:<8} {:<7} {} (identity {}, cluster {}) -> {}{port} (identity {}, cluster {}) proto {}{icmp_type} {rule}",
         e["verdict"].as_str().unwrap_or("?"),
         e["direction"].as_str().unwrap_or("?"),
         e["src"].as_str().unwrap_or("?"),
@@ -434,7 +440,6 @@ pub(crate) fn event_line(e: &Value) -> String {
         e["dstIdentity"],
         e["dstCluster"],
         e["proto"],
-        e["rule"],
     )
 }
 

@@ -209,14 +209,13 @@ pub async fn start(config: Config, kind: DatapathKind) -> Result<Running, StartE
     };
     let reconciler = Reconciler::adopt(Arc::clone(&plane.dp))?;
     let metrics = Metrics::new();
-    let events = match &plane.kernel {
+    let (events, stream) = match &plane.kernel {
         Some(k) => {
             let stream = k.events()?;
             let (tx, _) = tokio::sync::broadcast::channel(4096);
-            tokio::spawn(forward_events(stream, tx.clone(), metrics.outlier.clone()));
-            Some(tx)
+            (Some(tx), Some(stream))
         }
-        None => None,
+        None => (None, None),
     };
     let shared = Arc::new(Shared {
         datapath: Arc::clone(&plane.dp),
@@ -235,6 +234,9 @@ pub async fn start(config: Config, kind: DatapathKind) -> Result<Running, StartE
         }),
         metrics,
     });
+    if let (Some(stream), Some(tx)) = (stream, &shared.events) {
+        tokio::spawn(forward_events(stream, tx.clone(), Arc::clone(&shared)));
+    }
     let listener = tokio::net::TcpListener::bind(&config.admin)
         .await
         .map_err(|source| StartError::Admin {
@@ -277,17 +279,18 @@ fn detach(kernel: &KernelDatapath, ip: Ipv4Addr, ifname: &str) {
     }
 }
 
-/// Forwards the datapath's verdict events to `/events` subscribers as JSON lines, and counts
-/// outlier detection's ejections.
+/// Forwards the datapath's verdict events to `/events` subscribers as JSON lines (a policy
+/// verdict with the name of the rule that decided it, `ruleName`), and counts outlier
+/// detection's ejections.
 async fn forward_events(
     stream: clustermesh_bpf::EventStream,
     tx: tokio::sync::broadcast::Sender<Arc<str>>,
-    outlier: crate::admin::OutlierCounters,
+    shared: Arc<Shared>,
 ) {
     use futures::StreamExt;
     let mut stream = std::pin::pin!(stream.into_stream());
     while let Some(e) = stream.next().await {
-        outlier.count(&e);
+        shared.metrics.outlier.count(&e);
         let mut line = serde_json::json!({
             "timeNs": e.time_ns,
             "direction": match e.direction {
@@ -326,8 +329,23 @@ async fn forward_events(
             }
             _ => None,
         };
-        if let (Some(what), Some(o)) = (outlier, line.as_object_mut()) {
-            o.insert("outlier".to_owned(), what.into());
+        let policy_verdict = matches!(
+            e.verdict,
+            clustermesh_bpf::EventVerdict::Allowed
+                | clustermesh_bpf::EventVerdict::Denied
+                | clustermesh_bpf::EventVerdict::Audited
+        );
+        // Rule 0: no rule matched (default deny) or conntrack let a reply through.
+        let rule_name = (policy_verdict && e.rule_id != 0)
+            .then(|| shared.desired.lock().policy.rules.get(&e.rule_id).cloned())
+            .flatten();
+        if let Some(o) = line.as_object_mut() {
+            if let Some(what) = outlier {
+                o.insert("outlier".to_owned(), what.into());
+            }
+            if let Some(name) = rule_name {
+                o.insert("ruleName".to_owned(), name.into());
+            }
         }
         // No subscriber is fine: events are live only.
         let _ = tx.send(Arc::from(format!("{line}\n")));

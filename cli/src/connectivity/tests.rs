@@ -41,12 +41,15 @@ fn an_answer_passes_only_from_the_expected_pod() {
     let wrong = Observed::Answered("echo-same-node".into());
     assert_eq!(
         judge(&a, Expect::Ok, &wrong, &[], &A).unwrap(),
-        "answered by echo-same-node, not by echo-other-node"
+        "expected an answer from echo-other-node, observed one from echo-same-node"
     );
     let ping = Action::ClientToClient(CLIENT, CLIENT2);
     let reply = Observed::Answered("10.254.0.11".into());
     assert_eq!(judge(&ping, Expect::Ok, &reply, &[], &A), None);
-    assert!(judge(&ping, Expect::Ok, &Observed::TimedOut, &[], &A).is_some());
+    assert_eq!(
+        judge(&ping, Expect::Ok, &Observed::TimedOut, &[], &A).unwrap(),
+        "expected ok, observed no answer (timed out)"
+    );
 }
 
 #[test]
@@ -76,7 +79,8 @@ fn a_drop_passes_only_where_an_agent_reported_it() {
     );
     assert_eq!(
         judge(&a, default_ingress, &Observed::TimedOut, &[], &A).unwrap(),
-        "no answer as expected, but no agent reported it dropped at ingress (default deny)"
+        "expected dropped at ingress (default deny), observed no answer, but no agent reported \
+         the packets dropped at ingress (default deny)"
     );
     assert!(
         judge(

@@ -513,11 +513,7 @@ impl Suite<'_> {
         for c in self.clusters() {
             let path = c.manifests.join(deploy::POLICY_FILE);
             if files.is_empty() {
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e).context(format!("removing {}", path.display())),
-                }
+                Deployment::remove_file(&path).map_err(anyhow::Error::msg)?;
             } else {
                 d.write(&path, &text)?;
             }

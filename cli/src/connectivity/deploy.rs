@@ -20,9 +20,12 @@ use crate::clusterdir::{ClusterDir, write_atomic};
 /// Prefix of the pods' network namespaces and host-side interfaces.
 const PREFIX: &str = "cmct";
 /// The file with the test pods, Services and EndpointSlices in a manifest directory.
-pub(crate) const PODS_FILE: &str = "cilium-test.yaml";
+pub(crate) const PODS_FILE: &str = "clustermesh-connectivity-test.yaml";
 /// The file with the current test's policies in a manifest directory.
-pub(crate) const POLICY_FILE: &str = "cilium-test-policies.yaml";
+pub(crate) const POLICY_FILE: &str = "clustermesh-connectivity-test-policies.yaml";
+/// The first line of every file the test writes: only such a file is ever removed by it (a
+/// user's file of the same name is left alone).
+const MARKER: &str = "# Written by `clustermesh connectivity test`; removed when it ends.\n";
 
 /// One of the two clusters, as the test needs it.
 #[derive(Debug, Clone)]
@@ -281,12 +284,36 @@ impl Deployment {
         d
     }
 
-    /// Writes a manifest file (removed at the end).
+    /// Writes a manifest file (removed at the end). A file of that name that the test did
+    /// not write is not replaced.
     pub(crate) fn write(&mut self, path: &Path, text: &str) -> anyhow::Result<()> {
+        if let Ok(old) = std::fs::read_to_string(path)
+            && !old.starts_with(MARKER)
+        {
+            bail!(
+                "{} exists and was not written by the connectivity test: move it away first",
+                path.display()
+            );
+        }
         if !self.files.iter().any(|f| f == path) {
             self.files.push(path.to_owned());
         }
-        write_atomic(path, text)
+        write_atomic(path, &format!("{MARKER}{text}"))
+    }
+
+    /// Removes a file the test wrote (a missing one is fine; one it did not write stays).
+    pub(crate) fn remove_file(path: &Path) -> Result<(), String> {
+        match std::fs::read_to_string(path) {
+            Ok(text) if !text.starts_with(MARKER) => Err(format!(
+                "{} was not written by the connectivity test: left alone",
+                path.display()
+            )),
+            Ok(_) => {
+                std::fs::remove_file(path).map_err(|e| format!("removing {}: {e}", path.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("reading {}: {e}", path.display())),
+        }
     }
 
     /// Builds one pod in the cluster's node namespace; an echo pod gets its server.
@@ -322,10 +349,8 @@ impl Deployment {
     fn remove(&mut self) -> Vec<String> {
         let mut problems = Vec::new();
         for f in &self.files {
-            match std::fs::remove_file(f) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => problems.push(format!("removing {}: {e}", f.display())),
+            if let Err(e) = Self::remove_file(f) {
+                problems.push(e);
             }
         }
         for mut s in self.servers.drain(..) {
@@ -376,4 +401,47 @@ fn leftover_namespaces() -> Vec<String> {
         .map(pod_namespace)
         .filter(|ns| Path::new("/var/run/netns").join(ns).exists())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_files_the_test_wrote_are_replaced_or_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mine = dir.path().join(POLICY_FILE);
+        let theirs = dir.path().join(PODS_FILE);
+        std::fs::write(&theirs, "kind: Pod\n").unwrap();
+        let mut d = Deployment {
+            files: Vec::new(),
+            namespaces: Vec::new(),
+            servers: Vec::new(),
+        };
+        d.write(&mine, "kind: CiliumNetworkPolicy\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&mine).unwrap(),
+            format!("{MARKER}kind: CiliumNetworkPolicy\n")
+        );
+        let refused = d.write(&theirs, "kind: Service\n").unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("was not written by the connectivity test")
+        );
+        assert_eq!(std::fs::read_to_string(&theirs).unwrap(), "kind: Pod\n");
+        assert!(
+            Deployment::remove_file(&theirs)
+                .unwrap_err()
+                .ends_with("left alone")
+        );
+        assert_eq!(
+            Deployment::remove_file(&dir.path().join("missing.yaml")),
+            Ok(())
+        );
+        // The end of the run removes what it wrote and nothing else.
+        assert_eq!(d.finish(), Vec::<String>::new());
+        assert!(!mine.exists());
+        assert!(theirs.exists());
+    }
 }

@@ -576,15 +576,25 @@ static __always_inline int cm_enforce(struct __sk_buff *skb, __u8 dir)
 						     CM_ENFORCE_EGRESS | CM_AUDIT_EGRESS;
 		if ((ep->flags & other) && parsed >= 0 &&
 		    (f.ct_mode == CM_CT_BOTH || f.ct_mode == CM_CT_RECORD)) {
+			__u64 now = bpf_ktime_get_ns();
+			/* A packet of a flow already known either way only refreshes it. */
+			struct cm_ct_key back = {
+				.saddr = f.daddr, .daddr = f.saddr, .sport = f.dport,
+				.dport = f.sport, .proto = f.proto,
+			};
 			struct cm_ct_key open = {
 				.saddr = f.saddr, .daddr = f.daddr, .sport = f.sport,
 				.dport = f.dport, .proto = f.proto,
 			};
-			struct cm_ct_value *ct = bpf_map_lookup_elem(&cm_ct, &open);
+			struct cm_ct_value *ct = bpf_map_lookup_elem(&cm_ct, &back);
+			if (!ct)
+				ct = bpf_map_lookup_elem(&cm_ct, &open);
 			if (ct) {
-				ct->last_seen_ns = bpf_ktime_get_ns();
+				ct->last_seen_ns = now | (ct->last_seen_ns & CM_CT_OPEN_MARK);
 			} else {
-				struct cm_ct_value nv = { .last_seen_ns = bpf_ktime_get_ns() };
+				/* Marked: the peer's enforcing side still reports the flow's first
+				 * verdict (it is not a flow an enforcing side has seen). */
+				struct cm_ct_value nv = { .last_seen_ns = now | CM_CT_OPEN_MARK };
 				bpf_map_update_elem(&cm_ct, &open, &nv, BPF_ANY);
 			}
 		}
@@ -602,7 +612,8 @@ static __always_inline int cm_enforce(struct __sk_buff *skb, __u8 dir)
 		};
 		struct cm_ct_value *ct = bpf_map_lookup_elem(&cm_ct, &reply);
 		if (ct) {
-			ct->last_seen_ns = bpf_ktime_get_ns();
+			ct->last_seen_ns =
+				bpf_ktime_get_ns() | (ct->last_seen_ns & CM_CT_OPEN_MARK);
 			return TC_ACT_OK;
 		}
 	}
@@ -610,7 +621,10 @@ static __always_inline int cm_enforce(struct __sk_buff *skb, __u8 dir)
 		.saddr = f.saddr, .daddr = f.daddr, .sport = f.sport, .dport = f.dport, .proto = f.proto,
 	};
 	int record = f.ct_mode == CM_CT_BOTH || f.ct_mode == CM_CT_RECORD;
-	int known_flow = record && bpf_map_lookup_elem(&cm_ct, &fwd) != 0;
+	/* Known: recorded by an enforcing side (an entry an open direction made does not count,
+	 * so this side still checks and reports the flow's first packet). */
+	struct cm_ct_value *seen = record ? bpf_map_lookup_elem(&cm_ct, &fwd) : 0;
+	int known_flow = seen && !(seen->last_seen_ns & CM_CT_OPEN_MARK);
 
 	struct cm_ipcache_key ik = { .prefixlen = 32, .ip = peer_ip };
 	struct cm_ipcache_value *peer = bpf_map_lookup_elem(&cm_ipcache, &ik);
@@ -641,7 +655,7 @@ static __always_inline int cm_enforce(struct __sk_buff *skb, __u8 dir)
 	}
 	if (!known_flow) {
 		if (record) {
-			struct cm_ct_value nv = { .last_seen_ns = bpf_ktime_get_ns() };
+			struct cm_ct_value nv = { .last_seen_ns = bpf_ktime_get_ns() & ~CM_CT_OPEN_MARK };
 			bpf_map_update_elem(&cm_ct, &fwd, &nv, BPF_ANY);
 		}
 		cm_report(&f, src_id, dst_id, src_cl, dst_cl, dir, outcome, ep->endpoint_id, rule);

@@ -172,8 +172,12 @@ struct cm_ct_key {
 };
 
 struct cm_ct_value {
-	__u64 last_seen_ns;
+	__u64 last_seen_ns; /* its lowest bit is CM_CT_OPEN_MARK */
 };
+
+/* A conntrack entry made by a direction that does not enforce (so that replies pass the
+ * other, enforcing direction): the lowest bit of last_seen_ns. */
+#define CM_CT_OPEN_MARK 1ULL
 
 /* Event verdicts: what happened to the packet. */
 #define CM_EVENT_ALLOWED 1

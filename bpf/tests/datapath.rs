@@ -655,6 +655,47 @@ async fn an_open_direction_records_flows_so_replies_pass_the_enforced_one() {
         probe("other", &["tcp", "10.244.0.2:9091", "--timeout-ms", "500"]),
         ["err TimedOut 0"]
     );
+    // The server now enforces ingress too and allows the client on 8080: the flow the
+    // client's open egress recorded does not hide it from the server's check, which
+    // reports it allowed by its rule.
+    dp.upsert_endpoints(&[(
+        ip(20),
+        Endpoint {
+            flags: EndpointFlags {
+                enforce_egress: true,
+                enforce_ingress: true,
+                ..EndpointFlags::default()
+            },
+            ..only(ID_SERVER, true)
+        },
+    )])
+    .unwrap();
+    dp.upsert_policy(&[(
+        PolicyKey {
+            endpoint_id: 1,
+            identity: ID_CLIENT,
+            port: Some((8080, Proto::Tcp)),
+            direction: Direction::Ingress,
+            port_block: 0,
+        },
+        PolicyValue {
+            verdict: Verdict::Allow,
+            rule_id: 31,
+        },
+    )])
+    .unwrap();
+    assert_eq!(
+        probe(
+            "client",
+            &["tcp", "10.244.0.20:8080", "--timeout-ms", "500"]
+        ),
+        ["ok server"]
+    );
+    let e = expect_event(&mut events, |e| {
+        e.verdict == EventVerdict::Allowed && e.direction == Direction::Ingress
+    })
+    .await;
+    assert_eq!((e.src_identity, e.dport, e.rule_id), (ID_CLIENT, 8080, 31));
     drop(events);
     dp.unpin_all().unwrap();
 }

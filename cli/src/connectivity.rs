@@ -361,20 +361,40 @@ fn judge(
     }
 }
 
-/// The verdict events of one action: its source to its destination pod (after the socket
-/// load balancer, the packets go to the pod), and back.
+/// The verdict events of one action: packets from its source to its destination pod (after
+/// the socket load balancer, they go to the pod) of its protocol. Actions that run at once
+/// never share a pair of pods and a protocol ([`rounds`]), so these are its own packets.
 fn events_of(a: &Action, addresses: &Addresses, all: &[Value]) -> Vec<Value> {
     let src = addresses.pod(&a.source()).to_string();
     let dst = addresses.pod(&a.destination()).to_string();
     let icmp = matches!(a, Action::ClientToClient(..));
     all.iter()
         .filter(|e| {
-            let pair = (e["src"] == src.as_str() && e["dst"] == dst.as_str())
-                || (e["src"] == dst.as_str() && e["dst"] == src.as_str());
-            pair && (e["proto"] == 1) == icmp
+            e["src"] == src.as_str() && e["dst"] == dst.as_str() && (e["proto"] == 1) == icmp
         })
         .cloned()
         .collect()
+}
+
+/// Splits a test's actions into rounds that run one after the other; within a round, no two
+/// actions involve the same two pods (either way) with the same protocol, so that the packets
+/// and verdict events of one cannot be taken for another's.
+fn rounds(actions: &[(Action, Expect)]) -> Vec<Vec<usize>> {
+    let key = |a: &Action| {
+        let (s, d) = (a.source().name, a.destination().name);
+        (s.min(d), s.max(d), matches!(a, Action::ClientToClient(..)))
+    };
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    for (i, (a, _)) in actions.iter().enumerate() {
+        let free = out
+            .iter()
+            .position(|r| r.iter().all(|j| key(&actions[*j].0) != key(a)));
+        match free {
+            Some(r) => out[r].push(i),
+            None => out.push(vec![i]),
+        }
+    }
+    out
 }
 
 /// One test's outcome.
@@ -478,32 +498,34 @@ impl Suite<'_> {
         [self.source, self.destination]
     }
 
-    async fn run_test(&self, d: &mut Deployment, t: &Test) -> TestResult {
+    /// Runs one test; with `Err`, its policies could not be removed, and no later test can be
+    /// trusted (the result is in the error's place too).
+    async fn run_test(&self, d: &mut Deployment, t: &Test) -> (TestResult, Option<String>) {
         let mut result = TestResult {
             name: t.name,
             actions: Some(Vec::new()),
             error: None,
             enforced_after: None,
         };
-        let applied = match self.apply(d, t.policies).await {
-            Ok(after) => after,
-            Err(e) => {
-                result.error = Some(format!("{e:#}"));
-                let _ = self.apply(d, &[]).await;
-                return result;
+        match self.apply(d, t.policies).await {
+            Ok(after) => {
+                result.enforced_after = after;
+                match self.actions(t).await {
+                    Ok(r) => result.actions = Some(r),
+                    Err(e) => result.error = Some(format!("{e:#}")),
+                }
             }
-        };
-        result.enforced_after = applied;
-        match self.actions(t).await {
-            Ok(r) => result.actions = Some(r),
             Err(e) => result.error = Some(format!("{e:#}")),
         }
-        if let Err(e) = self.apply(d, &[]).await {
-            result
-                .error
-                .get_or_insert(format!("removing the policies: {e:#}"));
-        }
-        result
+        let stop = match self.apply(d, &[]).await {
+            Ok(_) => None,
+            Err(e) => {
+                let why = format!("removing the policies of {}: {e:#}", t.name);
+                result.error.get_or_insert(why.clone());
+                Some(why)
+            }
+        };
+        (result, stop)
     }
 
     /// Writes the policies into both clusters (none: removes them) and waits until both
@@ -537,35 +559,37 @@ impl Suite<'_> {
 
     /// Runs every action of the test at once and judges each.
     async fn actions(&self, t: &Test) -> anyhow::Result<Vec<ActionResult>> {
-        let mut collectors = Vec::new();
-        for c in self.clusters() {
-            collectors.push(Collector::start(&c.admin).await?);
-        }
         let planned = t.actions();
-        let observed =
-            futures::future::join_all(planned.iter().map(|(a, _)| self.runner.run(a))).await;
-        // Events of the last packets are a ring buffer and a stream away.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut events = Vec::new();
-        for c in collectors {
-            events.extend(c.finish().await);
-        }
         let a = &self.runner.addresses;
-        Ok(planned
-            .into_iter()
-            .zip(observed)
-            .map(|((action, expected), observed)| {
+        let mut results: Vec<Option<ActionResult>> = planned.iter().map(|_| None).collect();
+        for round in rounds(&planned) {
+            let mut collectors = Vec::new();
+            for c in self.clusters() {
+                collectors.push(Collector::start(&c.admin).await?);
+            }
+            let observed =
+                futures::future::join_all(round.iter().map(|i| self.runner.run(&planned[*i].0)))
+                    .await;
+            // Events of the last packets are a ring buffer and a stream away.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut events = Vec::new();
+            for c in collectors {
+                events.extend(c.finish().await);
+            }
+            for (i, observed) in round.into_iter().zip(observed) {
+                let (action, expected) = planned[i];
                 let events = events_of(&action, a, &events);
                 let failure = judge(&action, expected, &observed, &events, a);
-                ActionResult {
+                results[i] = Some(ActionResult {
                     action,
                     expected,
                     observed,
                     events,
                     failure,
-                }
-            })
-            .collect())
+                });
+            }
+        }
+        Ok(results.into_iter().flatten().collect())
     }
 }
 
@@ -601,8 +625,10 @@ async fn deploy(
     Ok(())
 }
 
-/// Refuses addresses that the mesh already uses (outside the test's own pods).
-async fn check_addresses(clusters: [&Cluster; 2], a: &Addresses) -> anyhow::Result<()> {
+/// Refuses addresses that the mesh already uses, and policies already in `cilium-test` (the
+/// test needs the namespace to itself: it waits for the agents to enforce exactly each
+/// test's policies there).
+async fn check_unused(clusters: [&Cluster; 2], a: &Addresses) -> anyhow::Result<()> {
     let ours: Vec<String> = PODS.iter().map(|p| format!("{}/32", a.pod(p))).collect();
     let vips: Vec<String> = suite::ECHOES
         .iter()
@@ -611,6 +637,12 @@ async fn check_addresses(clusters: [&Cluster; 2], a: &Addresses) -> anyhow::Resu
     // A killed run's objects were removed just now: give the agents a moment to drop them.
     let check = || async {
         for c in clusters {
+            if let Some(why) = policies_differ(c, &[]).await? {
+                return Ok(Some(format!(
+                    "{why}: namespace {} must have no policies when the test starts",
+                    suite::NAMESPACE
+                )));
+            }
             let ipcache = get_json(&c.admin, "/maps/ipcache").await?;
             if let Some(r) = ipcache.as_array().into_iter().flatten().find(|r| {
                 r["prefix"]
@@ -638,12 +670,7 @@ async fn check_addresses(clusters: [&Cluster; 2], a: &Addresses) -> anyhow::Resu
         }
         Ok(None)
     };
-    wait_until(
-        Duration::from_secs(10),
-        "checking the test's addresses",
-        check,
-    )
-    .await?;
+    wait_until(Duration::from_secs(10), "checking the mesh", check).await?;
     Ok(())
 }
 
@@ -682,8 +709,14 @@ pub(crate) async fn test(o: Options) -> anyhow::Result<bool> {
     };
     // Removes what a killed run left, and, from here on, everything this run makes — also
     // when this future is dropped (Ctrl-C).
-    let mut d = Deployment::new(&[&source, &destination]);
-    check_addresses([&source, &destination], &o.addresses).await?;
+    if source.manifests == destination.manifests {
+        bail!(
+            "both clusters read {}: the test needs each cluster's own manifest directory",
+            source.manifests.display()
+        );
+    }
+    let mut d = Deployment::new(&[&source, &destination])?;
+    check_unused([&source, &destination], &o.addresses).await?;
     let started = Instant::now();
     say(format!(
         "ℹ️  Source cluster {} (agent {}), destination cluster {} (agent {})",
@@ -709,10 +742,20 @@ pub(crate) async fn test(o: Options) -> anyhow::Result<bool> {
     };
     say(format!("🏃 Running {} tests...", TESTS.len()));
     let mut results = Vec::new();
+    let mut stopped: Option<String> = None;
     for (i, t) in TESTS.iter().enumerate() {
         let selected = o.test.as_ref().is_none_or(|r| r.is_match(t.name));
-        let r = if selected {
-            suite.run_test(&mut d, t).await
+        let r = if let Some(why) = stopped.as_ref().filter(|_| selected) {
+            TestResult {
+                name: t.name,
+                actions: Some(Vec::new()),
+                error: Some(format!("not run: {why}")),
+                enforced_after: None,
+            }
+        } else if selected {
+            let (r, stop) = suite.run_test(&mut d, t).await;
+            stopped = stopped.or(stop);
+            r
         } else {
             TestResult {
                 name: t.name,

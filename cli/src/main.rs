@@ -735,14 +735,15 @@ async fn run(command: Command, log_format: &'static str) -> anyhow::Result<bool>
                 action_timeout,
                 wait,
             };
-            // Dropping the test on a signal removes what it made.
+            // Dropping the test on a signal (a closed terminal too) removes what it made.
+            let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .context("installing the SIGHUP handler")?;
             tokio::select! {
                 r = connectivity::test(options) => return r,
-                r = shutdown_signal() => {
-                    r?;
-                    bail!("interrupted: the test pods, services and policies were removed");
-                }
+                r = shutdown_signal() => r?,
+                _ = hangup.recv() => {}
             }
+            bail!("interrupted: the test pods, services and policies were removed");
         }
         Command::Observe {
             agent,

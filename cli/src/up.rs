@@ -295,7 +295,7 @@ fn prepare(o: &UpOptions) -> anyhow::Result<Vec<Member>> {
 }
 
 /// The cgroup v2 mount.
-fn cgroup2() -> anyhow::Result<PathBuf> {
+pub(crate) fn cgroup2() -> anyhow::Result<PathBuf> {
     std::fs::read_to_string("/proc/mounts")
         .context("reading /proc/mounts")?
         .lines()

@@ -917,7 +917,31 @@ fn the_connectivity_test_passes_cilium_s_table_on_the_bpf_playground() {
     );
     std::fs::remove_file(data.path().join("c1/manifests/break-echo.yaml")).unwrap();
 
-    // Ctrl-C in the middle: the pods, namespaces and policies go.
+    // A policy of someone else in cilium-test: the run refuses to start (it could not tell
+    // its own policies' effect), and leaves that policy and the mesh as they were.
+    let foreign = data.path().join("c2/manifests/foreign.yaml");
+    std::fs::write(
+        &foreign,
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: foreign, namespace: cilium-test}\n\
+         spec:\n  endpointSelector: {}\n  ingress: [{}]\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["connectivity", "test", "--dir", data_s])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("namespace cilium-test must have no policies when the test starts"),
+        "{err}"
+    );
+    assert_eq!(test_namespaces(), 0);
+    assert!(foreign.exists());
+    std::fs::remove_file(&foreign).unwrap();
+
+    // Ctrl-C in the middle of a test (all-ingress-deny: its policies applied, its expected
+    // drops being waited out): the pods, namespaces and policies go.
     let mut child = Command::new(BIN)
         .args(["connectivity", "test", "--dir", data_s])
         .stdout(Stdio::piped())
@@ -931,6 +955,19 @@ fn the_connectivity_test_passes_cilium_s_table_on_the_bpf_playground() {
             break;
         }
     }
+    let t = std::time::Instant::now();
+    while !data
+        .path()
+        .join("c2/manifests/clustermesh-connectivity-test-policies.yaml")
+        .exists()
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "all-ingress-deny never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()

@@ -129,6 +129,9 @@ pub struct Shared {
     pub events: Option<tokio::sync::broadcast::Sender<Arc<str>>>,
     /// The kernel datapath (eBPF only), for what outlier detection recorded.
     pub kernel: Option<Arc<KernelDatapath>>,
+    /// Rule IDs and the rules they name, as of the last pass (verdict events name their
+    /// rule from it without waiting for a pass that holds `desired`).
+    pub rule_names: Mutex<Arc<BTreeMap<u32, String>>>,
 }
 
 /// A running agent.
@@ -223,6 +226,7 @@ pub async fn start(config: Config, kind: DatapathKind) -> Result<Running, StartE
         events,
         view: Mutex::new(None),
         desired: Mutex::new(Desired::default()),
+        rule_names: Mutex::new(Arc::default()),
         status: Mutex::new(AgentStatus {
             cluster: config.cluster.to_string(),
             node: config.node_name.clone(),
@@ -337,7 +341,10 @@ async fn forward_events(
         );
         // Rule 0: no rule matched (default deny) or conntrack let a reply through.
         let rule_name = (policy_verdict && e.rule_id != 0)
-            .then(|| shared.desired.lock().policy.rules.get(&e.rule_id).cloned())
+            .then(|| {
+                let names = Arc::clone(&shared.rule_names.lock());
+                names.get(&e.rule_id).cloned()
+            })
             .flatten();
         if let Some(o) = line.as_object_mut() {
             if let Some(what) = outlier {
@@ -752,10 +759,14 @@ impl Loop {
     fn publish(&self) {
         let counts = self.reconciler.counts();
         // Taken before the status lock (the admin endpoint takes desired, then status).
-        let enforced = self
-            .retry_at
-            .is_none()
-            .then(|| self.shared.desired.lock().policy.policies.clone());
+        let (enforced, rules) = {
+            let d = self.shared.desired.lock();
+            (
+                self.retry_at.is_none().then(|| d.policy.policies.clone()),
+                d.policy.rules.clone(),
+            )
+        };
+        *self.shared.rule_names.lock() = Arc::new(rules);
         let mut st = self.shared.status.lock();
         st.reconciles += 1;
         st.maps = ["services", "backends", "ipcache", "endpoints", "policy"]

@@ -87,6 +87,20 @@ impl Cluster {
                     dir.agent_config().display()
                 )
             })?;
+        if node_ns.starts_with(PREFIX) {
+            bail!(
+                "{}: bpf.endpointNetns names a namespace of the connectivity test's own",
+                dir.agent_config().display()
+            );
+        }
+        if same_netns(&format!("/var/run/netns/{node_ns}"), "/proc/self/ns/net") {
+            bail!(
+                "{}: bpf.endpointNetns ({node_ns}) is the host's network namespace: the test pods would be linked to it",
+                dir.agent_config().display()
+            );
+        }
+        let cgroup = checked_cgroup(&agent.bpf.cgroup)
+            .with_context(|| format!("{}: bpf.cgroup", dir.agent_config().display()))?;
         let host_ip = status["nodeAddresses"]
             .as_array()
             .into_iter()
@@ -102,12 +116,39 @@ impl Cluster {
             name,
             admin,
             manifests,
-            cgroup: agent.bpf.cgroup,
+            cgroup,
             node_ns,
             node: agent.node_name,
             host_ip,
         })
     }
+}
+
+/// Whether two paths name the same namespace (the same nsfs inode).
+fn same_netns(a: &str, b: &str) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
+/// The agent's socket-LB cgroup, which clients are put into (as root, by writing
+/// `cgroup.procs`): it must be a directory of the cgroup v2 hierarchy, named without symbolic
+/// links, with its `cgroup.procs`.
+fn checked_cgroup(path: &Path) -> anyhow::Result<PathBuf> {
+    let root = crate::up::cgroup2()?;
+    let real = path
+        .canonicalize()
+        .with_context(|| format!("{} does not exist", path.display()))?;
+    if real != path || !real.starts_with(&root) || !real.join("cgroup.procs").is_file() {
+        bail!(
+            "{} is not a cgroup of the cgroup v2 hierarchy at {}",
+            path.display(),
+            root.display()
+        );
+    }
+    Ok(real)
 }
 
 /// The addresses the test uses.
@@ -270,8 +311,9 @@ pub(crate) struct Deployment {
 }
 
 impl Deployment {
-    /// Removes what an earlier run that was killed left, then starts empty.
-    pub(crate) fn new(clusters: &[&Cluster]) -> Self {
+    /// Removes what an earlier run that was killed left, then starts empty; refuses when
+    /// something of that name is not the test's.
+    pub(crate) fn new(clusters: &[&Cluster]) -> anyhow::Result<Self> {
         let mut d = Self {
             files: clusters
                 .iter()
@@ -280,8 +322,11 @@ impl Deployment {
             namespaces: leftover_namespaces(),
             servers: Vec::new(),
         };
-        d.remove();
-        d
+        let problems = d.remove();
+        if !problems.is_empty() {
+            bail!("{}", problems.join("; "));
+        }
+        Ok(d)
     }
 
     /// Writes a manifest file (removed at the end). A file of that name that the test did
@@ -358,7 +403,16 @@ impl Deployment {
             let _ = s.wait();
         }
         for ns in self.namespaces.drain(..) {
-            if !Path::new("/var/run/netns").join(&ns).exists() {
+            let path = format!("/var/run/netns/{ns}");
+            if !Path::new(&path).exists() {
+                continue;
+            }
+            // A name of ours bound to the host's namespace (or init's) is not a test pod:
+            // nothing in it is killed, and it is not removed.
+            if same_netns(&path, "/proc/self/ns/net") || same_netns(&path, "/proc/1/ns/net") {
+                problems.push(format!(
+                    "{path} is the host's network namespace, not a test pod: left alone"
+                ));
                 continue;
             }
             if let Ok(o) = Command::new("ip").args(["netns", "pids", &ns]).output() {

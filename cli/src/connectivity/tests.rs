@@ -113,7 +113,11 @@ fn an_actions_events_are_those_of_its_pair_and_protocol() {
         event("10.254.0.10", "10.254.0.12", "egress", "allowed", 0, 1),
     ];
     let tcp = events_of(&Action::PodToService(CLIENT, ECHO_SAME_NODE), &A, &all);
-    assert_eq!(tcp, all[..2].to_vec());
+    assert_eq!(
+        tcp,
+        all[..1].to_vec(),
+        "its own direction and protocol only"
+    );
     let icmp = events_of(&Action::ClientToClient(CLIENT, CLIENT2), &A, &all);
     assert!(icmp.is_empty());
 }
@@ -211,4 +215,29 @@ fn policies_go_into_the_test_namespace_unchanged_otherwise() {
             .all(|(ns, _)| ns.as_deref() == Some("cilium-test"))
     );
     assert!(deploy::policies(&["no-such-file"]).is_err());
+}
+
+#[test]
+fn actions_on_the_same_pods_and_protocol_never_run_at_once() {
+    let no_policies = suite::TESTS
+        .iter()
+        .find(|t| t.name == "no-policies")
+        .unwrap();
+    let actions = no_policies.actions();
+    let r = rounds(&actions);
+    assert_eq!(r.iter().map(Vec::len).sum::<usize>(), actions.len());
+    // pod-to-pod and pod-to-service share pairs; the two pings share one.
+    assert_eq!(r.len(), 2, "{r:?}");
+    for round in &r {
+        for (n, i) in round.iter().enumerate() {
+            for j in &round[n + 1..] {
+                let (a, b) = (actions[*i].0, actions[*j].0);
+                let same_pods = (a.source() == b.source() && a.destination() == b.destination())
+                    || (a.source() == b.destination() && a.destination() == b.source());
+                let same_proto = matches!(a, Action::ClientToClient(..))
+                    == matches!(b, Action::ClientToClient(..));
+                assert!(!(same_pods && same_proto), "{a:?} and {b:?} at once");
+            }
+        }
+    }
 }

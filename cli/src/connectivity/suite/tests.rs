@@ -226,3 +226,29 @@ fn expectations_follow_cilium_cli() {
         Expect::Drop(DropAt::DenyEgress)
     );
 }
+
+/// Every action of every test with its expectation, one line each, against a file reviewed
+/// by hand against `connectivity/README.md` and cilium-cli's builders
+/// (`CLUSTERMESH_UPDATE_EXPECTATIONS=1` rewrites it; review the diff).
+#[test]
+fn every_expectation_is_the_reviewed_table() {
+    let mut text = String::new();
+    for t in TESTS {
+        for (a, e) in t.actions() {
+            text.push_str(&format!(
+                "{:<58} {:<62} {}\n",
+                t.name,
+                a.describe(),
+                e.describe()
+            ));
+        }
+    }
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/connectivity/suite/expected.txt"
+    );
+    if std::env::var_os("CLUSTERMESH_UPDATE_EXPECTATIONS").is_some() {
+        std::fs::write(path, &text).unwrap();
+    }
+    assert_eq!(text, std::fs::read_to_string(path).unwrap());
+}

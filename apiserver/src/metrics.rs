@@ -67,6 +67,11 @@ pub struct Metrics {
     pub export_oversized: Counter,
     /// Watch requests refused because the remote had `exportMaxStreamsPerRemote` open.
     pub export_streams_refused: Counter,
+    /// Policies of the last load with parts not enforced as written.
+    pub policies_not_as_written: Gauge,
+    /// Those policies (`namespace/name`, a clusterwide one by its name) and their notes, for
+    /// `/status`.
+    policy_notes: parking_lot::Mutex<std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 impl Metrics {
@@ -160,6 +165,12 @@ impl Metrics {
             "Export watch requests refused: the remote already had exportMaxStreamsPerRemote streams open",
             Counter::default(),
         );
+        let policies_not_as_written = m(
+            &mut registry,
+            "policies_not_enforced_as_written",
+            "Policies of the last load with parts the datapath does not enforce as written (each translated to fail closed; /status lists the notes)",
+            Gauge::default(),
+        );
         Self {
             registry,
             ready: AtomicBool::new(false),
@@ -182,7 +193,21 @@ impl Metrics {
             export_refused,
             export_oversized,
             export_streams_refused,
+            policies_not_as_written,
+            policy_notes: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
         }
+    }
+
+    /// Records the policies of the last load that have notes (parts not enforced as written).
+    pub fn set_policy_notes(&self, notes: std::collections::BTreeMap<String, Vec<String>>) {
+        self.policies_not_as_written
+            .set(i64::try_from(notes.len()).unwrap_or(i64::MAX));
+        *self.policy_notes.lock() = notes;
+    }
+
+    /// The policies with notes, as recorded.
+    pub fn policy_notes(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        self.policy_notes.lock().clone()
     }
 
     /// Marks the apiserver ready.
@@ -413,6 +438,7 @@ pub fn router_with_remotes(metrics: Arc<Metrics>, remotes: RemoteStatuses) -> Ro
                         "ready": s.metrics.is_ready(),
                         "store": s.metrics.store_health(),
                         "remotes": statuses,
+                        "policiesNotEnforcedAsWritten": s.metrics.policy_notes(),
                     })
                     .to_string(),
                 )

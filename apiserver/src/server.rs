@@ -940,12 +940,21 @@ impl SourceLoop {
         for p in &problems {
             tracing::warn!(origin = %p.origin, reason = %p.reason, "source object not used");
         }
+        let mut notes = std::collections::BTreeMap::new();
         for ((ns, name), policy) in &loaded.objects.policies {
-            for note in &policy.notes {
-                let policy = format!("{}/{name}", ns.as_deref().unwrap_or("(clusterwide)"));
-                tracing::warn!(%policy, %note, "policy part not enforced as written");
+            if policy.notes.is_empty() {
+                continue;
             }
+            let key = match ns {
+                Some(ns) => format!("{ns}/{name}"),
+                None => name.clone(),
+            };
+            for note in &policy.notes {
+                tracing::warn!(policy = %key, %note, "policy part not enforced as written");
+            }
+            notes.insert(key, policy.notes.clone());
         }
+        self.metrics.set_policy_notes(notes);
         self.metrics
             .source_problems
             .set(i64::try_from(problems.len()).unwrap_or(i64::MAX));

@@ -81,6 +81,27 @@ fn render(s: &Value, remotes: &[Value]) -> String {
             "NOT READY (first sync not done)".to_owned()
         }
     );
+    // Policies loaded with parts the datapath does not enforce as written (each part failing
+    // closed): said here, not only in the log.
+    if let Some(notes) = s["policiesNotEnforcedAsWritten"]
+        .as_object()
+        .filter(|n| !n.is_empty())
+    {
+        out.push_str(&format!(
+            "{} policies with parts not enforced as written (translated to fail closed):\n",
+            notes.len()
+        ));
+        for (policy, list) in notes {
+            for note in list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                out.push_str(&format!("  {policy}: {note}\n"));
+            }
+        }
+    }
     if remotes.is_empty() {
         out.push_str("no remote clusters (connect one with `clustermesh connect`)\n");
         return out;

@@ -79,6 +79,42 @@ fn the_userspace_datapath_serves_the_same_agent() {
     let (code, _) = clustermesh_e2e::http_get(&agent.admin, "/explain/service/prod/nope").unwrap();
     assert_eq!(code, 404);
 
+    // A policy with a part the datapath does not enforce (a CIDR peer) loads, fails closed,
+    // and is reported in the apiserver's status, its metrics and `clustermesh status`.
+    b.write_manifest(
+        "notes.yaml",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: cidr, namespace: prod}\n\
+         spec:\n  endpointSelector: {matchLabels: {app: other}}\n  ingress: [{fromCIDR: [192.0.2.0/24]}]\n",
+    );
+    let note = "rule 0 ingress[0]: fromCIDR not enforced yet; the rule is left out: it allows \
+                nothing (its direction stays default-deny)";
+    wait_until(
+        Duration::from_secs(30),
+        "the policy's notes in /status",
+        || {
+            clustermesh_e2e::http_get(b.health_addr(), "/status").is_some_and(|(_, body)| {
+                let s: serde_json::Value = serde_json::from_str(&body).unwrap();
+                s["policiesNotEnforcedAsWritten"] == serde_json::json!({"prod/cidr": [note]})
+            })
+        },
+    );
+    let (_, metrics) = clustermesh_e2e::http_get(b.health_addr(), "/metrics").unwrap();
+    assert!(
+        metrics.contains("clustermesh_policies_not_enforced_as_written 1"),
+        "{metrics}"
+    );
+    let out = std::process::Command::new(clustermesh_e2e::binary("clustermesh"))
+        .args(["status", "--server", b.health_addr()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "1 policies with parts not enforced as written (translated to fail closed):\n  prod/cidr: {note}\n"
+        )),
+        "{text}"
+    );
+
     // The agent's life, at info: start, connection, snapshot, ready; then a lost apiserver
     // and the reconnection.
     let log = agent.log();

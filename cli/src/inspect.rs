@@ -11,7 +11,7 @@ use clustermesh_proto::v1::{self, watch_event::Event as Ev};
 use serde_json::{Value, json};
 
 use crate::clusterdir::ClusterDir;
-use crate::output::{Format, get_json, get_lines, table, yes};
+use crate::output::{Format, get_json, table, yes};
 
 /// Every object of `kinds` the local apiserver serves its agents (a snapshot, up to
 /// `Synced`), through the agents' `local-<cluster>` certificate.
@@ -385,38 +385,109 @@ pub(crate) async fn bpf(agent: &str, map: &str, format: Format) -> anyhow::Resul
 /// What `observe` keeps.
 #[derive(Debug, Default)]
 pub(crate) struct EventFilter {
-    /// `allowed`, `denied` or `audited`.
+    /// A verdict (`allowed`/`forwarded`, `denied`/`dropped`, `audited`/`audit`, `ejected`,
+    /// `readmitted`).
     pub(crate) verdict: Option<String>,
-    /// A cluster ID on either side.
-    pub(crate) cluster: Option<u64>,
+    /// A cluster name or ID on either side.
+    pub(crate) cluster: Option<String>,
     /// An identity on either side.
     pub(crate) identity: Option<u64>,
 }
 
 impl EventFilter {
     fn keeps(&self, e: &Value) -> bool {
-        self.verdict.as_deref().is_none_or(|v| e["verdict"] == v)
-            && self
-                .cluster
-                .is_none_or(|c| e["srcCluster"] == c || e["dstCluster"] == c)
+        let verdict = self.verdict.as_deref().map(|v| match v {
+            "forwarded" => "allowed",
+            "dropped" => "denied",
+            "audit" => "audited",
+            other => other,
+        });
+        let cluster = |c: &str| {
+            ["srcCluster", "dstCluster"]
+                .iter()
+                .any(|k| e[*k].as_u64().is_some_and(|id| id.to_string() == c))
+                || ["srcClusterName", "dstClusterName"]
+                    .iter()
+                    .any(|k| e[*k] == c)
+        };
+        verdict.is_none_or(|v| e["verdict"] == v)
+            && self.cluster.as_deref().is_none_or(cluster)
             && self
                 .identity
                 .is_none_or(|i| e["srcIdentity"] == i || e["dstIdentity"] == i)
     }
 }
 
-/// One verdict event of the agent's `/events` as `observe` prints it.
+/// Which flows `observe` asks for: kept ones first (`since_ms`, `last`), then new ones unless
+/// `follow` is off.
+#[derive(Debug, Default)]
+pub(crate) struct Window {
+    pub(crate) since_ms: Option<u64>,
+    pub(crate) last: Option<usize>,
+    pub(crate) follow: bool,
+}
+
+impl Window {
+    fn path(&self) -> String {
+        let mut q = Vec::new();
+        if let Some(s) = self.since_ms {
+            q.push(format!("since={s}"));
+        }
+        if let Some(n) = self.last {
+            q.push(format!("last={n}"));
+        }
+        if !self.follow {
+            q.push("follow=false".to_owned());
+        }
+        if q.is_empty() {
+            "/events".to_owned()
+        } else {
+            format!("/events?{}", q.join("&"))
+        }
+    }
+}
+
+/// An endpoint of a flow: `(shop/web-0, c2, identity 131077)`.
+fn flow_endpoint(e: &Value, side: &str) -> String {
+    let mut parts = Vec::new();
+    if let Some(pod) = e[format!("{side}Pod")].as_str() {
+        parts.push(pod.to_owned());
+    }
+    match e[format!("{side}ClusterName")].as_str() {
+        Some(name) => parts.push(name.to_owned()),
+        None => parts.push(format!("cluster {}", e[format!("{side}Cluster")])),
+    }
+    parts.push(format!("identity {}", e[format!("{side}Identity")]));
+    format!("({})", parts.join(", "))
+}
+
+/// One verdict event of the agent's `/events` as `observe` prints it: the time the agent
+/// received it, the verdict as Hubble names it, the direction, both ends (pod, cluster,
+/// identity), the protocol and what decided.
 pub(crate) fn event_line(e: &Value) -> String {
+    let verdict = match e["verdict"].as_str().unwrap_or("?") {
+        "allowed" => "FORWARDED",
+        "denied" => "DROPPED",
+        "audited" => "AUDIT",
+        "ejected" => "EJECTED",
+        "readmitted" => "READMITTED",
+        other => other,
+    };
+    let time = e["time"]
+        .as_str()
+        .map(|t| format!("{t} "))
+        .unwrap_or_default();
     if let Some(what) = e["outlier"].as_str() {
         return format!(
-            "{:<8} backend {}:{} (identity {}, cluster {}): {what}",
-            e["verdict"].as_str().unwrap_or("?"),
+            "{time}{verdict:<10} backend {}:{} {}: {what}",
             e["dst"].as_str().unwrap_or("?"),
             e["dport"],
-            e["dstIdentity"],
-            e["dstCluster"],
+            flow_endpoint(e, "dst"),
         );
     }
+    let protocol = e["protocol"]
+        .as_str()
+        .map_or_else(|| format!("proto {}", e["proto"]), str::to_owned);
     // For ICMP the datapath reports the message type in the port's place.
     let (port, icmp_type) = if e["proto"] == 1 {
         (String::new(), format!(" type {}", e["dport"]))
@@ -430,33 +501,35 @@ pub(crate) fn event_line(e: &Value) -> String {
         _ => format!("rule {}", e["rule"]),
     };
     format!(
-        "{:<8} {:<7} {} (identity {}, cluster {}) -> {}{port} (identity {}, cluster {}) proto {}{icmp_type} {rule}",
-        e["verdict"].as_str().unwrap_or("?"),
+        "{time}{verdict:<10} {:<7} {} {} -> {}{port} {} {protocol}{icmp_type} {rule}",
         e["direction"].as_str().unwrap_or("?"),
         e["src"].as_str().unwrap_or("?"),
-        e["srcIdentity"],
-        e["srcCluster"],
+        flow_endpoint(e, "src"),
         e["dst"].as_str().unwrap_or("?"),
-        e["dstIdentity"],
-        e["dstCluster"],
-        e["proto"],
+        flow_endpoint(e, "dst"),
     )
 }
 
-/// `clustermesh observe`: live verdict events until interrupted (or `limit` events).
+/// `clustermesh observe`: the flows asked for, until interrupted (or `limit` flows).
 pub(crate) async fn observe(
     agent: &str,
     filter: &EventFilter,
+    window: &Window,
     format: Format,
     limit: Option<usize>,
 ) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    let mut lines = crate::output::open_lines(agent, &window.path()).await?;
+    if window.follow && std::io::stdout().is_terminal() {
+        eprintln!("Listening for flows of the agent at {agent} (Ctrl-C to stop)...");
+    }
     let mut seen = 0usize;
-    get_lines(agent, "/events", |line| {
-        let Ok(e) = serde_json::from_str::<Value>(line) else {
-            return true;
+    while let Some(line) = lines.next_line().await? {
+        let Ok(e) = serde_json::from_str::<Value>(&line) else {
+            continue;
         };
         if !filter.keeps(&e) {
-            return true;
+            continue;
         }
         if format == Format::Json {
             println!("{line}");
@@ -464,7 +537,83 @@ pub(crate) async fn observe(
             println!("{}", event_line(&e));
         }
         seen += 1;
-        limit.is_none_or(|l| seen < l)
-    })
-    .await
+        if limit.is_some_and(|l| seen >= l) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod event_tests {
+    use super::*;
+
+    fn drop_event() -> Value {
+        serde_json::json!({"time": "2026-12-02T03:40:01.123Z", "verdict": "denied",
+            "direction": "ingress", "src": "10.2.0.10", "dst": "10.1.0.30", "srcIdentity": 131077,
+            "dstIdentity": 65540, "srcCluster": 2, "dstCluster": 1, "srcClusterName": "c2",
+            "dstClusterName": "c1", "srcPod": "shop/web-0", "dstPod": "shop/payments-0",
+            "dport": 8080, "proto": 6, "protocol": "TCP", "rule": 0})
+    }
+
+    #[test]
+    fn a_flow_reads_like_hubble() {
+        assert_eq!(
+            event_line(&drop_event()),
+            "2026-12-02T03:40:01.123Z DROPPED    ingress 10.2.0.10 (shop/web-0, c2, identity 131077) \
+             -> 10.1.0.30:8080 (shop/payments-0, c1, identity 65540) TCP rule 0 (default deny)"
+        );
+        let mut icmp = drop_event();
+        icmp["proto"] = 1.into();
+        icmp["protocol"] = "ICMPv4".into();
+        icmp["dport"] = 8.into();
+        icmp["verdict"] = "allowed".into();
+        icmp["rule"] = 5.into();
+        icmp["ruleName"] = "shop/ping rule 0".into();
+        icmp["srcPod"] = Value::Null;
+        icmp["srcClusterName"] = Value::Null;
+        assert_eq!(
+            event_line(&icmp),
+            "2026-12-02T03:40:01.123Z FORWARDED  ingress 10.2.0.10 (cluster 2, identity 131077) \
+             -> 10.1.0.30 (shop/payments-0, c1, identity 65540) ICMPv4 type 8 by shop/ping rule 0"
+        );
+    }
+
+    #[test]
+    fn clusters_are_matched_by_name_or_id_and_verdicts_by_either_name() {
+        let e = drop_event();
+        let f = |verdict: Option<&str>, cluster: Option<&str>| EventFilter {
+            verdict: verdict.map(str::to_owned),
+            cluster: cluster.map(str::to_owned),
+            identity: None,
+        };
+        assert!(f(None, Some("c2")).keeps(&e));
+        assert!(f(None, Some("1")).keeps(&e));
+        assert!(!f(None, Some("c3")).keeps(&e));
+        assert!(!f(None, Some("3")).keeps(&e));
+        assert!(f(Some("dropped"), None).keeps(&e));
+        assert!(f(Some("denied"), None).keeps(&e));
+        assert!(!f(Some("forwarded"), None).keeps(&e));
+    }
+
+    #[test]
+    fn the_window_asks_for_kept_flows() {
+        assert_eq!(
+            Window {
+                follow: true,
+                ..Window::default()
+            }
+            .path(),
+            "/events"
+        );
+        assert_eq!(
+            Window {
+                since_ms: Some(5),
+                last: Some(20),
+                follow: false
+            }
+            .path(),
+            "/events?since=5&last=20&follow=false"
+        );
+    }
 }

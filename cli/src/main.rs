@@ -216,16 +216,26 @@ enum Command {
     Observe {
         #[command(flatten)]
         agent: AgentArgs,
-        /// Only `allowed`, `denied`, `audited`, `ejected` or `readmitted`.
-        #[arg(long, value_parser = ["allowed", "denied", "audited", "ejected", "readmitted"])]
+        /// Only this verdict: `forwarded` (or `allowed`), `dropped` (or `denied`), `audit`
+        /// (or `audited`), `ejected`, `readmitted`.
+        #[arg(long, value_parser = ["forwarded", "allowed", "dropped", "denied", "audit", "audited", "ejected", "readmitted"])]
         verdict: Option<String>,
-        /// Only events with this cluster ID on either side.
-        #[arg(long)]
-        cluster: Option<u64>,
-        /// Only events with this identity on either side.
+        /// Only flows with this cluster (name or ID) on either side.
+        #[arg(long, value_name = "NAME|ID")]
+        cluster: Option<String>,
+        /// Only flows with this identity on either side.
         #[arg(long)]
         identity: Option<u64>,
-        /// Stop after this many events.
+        /// First the flows the agent kept from this long ago (e.g. 5m), then new ones.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// First the last N flows the agent kept (it keeps 4096), then new ones.
+        #[arg(long, value_name = "N")]
+        last: Option<usize>,
+        /// Print the kept flows (--since, --last) and stop instead of following new ones.
+        #[arg(long)]
+        no_follow: bool,
+        /// Stop after this many flows.
         #[arg(long)]
         count: Option<usize>,
     },
@@ -750,6 +760,9 @@ async fn run(command: Command, log_format: &'static str) -> anyhow::Result<bool>
             verdict,
             cluster,
             identity,
+            since,
+            last,
+            no_follow,
             count,
         } => {
             let filter = inspect::EventFilter {
@@ -757,9 +770,20 @@ async fn run(command: Command, log_format: &'static str) -> anyhow::Result<bool>
                 cluster,
                 identity,
             };
+            let since_ms = since.map(|d| {
+                std::time::SystemTime::now()
+                    .checked_sub(d)
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
+            });
+            let window = inspect::Window {
+                since_ms,
+                last,
+                follow: !no_follow,
+            };
             let addr = agent.address()?;
             tokio::select! {
-                r = inspect::observe(&addr, &filter, agent.output, count) => r?,
+                r = inspect::observe(&addr, &filter, &window, agent.output, count) => r?,
                 r = shutdown_signal() => r?,
             }
         }

@@ -123,21 +123,6 @@ pub(crate) async fn open_lines(
     Ok(lines)
 }
 
-/// GET a stream of lines; calls `f` for each until it returns false or the stream ends.
-pub(crate) async fn get_lines(
-    addr: &str,
-    path: &str,
-    mut f: impl FnMut(&str) -> bool,
-) -> anyhow::Result<()> {
-    let mut lines = open_lines(addr, path).await?;
-    while let Some(l) = lines.next_line().await? {
-        if !l.is_empty() && !f(&l) {
-            break;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -910,7 +910,7 @@ fn the_connectivity_test_passes_cilium_s_table_on_the_bpf_playground() {
         ),
         "{text}"
     );
-    assert!(text.contains("denied   ingress 10.254.0.10"), "{text}");
+    assert!(text.contains("DROPPED    ingress 10.254.0.10"), "{text}");
     assert!(
         text.contains("0/1 tests passed (1 failed, 34 skipped)"),
         "{text}"

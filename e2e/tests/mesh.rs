@@ -263,8 +263,8 @@ fn global_service_policy_and_failover_across_two_clusters() {
     let out = observer.wait_with_output().unwrap();
     let seen = String::from_utf8_lossy(&out.stdout);
     assert!(
-        seen.starts_with("ejected  backend 10.244.1.10:8080 (identity ")
-            && seen.ends_with(", cluster 1): ejected for a client: 3 failed connects\n"),
+        seen.contains(" EJECTED    backend 10.244.1.10:8080 (prod/a-web, c1, identity ")
+            && seen.ends_with("): ejected for a client: 3 failed connects\n"),
         "{seen}"
     );
     let plan = agent.get("/explain/service/prod/web");
@@ -392,6 +392,59 @@ fn global_service_policy_and_failover_across_two_clusters() {
         (1.into(), 2.into())
     );
     assert_eq!(event["dport"], 8080);
+    // As Hubble shows it: names of both clusters and pods, the verdict and drop reason.
+    let flow = &event["flow"];
+    assert_eq!(flow["verdict"], "DROPPED", "{event}");
+    assert_eq!(flow["drop_reason_desc"], "POLICY_DENIED");
+    assert_eq!(flow["traffic_direction"], "INGRESS");
+    assert_eq!(
+        (&flow["source"]["cluster_name"], &flow["source"]["pod_name"]),
+        (&"c1".into(), &"a-other".into())
+    );
+    assert_eq!(flow["destination"]["pod_name"], "b-web");
+    assert_eq!(flow["l4"]["TCP"]["destination_port"], 8080);
+    // The agent kept them: `--last` gives the last drops afterwards, oldest first, and stops
+    // with --no-follow; `--cluster` takes a name.
+    let out = std::process::Command::new(binary("clustermesh"))
+        .args([
+            "observe",
+            "--agent",
+            &agent.admin,
+            "--verdict",
+            "dropped",
+            "--cluster",
+            "c1",
+            "--last",
+            "50",
+            "--no-follow",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let dropped: Vec<&str> = text.lines().collect();
+    assert!(dropped.len() >= 3, "{text}");
+    for line in &dropped {
+        assert!(
+            line.contains(" DROPPED    ingress 10.244.1.21 (prod/a-other, c1, identity ")
+                && line.contains("-> 10.244.2.10:8080 (prod/b-web, c2, identity ")
+                && line.ends_with(" TCP rule 0 (default deny)"),
+            "{line}"
+        );
+    }
+    let (_, metrics) = clustermesh_e2e::http_get(&agent.admin, "/metrics").unwrap();
+    let drops: u64 = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("clustermesh_policy_verdicts_total{")
+                && l.contains("verdict=\"dropped\"")
+                && l.contains("direction=\"ingress\"")
+                && l.contains("source_cluster=\"c1\"")
+                && l.contains("destination_cluster=\"c2\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no dropped c1 -> c2 series: {metrics}"));
+    assert!(drops >= dropped.len() as u64, "{drops} < {}", dropped.len());
     let explain = agent.get("/explain/endpoint/10.244.2.10");
     assert_eq!(explain["enforce_ingress"], true, "{explain}");
 

@@ -38,6 +38,9 @@ pub struct Metrics {
     pub ipcache: Gauge,
     /// Outlier detection's ejections and re-admissions.
     pub outlier: OutlierCounters,
+    /// Policy verdicts of the datapath (new flows and drops) by verdict, direction and the
+    /// two clusters.
+    pub verdicts: Family<Vec<(&'static str, String)>, Counter>,
 }
 
 /// Outlier detection's counters (fed by the datapath's events).
@@ -120,8 +123,15 @@ impl Metrics {
             "Ejected backends selected again after a successful trial connection",
             outlier.readmissions.clone(),
         );
+        let verdicts = Family::<Vec<(&'static str, String)>, Counter>::default();
+        registry.register(
+            "policy_verdicts",
+            "Policy verdicts of the eBPF datapath: a new flow forwarded or audited, or a dropped packet (verdict=forwarded|dropped|audit, direction=ingress|egress, source_cluster, destination_cluster)",
+            verdicts.clone(),
+        );
         Self {
             registry,
+            verdicts,
             outlier,
             reconciles,
             reconcile_errors,
@@ -129,6 +139,33 @@ impl Metrics {
             services,
             ipcache,
         }
+    }
+
+    /// Counts a policy verdict.
+    pub fn count_verdict(
+        &self,
+        e: &clustermesh_bpf::VerdictEvent,
+        source_cluster: String,
+        destination_cluster: String,
+    ) {
+        let verdict = match e.verdict {
+            clustermesh_bpf::EventVerdict::Allowed => "forwarded",
+            clustermesh_bpf::EventVerdict::Denied => "dropped",
+            clustermesh_bpf::EventVerdict::Audited => "audit",
+            _ => return,
+        };
+        let direction = match e.direction {
+            clustermesh_bpf::Direction::Ingress => "ingress",
+            clustermesh_bpf::Direction::Egress => "egress",
+        };
+        self.verdicts
+            .get_or_create(&vec![
+                ("verdict", verdict.to_owned()),
+                ("direction", direction.to_owned()),
+                ("source_cluster", source_cluster),
+                ("destination_cluster", destination_cluster),
+            ])
+            .inc();
     }
 
     /// Counts map writes.
@@ -415,7 +452,40 @@ async fn maps(State(s): State<Arc<Shared>>, Path(map): Path<String>) -> Response
     json(&rows)
 }
 
-async fn events(State(s): State<Arc<Shared>>) -> Response {
+/// `/events` query: `last=N` and `since=UNIX_MS` send kept flows first (oldest first);
+/// `follow=false` stops after them. Without either, only new flows are sent.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct EventsQuery {
+    last: Option<usize>,
+    since: Option<u64>,
+    follow: Option<bool>,
+}
+
+impl EventsQuery {
+    fn parse(q: Option<&str>) -> Result<Self, String> {
+        let mut out = Self::default();
+        for pair in q.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let bad = || format!("{k}={v:?} is not valid");
+            match k {
+                "last" => out.last = Some(v.parse().map_err(|_| bad())?),
+                "since" => out.since = Some(v.parse().map_err(|_| bad())?),
+                "follow" => out.follow = Some(v.parse().map_err(|_| bad())?),
+                _ => return Err(format!("unknown parameter {k:?} (last, since, follow)")),
+            }
+        }
+        Ok(out)
+    }
+}
+
+async fn events(
+    State(s): State<Arc<Shared>>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+) -> Response {
+    let q = match EventsQuery::parse(raw.as_deref()) {
+        Ok(q) => q,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
     let Some(tx) = &s.events else {
         return (
             StatusCode::NOT_IMPLEMENTED,
@@ -423,12 +493,32 @@ async fn events(State(s): State<Arc<Shared>>) -> Response {
         )
             .into_response();
     };
+    // Subscribed before the ring is read: a flow in both is sent once (by its sequence).
     let rx = tx.subscribe();
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
+    let backlog = if q.last.is_some() || q.since.is_some() {
+        s.recent.lock().backlog(q.since, q.last)
+    } else {
+        Vec::new()
+    };
+    let after = backlog.last().map(|f| f.seq);
+    let follow = q.follow.unwrap_or(true);
+    let kept = futures::stream::iter(
+        backlog
+            .into_iter()
+            .map(|f| Ok::<_, std::convert::Infallible>(f.line.to_string())),
+    );
+    let live = futures::stream::unfold((rx, follow), move |(mut rx, follow)| async move {
+        if !follow {
+            return None;
+        }
         loop {
             match rx.recv().await {
-                Ok(line) => {
-                    return Some((Ok::<_, std::convert::Infallible>(line.to_string()), rx));
+                Ok(f) if after.is_some_and(|a| f.seq <= a) => {}
+                Ok(f) => {
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(f.line.to_string()),
+                        (rx, follow),
+                    ));
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
@@ -437,7 +527,7 @@ async fn events(State(s): State<Arc<Shared>>) -> Response {
     });
     (
         [("content-type", "application/x-ndjson")],
-        axum::body::Body::from_stream(stream),
+        axum::body::Body::from_stream(futures::StreamExt::chain(kept, live)),
     )
         .into_response()
 }
@@ -455,4 +545,25 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/maps/{map}", get(maps))
         .route("/events", get(events))
         .with_state(shared)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_events_query_is_read_strictly() {
+        assert_eq!(EventsQuery::parse(None), Ok(EventsQuery::default()));
+        assert_eq!(
+            EventsQuery::parse(Some("last=20&since=1700000000000&follow=false")),
+            Ok(EventsQuery {
+                last: Some(20),
+                since: Some(1_700_000_000_000),
+                follow: Some(false),
+            })
+        );
+        for bad in ["last=-1", "last=x", "since=", "follow=maybe", "limit=3"] {
+            assert!(EventsQuery::parse(Some(bad)).is_err(), "{bad}");
+        }
+    }
 }

@@ -125,13 +125,17 @@ pub struct Shared {
     pub metrics: Metrics,
     /// The datapath (for `/maps`).
     pub datapath: Arc<dyn Datapath>,
-    /// Verdict events as JSON lines (eBPF datapath only), for `/events`.
-    pub events: Option<tokio::sync::broadcast::Sender<Arc<str>>>,
+    /// Verdict events as flows (eBPF datapath only), for `/events`.
+    pub events: Option<tokio::sync::broadcast::Sender<Arc<crate::flows::Flow>>>,
     /// The kernel datapath (eBPF only), for what outlier detection recorded.
     pub kernel: Option<Arc<KernelDatapath>>,
     /// Rule IDs and the rules they name, as of the last pass (verdict events name their
     /// rule from it without waiting for a pass that holds `desired`).
     pub rule_names: Mutex<Arc<BTreeMap<u32, String>>>,
+    /// Cluster names by ID, as of the last pass (for verdict events).
+    pub cluster_names: Mutex<Arc<BTreeMap<u16, String>>>,
+    /// The recent flows (eBPF datapath), for `/events?last=N` and `?since=`.
+    pub recent: Mutex<crate::flows::Recent>,
 }
 
 /// A running agent.
@@ -227,6 +231,8 @@ pub async fn start(config: Config, kind: DatapathKind) -> Result<Running, StartE
         view: Mutex::new(None),
         desired: Mutex::new(Desired::default()),
         rule_names: Mutex::new(Arc::default()),
+        cluster_names: Mutex::new(Arc::default()),
+        recent: Mutex::new(crate::flows::Recent::default()),
         status: Mutex::new(AgentStatus {
             cluster: config.cluster.to_string(),
             node: config.node_name.clone(),
@@ -288,37 +294,52 @@ fn detach(kernel: &KernelDatapath, ip: Ipv4Addr, ifname: &str) {
 /// detection's ejections.
 async fn forward_events(
     stream: clustermesh_bpf::EventStream,
-    tx: tokio::sync::broadcast::Sender<Arc<str>>,
+    tx: tokio::sync::broadcast::Sender<Arc<crate::flows::Flow>>,
     shared: Arc<Shared>,
 ) {
     use futures::StreamExt;
     let mut stream = std::pin::pin!(stream.into_stream());
+    let node = shared.status.lock().node.clone();
     while let Some(e) = stream.next().await {
         shared.metrics.outlier.count(&e);
-        let mut line = serde_json::json!({
-            "timeNs": e.time_ns,
-            "direction": match e.direction {
-                clustermesh_bpf::Direction::Ingress => "ingress",
-                clustermesh_bpf::Direction::Egress => "egress",
-            },
-            "verdict": match e.verdict {
-                clustermesh_bpf::EventVerdict::Allowed => "allowed",
-                clustermesh_bpf::EventVerdict::Denied => "denied",
-                clustermesh_bpf::EventVerdict::Audited => "audited",
-                clustermesh_bpf::EventVerdict::Ejected => "ejected",
-                clustermesh_bpf::EventVerdict::Readmitted => "readmitted",
-            },
-            "src": e.src_ip.to_string(),
-            "dst": e.dst_ip.to_string(),
-            "srcIdentity": e.src_identity,
-            "dstIdentity": e.dst_identity,
-            "srcCluster": e.src_cluster,
-            "dstCluster": e.dst_cluster,
-            "dport": e.dport,
-            "proto": e.proto,
-            "endpoint": e.endpoint_id,
-            "rule": e.rule_id,
-        });
+        let now = std::time::SystemTime::now();
+        let policy_verdict = matches!(
+            e.verdict,
+            clustermesh_bpf::EventVerdict::Allowed
+                | clustermesh_bpf::EventVerdict::Denied
+                | clustermesh_bpf::EventVerdict::Audited
+        );
+        let clusters = Arc::clone(&shared.cluster_names.lock());
+        // Rule 0: no rule matched (default deny) or conntrack let a reply through.
+        let rule = (policy_verdict && e.rule_id != 0)
+            .then(|| {
+                let names = Arc::clone(&shared.rule_names.lock());
+                names.get(&e.rule_id).cloned()
+            })
+            .flatten();
+        // The pods' names from the view, unless a pass holds it longer than this: an event
+        // never waits for a reconcile.
+        let (src_pod, dst_pod) = match shared.view.try_lock_for(Duration::from_millis(2)) {
+            Some(view) => {
+                let pod = |ip: Ipv4Addr| {
+                    view.as_ref()
+                        .and_then(|v| v.ipcache_entry(&IpAddr::V4(ip)))
+                        .filter(|(_, e)| !e.pod_name.is_empty())
+                        .map(|(_, e)| (e.namespace.clone(), e.pod_name.clone()))
+                };
+                (pod(e.src_ip), pod(e.dst_ip))
+            }
+            None => (None, None),
+        };
+        let names = crate::flows::Names {
+            node: node.clone(),
+            clusters: (*clusters).clone(),
+            rule,
+            src_pod,
+            dst_pod,
+        };
+        let time = humantime::format_rfc3339_millis(now).to_string();
+        let mut line = crate::flows::to_json(&e, &time, &names);
         // Outlier detection: the backend, the failed connects counted, and why.
         let outlier = match e.verdict {
             clustermesh_bpf::EventVerdict::Ejected if e.endpoint_id == 2 => {
@@ -333,29 +354,24 @@ async fn forward_events(
             }
             _ => None,
         };
-        let policy_verdict = matches!(
-            e.verdict,
-            clustermesh_bpf::EventVerdict::Allowed
-                | clustermesh_bpf::EventVerdict::Denied
-                | clustermesh_bpf::EventVerdict::Audited
-        );
-        // Rule 0: no rule matched (default deny) or conntrack let a reply through.
-        let rule_name = (policy_verdict && e.rule_id != 0)
-            .then(|| {
-                let names = Arc::clone(&shared.rule_names.lock());
-                names.get(&e.rule_id).cloned()
-            })
-            .flatten();
-        if let Some(o) = line.as_object_mut() {
-            if let Some(what) = outlier {
-                o.insert("outlier".to_owned(), what.into());
-            }
-            if let Some(name) = rule_name {
-                o.insert("ruleName".to_owned(), name.into());
-            }
+        if let (Some(what), Some(o)) = (outlier, line.as_object_mut()) {
+            o.insert("outlier".to_owned(), what.into());
         }
-        // No subscriber is fine: events are live only.
-        let _ = tx.send(Arc::from(format!("{line}\n")));
+        if policy_verdict {
+            let cluster = |id: u16| clusters.get(&id).cloned().unwrap_or_else(|| id.to_string());
+            shared
+                .metrics
+                .count_verdict(&e, cluster(e.src_cluster), cluster(e.dst_cluster));
+        }
+        let unix_ms = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let flow = shared
+            .recent
+            .lock()
+            .push(unix_ms, Arc::from(format!("{line}\n")));
+        // No subscriber is fine: the ring keeps the recent ones.
+        let _ = tx.send(flow);
     }
 }
 
@@ -783,6 +799,13 @@ impl Loop {
             ]);
             st.clusters = view.statuses().values().cloned().collect();
             st.node_addresses = view.node_ips().iter().copied().collect();
+            let mut clusters: BTreeMap<u16, String> = view
+                .nodes()
+                .values()
+                .map(|n| (n.cluster_id.get(), n.cluster.to_string()))
+                .collect();
+            clusters.insert(view.local_id().get(), view.local().to_string());
+            *self.shared.cluster_names.lock() = Arc::new(clusters);
         }
         if let Some(p) = enforced {
             st.policies = p;

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod attach;
 pub mod config;
 pub mod desired;
+pub mod flows;
 pub mod merge;
 pub mod mounts;
 pub mod policy;

@@ -463,22 +463,29 @@ impl TestResult {
             if r.events.is_empty() {
                 out.push_str("\n     no verdict events about these packets");
             }
-            // Retransmissions make the same line again: said once, with the count.
-            let mut lines: Vec<(String, usize)> = Vec::new();
+            // Retransmissions make the same line again (at another time): said once, at the
+            // first time, with the count.
+            let mut lines: Vec<(String, String, usize)> = Vec::new();
             for e in &r.events {
-                let line = crate::inspect::event_line(e);
+                let mut timeless = e.clone();
+                let time = timeless
+                    .as_object_mut()
+                    .and_then(|o| o.remove("time"))
+                    .and_then(|t| t.as_str().map(|t| format!("{t} ")))
+                    .unwrap_or_default();
+                let line = crate::inspect::event_line(&timeless);
                 match lines.last_mut() {
-                    Some((last, n)) if *last == line => *n += 1,
-                    _ => lines.push((line, 1)),
+                    Some((_, last, n)) if *last == line => *n += 1,
+                    _ => lines.push((time, line, 1)),
                 }
             }
-            for (line, n) in lines {
+            for (time, line, n) in lines {
                 let times = if n > 1 {
                     format!(" (×{n})")
                 } else {
                     String::new()
                 };
-                out.push_str(&format!("\n     {line}{times}"));
+                out.push_str(&format!("\n     {time}{line}{times}"));
             }
         }
         out

@@ -432,7 +432,22 @@ fn global_service_policy_and_failover_across_two_clusters() {
             "{line}"
         );
     }
-    let (_, metrics) = clustermesh_e2e::http_get(&agent.admin, "/metrics").unwrap();
+    let metrics = {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(&agent.admin).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.lines().any(|l| l.eq_ignore_ascii_case(
+                "content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"
+            )),
+            "{head}"
+        );
+        assert!(body.ends_with("# EOF\n"), "OpenMetrics text");
+        body.to_owned()
+    };
     let drops: u64 = metrics
         .lines()
         .find(|l| {

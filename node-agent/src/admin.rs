@@ -210,8 +210,17 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
     json(&st)
 }
 
-async fn metrics(State(s): State<Arc<Shared>>) -> String {
-    s.metrics.render()
+/// The metrics in the OpenMetrics text format, said so in the content type (as the
+/// apiserver's): Prometheus reads the types, which it would lose from `text/plain`.
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn explain_service(

@@ -428,8 +428,18 @@ pub(crate) struct Window {
 }
 
 impl Window {
-    fn path(&self) -> String {
+    /// The request: the window and the filter (the agent applies it before `last`).
+    fn path(&self, filter: &EventFilter) -> String {
         let mut q = Vec::new();
+        if let Some(v) = &filter.verdict {
+            q.push(format!("verdict={v}"));
+        }
+        if let Some(c) = &filter.cluster {
+            q.push(format!("cluster={c}"));
+        }
+        if let Some(i) = filter.identity {
+            q.push(format!("identity={i}"));
+        }
         if let Some(s) = self.since_ms {
             q.push(format!("since={s}"));
         }
@@ -519,7 +529,15 @@ pub(crate) async fn observe(
     limit: Option<usize>,
 ) -> anyhow::Result<()> {
     use std::io::IsTerminal as _;
-    let mut lines = crate::output::open_lines(agent, &window.path()).await?;
+    if filter.cluster.as_deref().is_some_and(|c| {
+        c.is_empty()
+            || !c
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    }) {
+        anyhow::bail!("--cluster takes a cluster name or ID");
+    }
+    let mut lines = crate::output::open_lines(agent, &window.path(filter)).await?;
     if window.follow && std::io::stdout().is_terminal() {
         eprintln!("Listening for flows of the agent at {agent} (Ctrl-C to stop)...");
     }
@@ -528,6 +546,10 @@ pub(crate) async fn observe(
         let Ok(e) = serde_json::from_str::<Value>(&line) else {
             continue;
         };
+        if let Some(n) = e["lost_events"].as_u64() {
+            eprintln!("{n} flows lost: this client read them too slowly");
+            continue;
+        }
         if !filter.keeps(&e) {
             continue;
         }
@@ -598,22 +620,28 @@ mod event_tests {
 
     #[test]
     fn the_window_asks_for_kept_flows() {
+        let none = EventFilter::default();
         assert_eq!(
             Window {
                 follow: true,
                 ..Window::default()
             }
-            .path(),
+            .path(&none),
             "/events"
         );
+        let drops_of_c2 = EventFilter {
+            verdict: Some("dropped".into()),
+            cluster: Some("c2".into()),
+            identity: Some(7),
+        };
         assert_eq!(
             Window {
                 since_ms: Some(5),
                 last: Some(20),
                 follow: false
             }
-            .path(),
-            "/events?since=5&last=20&follow=false"
+            .path(&drops_of_c2),
+            "/events?verdict=dropped&cluster=c2&identity=7&since=5&last=20&follow=false"
         );
     }
 }

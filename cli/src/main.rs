@@ -232,7 +232,8 @@ enum Command {
         /// First the last N flows the agent kept (it keeps 4096), then new ones.
         #[arg(long, value_name = "N")]
         last: Option<usize>,
-        /// Print the kept flows (--since, --last) and stop instead of following new ones.
+        /// Print the kept flows (--since, --last; the last 20 without either) and stop instead
+        /// of following new ones.
         #[arg(long)]
         no_follow: bool,
         /// Stop after this many flows.
@@ -776,6 +777,8 @@ async fn run(command: Command, log_format: &'static str) -> anyhow::Result<bool>
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                     .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
             });
+            // Not following and no window: the last 20, as `hubble observe` prints.
+            let last = last.or((no_follow && since_ms.is_none()).then_some(20));
             let window = inspect::Window {
                 since_ms,
                 last,

@@ -468,6 +468,7 @@ struct EventsQuery {
     last: Option<usize>,
     since: Option<u64>,
     follow: Option<bool>,
+    filter: crate::flows::Filter,
 }
 
 impl EventsQuery {
@@ -480,7 +481,19 @@ impl EventsQuery {
                 "last" => out.last = Some(v.parse().map_err(|_| bad())?),
                 "since" => out.since = Some(v.parse().map_err(|_| bad())?),
                 "follow" => out.follow = Some(v.parse().map_err(|_| bad())?),
-                _ => return Err(format!("unknown parameter {k:?} (last, since, follow)")),
+                "verdict" => {
+                    out.filter.verdict =
+                        Some(crate::flows::Filter::verdict_named(v).ok_or_else(bad)?);
+                }
+                "cluster" if !v.is_empty() && v.len() <= 253 => {
+                    out.filter.cluster = Some(v.to_owned());
+                }
+                "identity" => out.filter.identity = Some(v.parse().map_err(|_| bad())?),
+                _ => {
+                    return Err(format!(
+                        "unknown or bad parameter {k:?} (last, since, follow, verdict, cluster, identity)"
+                    ));
+                }
             }
         }
         Ok(out)
@@ -502,35 +515,44 @@ async fn events(
         )
             .into_response();
     };
-    // Subscribed before the ring is read: a flow in both is sent once (by its sequence).
-    let rx = tx.subscribe();
-    let backlog = if q.last.is_some() || q.since.is_some() {
-        s.recent.lock().backlog(q.since, q.last)
-    } else {
-        Vec::new()
-    };
-    let after = backlog.last().map(|f| f.seq);
     let follow = q.follow.unwrap_or(true);
+    // Subscribed before the ring is read, and the ring's newest sequence read with the
+    // backlog: a flow in both is sent once.
+    let rx = follow.then(|| tx.subscribe());
+    let (backlog, after) = {
+        let recent = s.recent.lock();
+        let backlog = if q.last.is_some() || q.since.is_some() {
+            recent.backlog(q.since, q.last, &q.filter)
+        } else {
+            Vec::new()
+        };
+        (backlog, recent.last_seq())
+    };
     let kept = futures::stream::iter(
         backlog
             .into_iter()
             .map(|f| Ok::<_, std::convert::Infallible>(f.line.to_string())),
     );
-    let live = futures::stream::unfold((rx, follow), move |(mut rx, follow)| async move {
-        if !follow {
-            return None;
-        }
-        loop {
-            match rx.recv().await {
-                Ok(f) if after.is_some_and(|a| f.seq <= a) => {}
-                Ok(f) => {
-                    return Some((
-                        Ok::<_, std::convert::Infallible>(f.line.to_string()),
-                        (rx, follow),
-                    ));
+    let filter = q.filter;
+    let live = futures::stream::unfold(rx, move |rx| {
+        let filter = filter.clone();
+        async move {
+            let mut rx = rx?;
+            loop {
+                match rx.recv().await {
+                    Ok(f) if after.is_some_and(|a| f.seq <= a) || !filter.keeps(&f.keys) => {}
+                    Ok(f) => {
+                        return Some((
+                            Ok::<_, std::convert::Infallible>(f.line.to_string()),
+                            Some(rx),
+                        ));
+                    }
+                    // A subscriber that reads too slowly is told how many it missed.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        return Some((Ok(format!("{{\"lost_events\":{n}}}\n")), Some(rx)));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
             }
         }
     });
@@ -564,14 +586,30 @@ mod tests {
     fn the_events_query_is_read_strictly() {
         assert_eq!(EventsQuery::parse(None), Ok(EventsQuery::default()));
         assert_eq!(
-            EventsQuery::parse(Some("last=20&since=1700000000000&follow=false")),
+            EventsQuery::parse(Some(
+                "last=20&since=1700000000000&follow=false&verdict=dropped&cluster=c2&identity=7"
+            )),
             Ok(EventsQuery {
                 last: Some(20),
                 since: Some(1_700_000_000_000),
                 follow: Some(false),
+                filter: crate::flows::Filter {
+                    verdict: Some("denied"),
+                    cluster: Some("c2".into()),
+                    identity: Some(7),
+                },
             })
         );
-        for bad in ["last=-1", "last=x", "since=", "follow=maybe", "limit=3"] {
+        for bad in [
+            "last=-1",
+            "last=x",
+            "since=",
+            "follow=maybe",
+            "limit=3",
+            "verdict=lost",
+            "cluster=",
+            "identity=-2",
+        ] {
             assert!(EventsQuery::parse(Some(bad)).is_err(), "{bad}");
         }
     }

@@ -317,9 +317,9 @@ async fn forward_events(
                 names.get(&e.rule_id).cloned()
             })
             .flatten();
-        // The pods' names from the view, unless a pass holds it longer than this: an event
-        // never waits for a reconcile.
-        let (src_pod, dst_pod) = match shared.view.try_lock_for(Duration::from_millis(2)) {
+        // The pods' names from the view, unless a pass holds it: an event never waits for a
+        // reconcile.
+        let (src_pod, dst_pod) = match shared.view.try_lock() {
             Some(view) => {
                 let pod = |ip: Ipv4Addr| {
                     view.as_ref()
@@ -358,7 +358,13 @@ async fn forward_events(
             o.insert("outlier".to_owned(), what.into());
         }
         if policy_verdict {
-            let cluster = |id: u16| clusters.get(&id).cloned().unwrap_or_else(|| id.to_string());
+            // A cluster not named yet is `unknown`, not its ID: one series per name.
+            let cluster = |id: u16| {
+                clusters
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(|| "unknown".to_owned())
+            };
             shared
                 .metrics
                 .count_verdict(&e, cluster(e.src_cluster), cluster(e.dst_cluster));
@@ -366,10 +372,11 @@ async fn forward_events(
         let unix_ms = now
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let keys = crate::flows::keys(&e, &names);
         let flow = shared
             .recent
             .lock()
-            .push(unix_ms, Arc::from(format!("{line}\n")));
+            .push(unix_ms, keys, Arc::from(format!("{line}\n")));
         // No subscriber is fine: the ring keeps the recent ones.
         let _ = tx.send(flow);
     }

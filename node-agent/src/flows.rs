@@ -5,7 +5,6 @@
 //! `--last`.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use clustermesh_bpf::{Direction, EventVerdict, VerdictEvent};
@@ -21,8 +20,59 @@ pub struct Flow {
     pub seq: u64,
     /// When the agent received it (Unix milliseconds).
     pub unix_ms: u64,
+    /// What a subscriber may filter on.
+    pub keys: Keys,
     /// The JSON line (with its newline).
     pub line: Arc<str>,
+}
+
+/// The parts of a flow `/events` filters on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Keys {
+    /// `allowed`, `denied`, `audited`, `ejected` or `readmitted`.
+    pub verdict: &'static str,
+    /// Source and destination cluster IDs.
+    pub clusters: [u16; 2],
+    /// Their names, when known.
+    pub cluster_names: [Option<String>; 2],
+    /// Source and destination identities.
+    pub identities: [u32; 2],
+}
+
+/// Which flows a subscriber wants (every given part must match).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// A verdict: `allowed`/`forwarded`, `denied`/`dropped`, `audited`/`audit`, `ejected`,
+    /// `readmitted`.
+    pub verdict: Option<&'static str>,
+    /// A cluster name or ID on either side.
+    pub cluster: Option<String>,
+    /// An identity on either side.
+    pub identity: Option<u32>,
+}
+
+impl Filter {
+    /// The verdict a name given by a user means, or `None` for an unknown name.
+    pub fn verdict_named(name: &str) -> Option<&'static str> {
+        Some(match name {
+            "allowed" | "forwarded" | "FORWARDED" => "allowed",
+            "denied" | "dropped" | "DROPPED" => "denied",
+            "audited" | "audit" | "AUDIT" => "audited",
+            "ejected" | "EJECTED" => "ejected",
+            "readmitted" | "READMITTED" => "readmitted",
+            _ => return None,
+        })
+    }
+
+    /// Whether a flow with these keys is wanted.
+    pub fn keeps(&self, k: &Keys) -> bool {
+        self.verdict.is_none_or(|v| k.verdict == v)
+            && self.identity.is_none_or(|i| k.identities.contains(&i))
+            && self.cluster.as_deref().is_none_or(|c| {
+                k.clusters.iter().any(|id| id.to_string() == c)
+                    || k.cluster_names.iter().flatten().any(|n| n == c)
+            })
+    }
 }
 
 /// The ring of recent flows.
@@ -34,10 +84,11 @@ pub struct Recent {
 
 impl Recent {
     /// Keeps a flow (dropping the oldest past [`RECENT`]) and returns it.
-    pub fn push(&mut self, unix_ms: u64, line: Arc<str>) -> Arc<Flow> {
+    pub fn push(&mut self, unix_ms: u64, keys: Keys, line: Arc<str>) -> Arc<Flow> {
         let flow = Arc::new(Flow {
             seq: self.next_seq,
             unix_ms,
+            keys,
             line,
         });
         self.next_seq += 1;
@@ -48,13 +99,23 @@ impl Recent {
         flow
     }
 
-    /// The kept flows received at or after `since_ms`, at most the `last` newest of them,
-    /// oldest first.
-    pub fn backlog(&self, since_ms: Option<u64>, last: Option<usize>) -> Vec<Arc<Flow>> {
+    /// The sequence number of the newest flow so far.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.next_seq.checked_sub(1)
+    }
+
+    /// The kept flows that `filter` keeps and that were received at or after `since_ms`, at
+    /// most the `last` newest of them, oldest first.
+    pub fn backlog(
+        &self,
+        since_ms: Option<u64>,
+        last: Option<usize>,
+        filter: &Filter,
+    ) -> Vec<Arc<Flow>> {
         let mut out: Vec<Arc<Flow>> = self
             .ring
             .iter()
-            .filter(|f| since_ms.is_none_or(|s| f.unix_ms >= s))
+            .filter(|f| since_ms.is_none_or(|s| f.unix_ms >= s) && filter.keeps(&f.keys))
             .cloned()
             .collect();
         if let Some(n) = last {
@@ -104,13 +165,12 @@ pub fn verdict_name(v: EventVerdict) -> &'static str {
 }
 
 fn endpoint(
-    ip: Ipv4Addr,
     identity: u32,
     cluster: u16,
     names: &Names,
     pod: Option<&(String, String)>,
 ) -> serde_json::Value {
-    let mut v = serde_json::json!({"ip": ip.to_string(), "identity": identity});
+    let mut v = serde_json::json!({"identity": identity});
     if let Some(o) = v.as_object_mut() {
         if let Some(c) = names.clusters.get(&cluster) {
             o.insert("cluster_name".to_owned(), c.clone().into());
@@ -123,7 +183,27 @@ fn endpoint(
     v
 }
 
-/// The JSON of one event: the flat fields `observe` has always had, the names, and `flow`.
+/// What `/events` filters on, of one event.
+pub fn keys(e: &VerdictEvent, names: &Names) -> Keys {
+    Keys {
+        verdict: match e.verdict {
+            EventVerdict::Allowed => "allowed",
+            EventVerdict::Denied => "denied",
+            EventVerdict::Audited => "audited",
+            EventVerdict::Ejected => "ejected",
+            EventVerdict::Readmitted => "readmitted",
+        },
+        clusters: [e.src_cluster, e.dst_cluster],
+        cluster_names: [
+            names.clusters.get(&e.src_cluster).cloned(),
+            names.clusters.get(&e.dst_cluster).cloned(),
+        ],
+        identities: [e.src_identity, e.dst_identity],
+    }
+}
+
+/// The JSON of one event: the flat fields `observe` has always had, the names, and (for a
+/// policy verdict) `flow`.
 pub fn to_json(e: &VerdictEvent, time: &str, names: &Names) -> serde_json::Value {
     let direction = match e.direction {
         Direction::Ingress => "ingress",
@@ -171,6 +251,10 @@ pub fn to_json(e: &VerdictEvent, time: &str, names: &Names) -> serde_json::Value
     if let Some(rule) = &names.rule {
         o.insert("ruleName".to_owned(), rule.clone().into());
     }
+    // Outlier detection's events are no flows Hubble knows.
+    if matches!(e.verdict, EventVerdict::Ejected | EventVerdict::Readmitted) {
+        return line;
+    }
     let l4 = match e.proto {
         1 => serde_json::json!({"ICMPv4": {"type": e.dport}}),
         6 => serde_json::json!({"TCP": {"destination_port": e.dport}}),
@@ -182,8 +266,8 @@ pub fn to_json(e: &VerdictEvent, time: &str, names: &Names) -> serde_json::Value
         "verdict": verdict_name(e.verdict),
         "IP": {"source": e.src_ip.to_string(), "destination": e.dst_ip.to_string(), "ipVersion": "IPv4"},
         "l4": l4,
-        "source": endpoint(e.src_ip, e.src_identity, e.src_cluster, names, names.src_pod.as_ref()),
-        "destination": endpoint(e.dst_ip, e.dst_identity, e.dst_cluster, names, names.dst_pod.as_ref()),
+        "source": endpoint(e.src_identity, e.src_cluster, names, names.src_pod.as_ref()),
+        "destination": endpoint(e.dst_identity, e.dst_cluster, names, names.dst_pod.as_ref()),
         "traffic_direction": direction.to_uppercase(),
         "node_name": names.node,
     });
@@ -211,25 +295,47 @@ pub fn to_json(e: &VerdictEvent, time: &str, names: &Names) -> serde_json::Value
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     #[test]
     fn the_ring_keeps_the_newest_and_answers_since_and_last() {
         let mut r = Recent::default();
         for i in 0..(RECENT as u64 + 10) {
-            r.push(1000 + i, Arc::from(format!("{i}\n")));
+            let keys = Keys {
+                verdict: if i % 2 == 0 { "denied" } else { "allowed" },
+                ..Keys::default()
+            };
+            r.push(1000 + i, keys, Arc::from(format!("{i}\n")));
         }
-        let all = r.backlog(None, None);
+        let any = Filter::default();
+        let all = r.backlog(None, None, &any);
         assert_eq!(all.len(), RECENT);
         assert_eq!(all[0].seq, 10, "the oldest ten are gone");
-        let last = r.backlog(None, Some(3));
+        let last = r.backlog(None, Some(3), &any);
         assert_eq!(
             last.iter().map(|f| f.seq).collect::<Vec<_>>(),
             [RECENT as u64 + 7, RECENT as u64 + 8, RECENT as u64 + 9]
         );
-        let since = r.backlog(Some(1000 + RECENT as u64 + 8), None);
+        let since = r.backlog(Some(1000 + RECENT as u64 + 8), None, &any);
         assert_eq!(since.len(), 2);
-        assert_eq!(r.backlog(Some(1000 + RECENT as u64 + 8), Some(1)).len(), 1);
-        assert!(r.backlog(Some(u64::MAX), None).is_empty());
+        assert_eq!(
+            r.backlog(Some(1000 + RECENT as u64 + 8), Some(1), &any)
+                .len(),
+            1
+        );
+        assert!(r.backlog(Some(u64::MAX), None, &any).is_empty());
+        assert_eq!(r.last_seq(), Some(RECENT as u64 + 9));
+        // The filter applies before `last`: the last three drops, not the drops among the
+        // last three.
+        let drops = Filter {
+            verdict: Filter::verdict_named("dropped"),
+            ..Filter::default()
+        };
+        let last_drops = r.backlog(None, Some(3), &drops);
+        assert_eq!(
+            last_drops.iter().map(|f| f.seq).collect::<Vec<_>>(),
+            [RECENT as u64 + 4, RECENT as u64 + 6, RECENT as u64 + 8]
+        );
     }
 
     #[test]
@@ -269,9 +375,20 @@ mod tests {
         assert_eq!(f["l4"]["TCP"]["destination_port"], 8080);
         assert_eq!(
             f["source"],
-            serde_json::json!({"ip": "10.2.0.10", "identity": 131077, "cluster_name": "c2",
+            serde_json::json!({"identity": 131077, "cluster_name": "c2",
                 "namespace": "shop", "pod_name": "web-0"})
         );
+        let k = keys(&e, &names);
+        let c = |c: &str| Filter {
+            cluster: Some(c.into()),
+            ..Filter::default()
+        };
+        assert!(c("c2").keeps(&k) && c("1").keeps(&k) && !c("c3").keeps(&k));
+        let ejected = VerdictEvent {
+            verdict: EventVerdict::Ejected,
+            ..e
+        };
+        assert!(to_json(&ejected, "t", &names).get("flow").is_none());
         assert_eq!(f["node_name"], "c1-node");
 
         let allowed = VerdictEvent {

@@ -165,6 +165,14 @@ impl Metrics {
             "Export watch requests refused: the remote already had exportMaxStreamsPerRemote streams open",
             Counter::default(),
         );
+        registry.register(
+            "build",
+            "This build of clustermesh (version) and the process (component)",
+            prometheus_client::metrics::info::Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("component", "apiserver"),
+            ]),
+        );
         let policies_not_as_written = m(
             &mut registry,
             "policies_not_enforced_as_written",
@@ -298,58 +306,57 @@ impl axum::extract::FromRef<AppState> for Arc<Metrics> {
 fn remote_metrics(remotes: &RemoteStatuses) -> String {
     let mut out = String::new();
     let statuses = remotes();
+    out.push_str("# HELP clustermesh_remote_clusters Remote clusters this cluster imports from\n");
     out.push_str("# TYPE clustermesh_remote_clusters gauge\n");
     out.push_str(&format!("clustermesh_remote_clusters {}\n", statuses.len()));
     type Value = fn(&clustermesh_sync::worker::RemoteStatus) -> String;
     // (family, type, help, sample suffix, value)
-    let series: [(&str, &str, Option<&str>, &str, Value); 6] = [
+    let series: [(&str, &str, &str, &str, Value); 6] = [
         (
             "clustermesh_remote_cluster_readiness_status",
             "gauge",
-            None,
+            "1 while the remote cluster is ready (connected and synced)",
             "",
             |s| u8::from(s.ready).to_string(),
         ),
         (
             "clustermesh_remote_cluster_failures",
             "counter",
-            None,
+            "Failed connections and broken streams to the remote cluster",
             "_total",
             |s| s.failures.to_string(),
         ),
         (
             "clustermesh_remote_cluster_last_message_seconds",
             "gauge",
-            None,
+            "Seconds since the last message of the remote cluster",
             "",
             |s| format!("{:.3}", s.seconds_since_last_message),
         ),
         (
             "clustermesh_remote_quota_exceeded",
             "gauge",
-            Some("1 while a remote's import is stopped because it crossed a quota"),
+            "1 while a remote's import is stopped because it crossed a quota",
             "",
             |s| u8::from(s.quota_exceeded.is_some()).to_string(),
         ),
         (
             "clustermesh_remote_quota_stops",
             "counter",
-            Some("Imports stopped because the remote crossed a quota"),
+            "Imports stopped because the remote crossed a quota",
             "_total",
             |s| s.quota_stops.to_string(),
         ),
         (
             "clustermesh_remote_cache_bytes",
             "gauge",
-            Some("Bytes of keys and values a remote has in this cluster's store"),
+            "Bytes of keys and values a remote has in this cluster's store",
             "",
             |s| s.bytes.to_string(),
         ),
     ];
     for (family, kind, help, suffix, value) in series {
-        if let Some(help) = help {
-            out.push_str(&format!("# HELP {family} {help}\n"));
-        }
+        out.push_str(&format!("# HELP {family} {help}\n"));
         out.push_str(&format!("# TYPE {family} {kind}\n"));
         for s in &statuses {
             out.push_str(&format!(
@@ -359,6 +366,7 @@ fn remote_metrics(remotes: &RemoteStatuses) -> String {
             ));
         }
     }
+    out.push_str("# HELP clustermesh_sync_rejected Objects of the remote cluster that the import refused, by kind and reason\n");
     out.push_str("# TYPE clustermesh_sync_rejected counter\n");
     for s in &statuses {
         for (kind_reason, n) in &s.rejected {

@@ -240,6 +240,28 @@ async fn b_imports_a_follows_changes_withdraws_and_restores() {
         metrics.contains("clustermesh_remote_cluster_readiness_status{target_cluster=\"c1\"} 1"),
         "{metrics}"
     );
+    // Every family says what it is: a HELP line for each TYPE line.
+    let families: Vec<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(families.contains(&"clustermesh_remote_cluster_failures"));
+    assert!(
+        metrics.contains(&format!(
+            "clustermesh_build_info{{version=\"{}\",component=\"apiserver\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{metrics}"
+    );
+    for f in families {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(&format!("# HELP {f} "))),
+            "no HELP for {f}: {metrics}"
+        );
+    }
     running_b.stop().await.unwrap();
     running_a.stop().await.unwrap();
 }

@@ -446,6 +446,11 @@ fn global_service_policy_and_failover_across_two_clusters() {
             "{head}"
         );
         assert!(body.ends_with("# EOF\n"), "OpenMetrics text");
+        assert!(
+            body.contains("# TYPE clustermesh_build info\n")
+                && body.contains(",component=\"agent\"} 1\n"),
+            "{body}"
+        );
         body.to_owned()
     };
     let drops: u64 = metrics

@@ -123,6 +123,14 @@ impl Metrics {
             "Ejected backends selected again after a successful trial connection",
             outlier.readmissions.clone(),
         );
+        registry.register(
+            "build",
+            "This build of clustermesh (version) and the process (component)",
+            prometheus_client::metrics::info::Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("component", "agent"),
+            ]),
+        );
         let verdicts = Family::<Vec<(&'static str, String)>, Counter>::default();
         registry.register(
             "policy_verdicts",

@@ -87,13 +87,10 @@ fn lock() -> anyhow::Result<std::fs::File> {
         .write(true)
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => {
-            bail!("another `clustermesh connectivity test` is running on this machine")
-        }
-        Err(std::fs::TryLockError::Error(e)) => Err(e).context("locking"),
-    }
+    crate::up::try_lock(
+        f,
+        "another `clustermesh connectivity test` is running on this machine",
+    )
 }
 
 /// Polls `check` every 10 ms until it returns `Ok(None)`, or `wait` passes: then the last
@@ -277,15 +274,12 @@ impl Runner<'_> {
             Action::ClientToClient(..) => vec!["icmp".into(), target.to_string()],
             _ => vec!["tcp".into(), format!("{target}:{}", suite::ECHO_PORT)],
         };
-        let procs = self.source.cgroup.join("cgroup.procs");
-        let out = tokio::process::Command::new("sh")
-            .args([
-                "-c",
-                "echo $$ > \"$0\" && exec ip netns exec \"$@\"",
-                &procs.display().to_string(),
-                &deploy::pod_namespace(&a.source()),
-            ])
-            .arg(&self.probe)
+        let pod = crate::playground::in_pod(
+            &self.source.cgroup,
+            &deploy::pod_namespace(&a.source()),
+            &self.probe,
+        );
+        let out = tokio::process::Command::from(pod)
             .args(&args)
             .args(["--timeout-ms", &ms])
             .kill_on_drop(true)

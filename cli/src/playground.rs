@@ -343,21 +343,27 @@ pub(crate) fn exec(dir: &Path, pod: &str, command: &[String]) -> anyhow::Result<
         );
     }
     let agent = clustermesh_agent::Config::load(&dir.join("agent.yaml"))?;
-    let procs = agent.bpf.cgroup.join("cgroup.procs");
-    // The shell puts itself into the cgroup, then becomes the program inside the namespace,
-    // so that the program's first connect() already meets the socket load balancer.
-    let status = Command::new("sh")
-        .args([
-            "-c",
-            "echo $$ > \"$0\" && exec ip netns exec \"$@\"",
-            &procs.display().to_string(),
-            netns,
-        ])
-        .arg(program(first))
+    let status = in_pod(&agent.bpf.cgroup, netns, &program(first))
         .args(rest)
         .status()
         .context("running the program")?;
     Ok(status.code().unwrap_or(1))
+}
+
+/// A command that runs `program` in the network namespace `netns` and the socket-LB cgroup
+/// `cgroup`: the shell puts itself into the cgroup, then becomes the program inside the
+/// namespace, so that the program's first connect() already meets the socket load balancer.
+/// Arguments go after it.
+pub(crate) fn in_pod(cgroup: &Path, netns: &str, program: &Path) -> Command {
+    let mut c = Command::new("sh");
+    c.args([
+        "-c",
+        "echo $$ > \"$0\" && exec ip netns exec \"$@\"",
+        &cgroup.join("cgroup.procs").display().to_string(),
+        netns,
+    ])
+    .arg(program);
+    c
 }
 
 #[cfg(test)]

@@ -634,13 +634,20 @@ fn mesh_lock_file(ip_prefix: &str) -> anyhow::Result<std::fs::File> {
 
 /// Takes the mesh's lock, or says that another `up` holds it.
 fn mesh_lock(ip_prefix: &str) -> anyhow::Result<std::fs::File> {
-    let f = mesh_lock_file(ip_prefix)?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
+    try_lock(
+        mesh_lock_file(ip_prefix)?,
+        &format!(
             "another `clustermesh up --datapath bpf --ip-prefix {ip_prefix}` is running or cleaning up; stop it, or use another --ip-prefix"
         ),
-        Err(std::fs::TryLockError::Error(e)) => Err(e).context("locking the mesh"),
+    )
+}
+
+/// Takes an exclusive lock on `f` without waiting, or fails with `busy`.
+pub(crate) fn try_lock(f: std::fs::File, busy: &str) -> anyhow::Result<std::fs::File> {
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => bail!("{busy}"),
+        Err(std::fs::TryLockError::Error(e)) => Err(e).context("locking"),
     }
 }
 

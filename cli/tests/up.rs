@@ -926,6 +926,28 @@ fn the_connectivity_test_passes_cilium_s_table_on_the_bpf_playground() {
          spec:\n  endpointSelector: {}\n  ingress: [{}]\n",
     )
     .unwrap();
+    // Once c2's agent has it (`/status` on its admin port).
+    let agent_policies = || {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect("127.0.79.12:9891").unwrap();
+        write!(s, "GET /status HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let body = out.split_once("\r\n\r\n").unwrap().1.to_owned();
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["policies"].clone()
+    };
+    let t = std::time::Instant::now();
+    while !agent_policies()
+        .as_array()
+        .unwrap()
+        .contains(&"cilium-test/foreign".into())
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "c2's agent never had the policy"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let out = Command::new(BIN)
         .args(["connectivity", "test", "--dir", data_s])
         .output()

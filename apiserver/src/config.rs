@@ -283,6 +283,10 @@ pub struct Config {
     /// Object size and per-remote quotas.
     #[serde(default)]
     pub limits: LimitsSection,
+    /// OpenTelemetry tracing of changes (off unless an OTLP endpoint is set here or in
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`; docs/OBSERVABILITY.md).
+    #[serde(default)]
+    pub tracing: clustermesh_telemetry::TracingSection,
 }
 
 /// Object size and per-remote quotas (docs/SECURITY.md).
@@ -428,6 +432,12 @@ impl Config {
             path: String::new(),
             source,
         })?;
+        // The keys alone (the environment is read when the apiserver starts).
+        clustermesh_telemetry::Settings::resolve(&c.tracing, "clustermesh-apiserver", |_| None)
+            .map_err(|e| ConfigError::Parse {
+                path: String::new(),
+                reason: e.to_string(),
+            })?;
         let abs = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);

@@ -133,6 +133,8 @@ pub struct ExportWatches {
     pub namespaces: tokio::sync::watch::Receiver<Option<NamespaceFilter>>,
     /// The clusters whose `remote-` certificates are accepted.
     pub peers: tokio::sync::watch::Receiver<BTreeSet<ClusterName>>,
+    /// The origins of recent writes: each change is sent with its own.
+    pub provenance: Arc<clustermesh_telemetry::Provenance>,
 }
 
 /// The Export service of one cluster.
@@ -153,6 +155,8 @@ struct Inner {
     namespaces: tokio::sync::watch::Receiver<Option<NamespaceFilter>>,
     /// The clusters whose `remote-` certificates are accepted; a removed one's streams end.
     peers: tokio::sync::watch::Receiver<BTreeSet<ClusterName>>,
+    /// The origins of recent writes.
+    provenance: Arc<clustermesh_telemetry::Provenance>,
     /// Open watch streams per remote cluster.
     remote_streams: Arc<parking_lot::Mutex<std::collections::HashMap<ClusterName, usize>>>,
 }
@@ -190,6 +194,7 @@ impl ExportService {
             shutdown,
             namespaces,
             peers,
+            provenance,
         } = watches;
         Self {
             inner: Arc::new(Inner {
@@ -201,6 +206,7 @@ impl ExportService {
                 metrics,
                 namespaces,
                 peers,
+                provenance,
                 remote_streams: Arc::default(),
             }),
         }
@@ -481,9 +487,20 @@ enum Stop {
 type EventTx = mpsc::Sender<Result<v1::WatchEvent, Status>>;
 
 async fn send(inner: &Inner, tx: &EventTx, revision: Revision, event: Ev) -> Result<(), Stop> {
+    send_with(inner, tx, revision, event, None).await
+}
+
+async fn send_with(
+    inner: &Inner,
+    tx: &EventTx,
+    revision: Revision,
+    event: Ev,
+    origin: Option<v1::Origin>,
+) -> Result<(), Stop> {
     let msg = v1::WatchEvent {
         revision,
         event: Some(event),
+        origin,
     };
     match tx.send_timeout(Ok(msg), inner.settings.lag_timeout).await {
         Ok(()) => Ok(()),
@@ -496,6 +513,7 @@ async fn send(inner: &Inner, tx: &EventTx, revision: Revision, event: Ev) -> Res
             tx.send(Ok(v1::WatchEvent {
                 revision,
                 event: Some(reset),
+                origin: None,
             }))
             .await
             .map_err(|_| Stop::Gone)?;
@@ -509,12 +527,44 @@ async fn send_translated(
     tx: &EventTx,
     revision: Revision,
     t: Translated,
+    origin: Option<v1::Origin>,
 ) -> Result<(), Stop> {
     match t {
-        Translated::Upsert(u) => send(inner, tx, revision, Ev::Upsert(u)).await,
-        Translated::Delete(d) => send(inner, tx, revision, Ev::Delete(d)).await,
+        Translated::Upsert(u) => send_with(inner, tx, revision, Ev::Upsert(u), origin).await,
+        Translated::Delete(d) => send_with(inner, tx, revision, Ev::Delete(d), origin).await,
         Translated::Skip => Ok(()),
     }
+}
+
+/// Sends a change with its origin (from the provenance table): inside the span
+/// `export event sent`, a child of the write's span when the change is traced, whose context
+/// the event carries on.
+async fn send_change(
+    inner: &Inner,
+    tx: &EventTx,
+    remote: bool,
+    (key, revision): (&str, Revision),
+    t: Translated,
+) -> Result<(), Stop> {
+    use tracing::Instrument as _;
+    if matches!(t, Translated::Skip) {
+        return Ok(());
+    }
+    let Some(origin) = inner.provenance.lookup(key, revision) else {
+        return send_translated(inner, tx, revision, t, None).await;
+    };
+    let span = clustermesh_telemetry::step!(
+        origin.trace.as_ref(),
+        "export event sent",
+        cluster = %inner.cluster,
+        to = if remote { "remote" } else { "local" },
+        key,
+        revision
+    );
+    let wire = origin.handed_on(&span).to_proto();
+    send_translated(inner, tx, revision, t, Some(wire))
+        .instrument(span)
+        .await
 }
 
 async fn run_watch(
@@ -668,7 +718,7 @@ async fn snapshot(
                 Translated::Delete(_) | Translated::Skip => {}
                 t => {
                     let t = held.pass(&kv.key, t);
-                    send_translated(inner, tx, kv.mod_revision, t).await?;
+                    send_translated(inner, tx, kv.mod_revision, t, None).await?;
                 }
             }
         }
@@ -747,7 +797,7 @@ async fn follow<M: Fn(&str) -> bool>(
                 if !matches!(t, Translated::Skip) {
                     beat_at = tokio::time::Instant::now() + inner.settings.heartbeat;
                 }
-                send_translated(inner, tx, event.revision, t).await
+                send_change(inner, tx, remote, (&event.key, event.revision), t).await
             }
             Ok(Some(Err(clustermesh_kvstore::Error::Compacted { requested, .. }))) => {
                 let reset = Ev::Reset(v1::Reset {

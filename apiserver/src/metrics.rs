@@ -12,7 +12,9 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// What the last probes of the kvstore found.
@@ -72,6 +74,19 @@ pub struct Metrics {
     /// Those policies (`namespace/name`, a clusterwide one by its name) and their notes, for
     /// `/status`.
     policy_notes: parking_lot::Mutex<std::collections::BTreeMap<String, Vec<String>>>,
+    /// Seconds from a remote change's origin until it is in this cluster's cache, per remote.
+    pub propagation: PropagationHistogram,
+}
+
+/// A histogram of propagation delays by `source_cluster`.
+pub type PropagationHistogram = Family<Vec<(String, String)>, Histogram, fn() -> Histogram>;
+
+/// A new [`PropagationHistogram`] with the buckets of
+/// [`clustermesh_telemetry::PROPAGATION_BUCKETS`].
+pub fn propagation_histogram() -> PropagationHistogram {
+    Family::new_with_constructor(|| {
+        Histogram::new(clustermesh_telemetry::PROPAGATION_BUCKETS.iter().copied())
+    })
 }
 
 impl Metrics {
@@ -179,6 +194,13 @@ impl Metrics {
             "Policies of the last load with parts the datapath does not enforce as written (each translated to fail closed; /status lists the notes)",
             Gauge::default(),
         );
+        let propagation = propagation_histogram();
+        registry.register_with_unit(
+            "apiserver_propagation",
+            "Seconds from a change's origin (applied by the source of its cluster) until it is in this cluster's cache, per source cluster: the delay of cross-cluster sync (clocks of both clusters count)",
+            prometheus_client::registry::Unit::Seconds,
+            propagation.clone(),
+        );
         Self {
             registry,
             ready: AtomicBool::new(false),
@@ -203,6 +225,7 @@ impl Metrics {
             export_streams_refused,
             policies_not_as_written,
             policy_notes: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
+            propagation,
         }
     }
 

@@ -224,7 +224,9 @@ pub async fn start_with(
             max_connected_clusters: mode,
         },
     };
-    let writer = StateWriter::new(Arc::clone(&store), &cluster);
+    // The origin of each recent write, handed on by the Export server with the change.
+    let provenance = Arc::new(clustermesh_telemetry::Provenance::default());
+    let writer = StateWriter::new(Arc::clone(&store), &cluster, Arc::clone(&provenance));
     writer
         .write_cluster_config(&cluster, &cluster_config)
         .await?;
@@ -271,6 +273,7 @@ pub async fn start_with(
             shutdown: stop_rx.clone(),
             namespaces: namespaces_rx,
             peers: peers_rx,
+            provenance: Arc::clone(&provenance),
         },
     );
     // A client that never finishes mTLS is closed after the handshake timeout; dead peers
@@ -292,7 +295,7 @@ pub async fn start_with(
         .await
         .map_err(ServeError::Grpc)
     });
-    let remotes = start_remotes(&config, &store, id, peers_tx).await?;
+    let remotes = start_remotes(&config, &store, id, peers_tx, (&provenance, &metrics)).await?;
     let status_source = Arc::clone(&remotes);
     let statuses: metrics::RemoteStatuses = Arc::new(move || status_source.statuses());
     let health_metrics = Arc::clone(&metrics);
@@ -450,6 +453,7 @@ async fn start_remotes(
     store: &Arc<dyn KvStore>,
     id: ClusterId,
     peers: watch::Sender<BTreeSet<ClusterName>>,
+    (provenance, metrics): (&Arc<clustermesh_telemetry::Provenance>, &Arc<Metrics>),
 ) -> Result<Arc<RemoteSet>, ServeError> {
     use clustermesh_sync::staleness::StalenessConfig;
     use clustermesh_sync::worker::SyncContext;
@@ -468,6 +472,15 @@ async fn start_remotes(
         keep_last_backends: st.keep_last_backends,
         quota: config.limits.quota(),
         ip_owners: Arc::default(),
+        provenance: Arc::clone(provenance),
+        propagated: {
+            let histogram = metrics.propagation.clone();
+            Arc::new(move |remote: &ClusterName, seconds: f64| {
+                histogram
+                    .get_or_create(&vec![("source_cluster".to_owned(), remote.to_string())])
+                    .observe(seconds);
+            })
+        },
     };
     let set = RemoteSet::new(
         ctx,
@@ -773,8 +786,14 @@ impl SourceLoop {
                     Input::Dir(input) => input.save(store.as_ref()).await,
                     Input::Kube(_) => Ok(()),
                 };
+                // The root of the trace of this pass's changes (sampled by the sampler).
+                let pass =
+                    clustermesh_telemetry::root!("source change applied", cluster = %self.cluster);
                 let written = match saved {
-                    Ok(()) => self.reconcile(&loaded).await,
+                    Ok(()) => {
+                        use tracing::Instrument as _;
+                        self.reconcile(&loaded).instrument(pass).await
+                    }
                     Err(e) => Err(format!("saving the manifest files' good content: {e}").into()),
                 };
                 match written {
@@ -869,6 +888,8 @@ impl SourceLoop {
         BTreeSet<clustermesh_model::labels::LabelSet>,
         Box<dyn std::error::Error + Send + Sync>,
     > {
+        // The time this pass applies the source's changes: their origin.
+        let origin_nanos = clustermesh_telemetry::now_unix_nanos();
         // The exported namespaces: a namespace leaving the export stops being exported
         // before anything of this pass is written (identities included), one joining only
         // after its objects are in the store.
@@ -922,7 +943,18 @@ impl SourceLoop {
                 ),
             });
         }
-        let stats = self.writer.apply(&kv, &oversized).await?;
+        let stats = {
+            use tracing::Instrument as _;
+            let write = clustermesh_telemetry::child!(&tracing::Span::current(), "kvstore write");
+            let origin = Arc::new(clustermesh_telemetry::Origin {
+                unix_nanos: origin_nanos,
+                trace: clustermesh_telemetry::Trace::of(&write),
+            });
+            self.writer
+                .apply(&kv, &oversized, &origin)
+                .instrument(write)
+                .await?
+        };
         for (key, reason) in &stats.refused {
             refused.push(crate::source::SourceProblem {
                 origin: key.clone(),

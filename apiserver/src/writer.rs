@@ -10,6 +10,7 @@ use clustermesh_kvstore::KvStore;
 use clustermesh_model::cluster::{ClusterConfig, ClusterName};
 use clustermesh_model::endpoint::IpCacheEntry;
 use clustermesh_model::keys::{ExportKind, IPCACHE_PREFIX, Key, LOCAL_PREFIX};
+use clustermesh_telemetry::{Origin, Provenance};
 
 use crate::desired::DesiredState;
 
@@ -104,14 +105,21 @@ pub fn encode(
 pub struct StateWriter {
     store: Arc<dyn KvStore>,
     prefixes: Vec<String>,
+    provenance: Arc<Provenance>,
 }
 
 impl StateWriter {
     /// A writer for `cluster`.
-    pub fn new(store: Arc<dyn KvStore>, cluster: &ClusterName) -> Self {
+    /// Each write's origin goes into `provenance`.
+    pub fn new(
+        store: Arc<dyn KvStore>,
+        cluster: &ClusterName,
+        provenance: Arc<Provenance>,
+    ) -> Self {
         Self {
             store,
             prefixes: owned_prefixes(cluster),
+            provenance,
         }
     }
 
@@ -123,11 +131,13 @@ impl StateWriter {
     /// Makes the owned prefixes hold exactly `desired`, except for the keys in `keep`: those
     /// (objects the source could not provide, such as an oversized one) keep what the store
     /// has. A key the store refuses (too large for it) does not stop the others: it is
-    /// reported in [`WriteStats::refused`], every other key written.
+    /// reported in [`WriteStats::refused`], every other key written. Each write is recorded
+    /// with `origin`.
     pub async fn apply(
         &self,
         desired: &BTreeMap<String, Vec<u8>>,
         keep: &std::collections::BTreeSet<String>,
+        origin: &Arc<Origin>,
     ) -> Result<WriteStats, WriteError> {
         let mut stats = WriteStats::default();
         let mut current = BTreeMap::new();
@@ -140,8 +150,12 @@ impl StateWriter {
             if keep.contains(key) || current.get(key) == Some(value) {
                 continue;
             }
+            let pending = self.provenance.expect(key, origin);
             match self.store.put(key, value, None).await {
-                Ok(_) => stats.put += 1,
+                Ok(revision) => {
+                    pending.written(revision);
+                    stats.put += 1;
+                }
                 Err(e) if e.is_about_the_request() => {
                     stats.refused.push((key.clone(), e.to_string()));
                 }
@@ -152,7 +166,9 @@ impl StateWriter {
             .keys()
             .filter(|k| !desired.contains_key(*k) && !keep.contains(*k))
         {
-            if self.store.delete(key).await?.is_some() {
+            let pending = self.provenance.expect(key, origin);
+            if let Some(revision) = self.store.delete(key).await? {
+                pending.written(revision);
                 stats.deleted += 1;
             }
         }

@@ -48,19 +48,87 @@ enum LogFormat {
     Json,
 }
 
+/// A `tracing` layer of the whole process.
+type BoxedLayer = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+
 /// Logs go to stderr; `RUST_LOG` filters them (default `info`). Colour codes only reach a
-/// terminal: a log file or `kubectl logs` gets plain text.
-fn init_logging(format: LogFormat) {
+/// terminal: a log file or `kubectl logs` gets plain text. The spans of traced changes go
+/// only to `otel`, the OTLP layer, when tracing is on.
+fn init_logging(format: LogFormat, otel: Option<BoxedLayer>) {
     use std::io::IsTerminal;
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().with_ansi(false).init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-    }
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info".into())
+        .add_directive(
+            format!("{}=off", clustermesh_telemetry::TARGET)
+                .parse()
+                .unwrap_or_default(),
+        );
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt: BoxedLayer = match format {
+        LogFormat::Json => fmt.json().with_ansi(false).with_filter(filter).boxed(),
+        LogFormat::Text => fmt
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_filter(filter)
+            .boxed(),
+    };
+    let mut layers = vec![fmt];
+    layers.extend(otel);
+    tracing_subscriber::registry().with(layers).init();
+}
+
+/// The OTLP exporter of an `apiserver` or `agent` process, from its configuration file's
+/// `tracing` section and the `OTEL_*` variables; `None` when tracing is off, for other
+/// commands, or when the file does not load (the command then reports why).
+fn start_telemetry(
+    command: &Command,
+) -> anyhow::Result<Option<(clustermesh_telemetry::Telemetry, BoxedLayer)>> {
+    use opentelemetry::KeyValue;
+    let (section, service, resource) = match command {
+        Command::Apiserver {
+            config,
+            check: false,
+            ..
+        } => match clustermesh_apiserver::Config::load(config) {
+            Ok(c) => (
+                c.tracing,
+                "clustermesh-apiserver",
+                vec![KeyValue::new(
+                    "k8s.cluster.name",
+                    c.cluster.name.to_string(),
+                )],
+            ),
+            Err(_) => return Ok(None),
+        },
+        Command::Agent {
+            config,
+            check: false,
+            node_name,
+            ..
+        } => match clustermesh_agent::Config::load(config) {
+            Ok(c) => (
+                c.tracing,
+                "clustermesh-agent",
+                vec![
+                    KeyValue::new("k8s.cluster.name", c.cluster.to_string()),
+                    KeyValue::new("k8s.node.name", node_name.clone().unwrap_or(c.node_name)),
+                ],
+            ),
+            Err(_) => return Ok(None),
+        },
+        _ => return Ok(None),
+    };
+    let Some(settings) = clustermesh_telemetry::Settings::from_env(&section, service)
+        .context("the tracing settings")?
+    else {
+        return Ok(None);
+    };
+    let (telemetry, layer) = clustermesh_telemetry::Telemetry::start::<tracing_subscriber::Registry>(
+        &settings, resource,
+    )?;
+    Ok(Some((telemetry, Box::new(layer))))
 }
 
 /// Where an inspection command finds the node's agent.
@@ -796,7 +864,6 @@ async fn run(command: Command, log_format: &'static str) -> anyhow::Result<bool>
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
     // The one crypto provider of the process: ring (no aws-lc, no openssl).
     if rustls::crypto::ring::default_provider()
         .install_default()
@@ -815,11 +882,30 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    // The exporter's gRPC channel lives on the runtime.
+    let telemetry = match runtime.block_on(async { start_telemetry(&cli.command) }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let (telemetry, otel) = match telemetry {
+        Some((t, layer)) => (Some(t), Some(layer)),
+        None => (None, None),
+    };
+    init_logging(cli.log_format, otel);
+    if telemetry.is_some() {
+        tracing::info!("tracing changes to the OTLP collector (docs/OBSERVABILITY.md)");
+    }
     let format = match cli.log_format {
         LogFormat::Text => "text",
         LogFormat::Json => "json",
     };
     let result = runtime.block_on(run(cli.command, format));
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
     match result {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => std::process::ExitCode::FAILURE,

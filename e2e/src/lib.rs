@@ -25,6 +25,8 @@ use clustermesh_model::ClusterName;
 
 pub use clustermesh_bpf::testing::Topology;
 
+pub mod otlp;
+
 /// A binary built by the workspace, next to the running test's `deps/` directory.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -76,11 +78,12 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 
 /// Starts a `clustermesh` subcommand and returns it with the last word of its first stdout
 /// line (the address it prints once serving).
-fn spawn(args: &[&str], config: &Path, log: &Path) -> (Child, String) {
+fn spawn(args: &[&str], config: &Path, log: &Path, env: &[(String, String)]) -> (Child, String) {
     let mut child = Command::new(binary("clustermesh"))
         .args(args)
         .arg("--config")
         .arg(config)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
@@ -117,6 +120,8 @@ pub struct Cluster {
     /// The Export address, fixed so that restarts keep it.
     pub export_addr: String,
     extra: String,
+    /// Environment variables of the apiserver process.
+    env: Vec<(String, String)>,
     /// The apiserver's heartbeat interval (200 ms unless set before it starts).
     pub heartbeat_millis: u64,
     apiserver: Option<(Child, String)>,
@@ -147,6 +152,7 @@ impl Cluster {
             ca,
             export_addr: format!("127.0.0.1:{}", free_port()),
             extra: String::new(),
+            env: Vec::new(),
             heartbeat_millis: 200,
             apiserver: None,
         }
@@ -155,6 +161,11 @@ impl Cluster {
     /// Adds lines to the apiserver's configuration (before it starts).
     pub fn configure(&mut self, yaml: &str) {
         self.extra.push_str(yaml);
+    }
+
+    /// Sets an environment variable of the apiserver process (before it starts).
+    pub fn env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_owned(), value.to_owned()));
     }
 
     /// Makes this cluster import `other`: mints the `remote-<this>` certificate with
@@ -200,11 +211,16 @@ impl Cluster {
         )
         .unwrap();
         let log = self.dir.path().join("apiserver.log");
-        let (child, health) = spawn(&["apiserver"], &config, &log);
+        let (child, health) = spawn(&["apiserver"], &config, &log, &self.env);
         wait_until(Duration::from_secs(30), "the apiserver to be ready", || {
             http_get(&health, "/readyz").is_some_and(|(code, _)| code == 200)
         });
         self.apiserver = Some((child, health));
+    }
+
+    /// The apiserver's process ID.
+    pub fn pid(&self) -> u32 {
+        self.apiserver.as_ref().expect("started").0.id()
     }
 
     /// The apiserver's health address.
@@ -297,6 +313,7 @@ impl Drop for Cluster {
 pub struct Agent {
     config: PathBuf,
     log: PathBuf,
+    env: Vec<(String, String)>,
     child: Option<Child>,
     /// Its admin address.
     pub admin: String,
@@ -306,10 +323,19 @@ impl Agent {
     /// Starts `clustermesh agent --config CONFIG` and waits until it is ready (its first
     /// snapshot is in the datapath).
     pub fn start(config: &Path) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    /// [`Agent::start`] with environment variables.
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Self {
         let log = config.with_extension("log");
         let mut agent = Self {
             config: config.to_owned(),
             log,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             child: None,
             admin: String::new(),
         };
@@ -319,7 +345,7 @@ impl Agent {
 
     /// Starts the process again (after [`Agent::kill`]).
     pub fn restart(&mut self) {
-        let (child, admin) = spawn(&["agent"], &self.config, &self.log);
+        let (child, admin) = spawn(&["agent"], &self.config, &self.log, &self.env);
         self.child = Some(child);
         self.admin = admin;
         wait_until(Duration::from_secs(30), "the agent to be ready", || {
@@ -373,6 +399,11 @@ impl Agent {
             .unwrap_or_else(|| panic!("no metric {name} in {body}"))
     }
 
+    /// The agent's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -389,6 +420,20 @@ impl Drop for Agent {
             terminate(&mut child);
         }
     }
+}
+
+/// CPU time (user + system) a process has used so far, from `/proc/PID/stat`.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // In clock ticks (USER_HZ), which `getconf CLK_TCK` gives.
+    let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+    let hz: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    Duration::from_micros(ticks * 1_000_000 / hz)
 }
 
 /// The `name` answers in `cm-netprobe` output lines (`ok NAME`), and the failures.

@@ -18,6 +18,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::agent::Shared;
@@ -41,7 +42,13 @@ pub struct Metrics {
     /// Policy verdicts of the datapath (new flows and drops) by verdict, direction and the
     /// two clusters.
     pub verdicts: Family<Vec<(&'static str, String)>, Counter>,
+    /// Seconds from a change's origin until this agent's datapath holds it, by
+    /// `source_cluster`.
+    pub propagation: Propagation,
 }
+
+/// A histogram of propagation delays by `source_cluster`.
+pub type Propagation = Family<Vec<(&'static str, String)>, Histogram, fn() -> Histogram>;
 
 /// Outlier detection's counters (fed by the datapath's events).
 #[derive(Debug, Clone, Default)]
@@ -137,9 +144,19 @@ impl Metrics {
             "Policy verdicts of the eBPF datapath: a new flow forwarded or audited, or a dropped packet (verdict=forwarded|dropped|audit, direction=ingress|egress, source_cluster, destination_cluster)",
             verdicts.clone(),
         );
+        let propagation: Propagation = Family::new_with_constructor(|| {
+            Histogram::new(clustermesh_telemetry::PROPAGATION_BUCKETS.iter().copied())
+        });
+        registry.register_with_unit(
+            "agent_propagation",
+            "Seconds from a change's origin (applied by the source of its cluster) until this agent's datapath holds it, per source cluster (the local one included): the end-to-end delay of the mesh (clocks of both clusters count)",
+            prometheus_client::registry::Unit::Seconds,
+            propagation.clone(),
+        );
         Self {
             registry,
             verdicts,
+            propagation,
             outlier,
             reconciles,
             reconcile_errors,

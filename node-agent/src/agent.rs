@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use clustermesh_bpf::{Datapath, KernelConfig, KernelDatapath, UserspaceDatapath};
-use clustermesh_model::cluster::{ClusterId, MaxConnectedClusters};
+use clustermesh_model::cluster::{ClusterId, ClusterName, MaxConnectedClusters};
 use clustermesh_proto::Object;
 use clustermesh_proto::client::{ClientTls, connect, server_name};
 use clustermesh_proto::v1::{self, watch_event::Event as Ev};
@@ -397,7 +397,24 @@ struct Loop {
     attached: BTreeMap<Ipv4Addr, Attachment>,
     /// Endpoints that are not attached are tried again at passes after this time.
     attach_retry_at: Instant,
+    /// The origins of the changes not yet in the datapath (at most [`MAX_ORIGINS`]).
+    origins: Vec<ChangeOrigin>,
 }
+
+/// A change applied to the view, waiting for its datapath write.
+struct ChangeOrigin {
+    /// The cluster the object belongs to.
+    cluster: ClusterName,
+    /// When it was applied at its source (Unix nanoseconds).
+    unix_nanos: i64,
+    /// The span of its view update, when traced.
+    trace: Option<clustermesh_telemetry::Trace>,
+}
+
+/// Origins kept per reconcile pass; a burst of more changes measures the first ones.
+const MAX_ORIGINS: usize = 4096;
+/// Traced changes linked from one reconcile pass span.
+const MAX_LINKS: usize = 128;
 
 async fn run(
     config: Config,
@@ -418,6 +435,7 @@ async fn run(
         last_revision: 0,
         attached: BTreeMap::new(),
         attach_retry_at: Instant::now(),
+        origins: Vec::new(),
     };
     let mut backoff = new_backoff();
     loop {
@@ -556,13 +574,23 @@ impl Loop {
                 Ok(None) => return Err("the local apiserver closed the stream".into()),
                 Err(e) => return Err(e.message().to_owned()),
             };
+            // A live change's origin: measured when in the datapath, and traced when it
+            // carries a sampled trace context.
+            let origin = if self.staging.is_none() {
+                clustermesh_telemetry::Origin::from_proto(event.origin.as_ref())
+            } else {
+                None
+            };
             match event.event {
                 Some(Ev::Upsert(u)) => match Object::try_from(&u) {
-                    Ok(object) => self.apply(|v| v.upsert(object)),
+                    Ok(object) => {
+                        let cluster = object.reference().cluster;
+                        self.apply_change(origin, cluster, |v| v.upsert(object));
+                    }
                     Err(e) => self.reject(&e.to_string()),
                 },
                 Some(Ev::Delete(d)) => match delete_ref(&d) {
-                    Ok(r) => self.apply(|v| v.delete(&r)),
+                    Ok(r) => self.apply_change(origin, r.cluster.clone(), |v| v.delete(&r)),
                     Err(e) => self.reject(&e),
                 },
                 Some(Ev::Synced(_)) => {
@@ -596,6 +624,33 @@ impl Loop {
         self.shared.status.lock().rejected += 1;
     }
 
+    /// [`Loop::apply`] for a change from `cluster`, in the span `agent view update` when it
+    /// is traced; its origin waits for the datapath write.
+    fn apply_change(
+        &mut self,
+        origin: Option<clustermesh_telemetry::Origin>,
+        cluster: ClusterName,
+        f: impl FnOnce(&mut View) -> Dirty,
+    ) {
+        let span = clustermesh_telemetry::step!(
+            origin.as_ref().and_then(|o| o.trace.as_ref()),
+            "agent view update",
+            cluster = %self.config.cluster,
+            node = %self.config.node_name,
+            source_cluster = %cluster
+        );
+        self.apply(f);
+        if let Some(o) = origin
+            && self.origins.len() < MAX_ORIGINS
+        {
+            self.origins.push(ChangeOrigin {
+                cluster,
+                unix_nanos: o.unix_nanos,
+                trace: clustermesh_telemetry::Trace::of(&span).or(o.trace),
+            });
+        }
+    }
+
     fn apply(&mut self, f: impl FnOnce(&mut View) -> Dirty) {
         if let Some(v) = self.staging.as_mut() {
             f(v);
@@ -620,6 +675,7 @@ impl Loop {
         *self.shared.view.lock() = Some(view);
         *self.shared.desired.lock() = desired;
         self.pending = Dirty::default();
+        self.origins.clear();
         self.after_pass(result, true).await;
         let first = !std::mem::replace(&mut self.shared.status.lock().synced, true);
         if first {
@@ -631,6 +687,19 @@ impl Loop {
     async fn flush(&mut self) {
         let dirty = std::mem::take(&mut self.pending);
         let full = self.retry_at.take().is_some();
+        // The pass is a child of the first traced change it writes, linked to the others.
+        let mut traced = self.origins.iter().filter_map(|o| o.trace.as_ref());
+        let pass = clustermesh_telemetry::step!(
+            traced.next(),
+            "reconcile pass",
+            cluster = %self.config.cluster,
+            node = %self.config.node_name,
+            changes = self.origins.len(),
+            full
+        );
+        for other in traced.take(MAX_LINKS) {
+            clustermesh_telemetry::context::add_link(&pass, other);
+        }
         let (result, policy_changed) = {
             let view = self.shared.view.lock();
             let Some(view) = view.as_ref() else {
@@ -643,11 +712,22 @@ impl Loop {
             } else {
                 Scope::Changed(&changed)
             };
-            (
-                self.reconciler.reconcile(&desired, scope, true),
-                changed.policy || full,
-            )
+            let write = clustermesh_telemetry::child!(&pass, "datapath write");
+            let result = self.reconciler.reconcile(&desired, scope, true);
+            drop(write);
+            (result, changed.policy || full)
         };
+        if result.is_ok() {
+            // In the datapath: the changes' propagation ends here (a failed pass keeps them
+            // for the retry).
+            let m = &self.shared.metrics;
+            for o in self.origins.drain(..) {
+                m.propagation
+                    .get_or_create(&vec![("source_cluster", o.cluster.to_string())])
+                    .observe(clustermesh_telemetry::seconds_since(o.unix_nanos));
+            }
+        }
+        drop(pass);
         self.after_pass(result, policy_changed).await;
     }
 

@@ -187,6 +187,10 @@ pub struct Config {
     /// The longest a change waits for a burst to end (default 20).
     #[serde(default = "default_max_debounce")]
     pub max_debounce_millis: u64,
+    /// OpenTelemetry tracing of changes (off unless an OTLP endpoint is set here or in
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`; docs/OBSERVABILITY.md).
+    #[serde(default)]
+    pub tracing: clustermesh_telemetry::TracingSection,
 }
 
 fn default_admin() -> String {
@@ -230,6 +234,12 @@ impl Config {
                 reason: "nodeName must not be empty".into(),
             });
         }
+        // The keys alone (the environment is read when the agent starts).
+        clustermesh_telemetry::Settings::resolve(&c.tracing, "clustermesh-agent", |_| None)
+            .map_err(|e| ConfigError::Parse {
+                path: String::new(),
+                reason: e.to_string(),
+            })?;
         if c.max_debounce_millis < c.debounce_millis {
             return Err(ConfigError::Parse {
                 path: String::new(),

@@ -70,7 +70,7 @@ proptest! {
         for object in objects {
             let event = v1::WatchEvent {
                 revision: i64::from(id),
-                event: Some(Ev::Upsert(v1::Upsert { object: Some(object) })),
+                event: Some(Ev::Upsert(v1::Upsert { object: Some(object) })), origin: None,
             };
             // Also through the wire, as a peer would send it.
             let wire = v1::WatchEvent::decode(event.encode_to_vec().as_slice()).unwrap();

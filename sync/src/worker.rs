@@ -18,6 +18,7 @@ use clustermesh_model::service::ClusterService;
 use clustermesh_proto::Object;
 use clustermesh_proto::client::{ClientTls, connect};
 use clustermesh_proto::v1::{self, watch_event::Event as Ev};
+use clustermesh_telemetry::{Origin, Provenance, seconds_since};
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -63,7 +64,16 @@ pub struct SyncContext {
     pub quota: Quota,
     /// Which remote owns each imported pod IP.
     pub ip_owners: Arc<IpOwners>,
+    /// Where each imported change's origin is recorded with its write, for the Export server
+    /// to hand it on to the agents.
+    pub provenance: Arc<Provenance>,
+    /// Called for each change imported from a remote with its origin: the remote, and the
+    /// seconds from its origin until it was in the cache (the propagation metric).
+    pub propagated: Propagated,
 }
+
+/// See [`SyncContext::propagated`].
+pub type Propagated = Arc<dyn Fn(&ClusterName, f64) + Send + Sync>;
 
 /// What one remote may place in this cluster's store: objects per kind, bytes (keys and
 /// values of its cache), and the size of one object. A staged snapshot is held to the same
@@ -423,6 +433,7 @@ impl Tracked {
 /// written.
 struct Cache {
     store: Arc<dyn KvStore>,
+    provenance: Arc<Provenance>,
     remote: ClusterName,
     state: Tracked,
 }
@@ -430,6 +441,7 @@ struct Cache {
 impl Cache {
     async fn load(
         store: Arc<dyn KvStore>,
+        provenance: Arc<Provenance>,
         remote: &ClusterName,
     ) -> Result<Self, clustermesh_kvstore::Error> {
         let mut entries = BTreeMap::new();
@@ -440,6 +452,7 @@ impl Cache {
         }
         Ok(Self {
             store,
+            provenance,
             remote: remote.clone(),
             state: Tracked::new(entries),
         })
@@ -471,23 +484,36 @@ impl Cache {
         Ok(lost)
     }
 
+    /// Writes a changed entry, recording `origin` with the write.
     async fn put(
         &mut self,
         quota: &Quota,
-        key: String,
-        value: Vec<u8>,
+        (key, value): (String, Vec<u8>),
+        origin: Option<&Arc<Origin>>,
     ) -> Result<(), SessionError> {
         if self.state.entries.get(&key) != Some(&value) {
             self.state.admit(quota, &key, &value)?;
-            self.store.put(&key, &value, None).await?;
+            let pending = origin.map(|o| self.provenance.expect(&key, o));
+            let revision = self.store.put(&key, &value, None).await?;
+            if let Some(p) = pending {
+                p.written(revision);
+            }
             self.state.insert(key, value);
         }
         Ok(())
     }
 
-    async fn delete(&mut self, key: &str) -> Result<(), clustermesh_kvstore::Error> {
+    /// Deletes an entry, recording `origin` with the deletion.
+    async fn delete(
+        &mut self,
+        key: &str,
+        origin: Option<&Arc<Origin>>,
+    ) -> Result<(), clustermesh_kvstore::Error> {
         if self.state.entries.contains_key(key) {
-            self.store.delete(key).await?;
+            let pending = origin.map(|o| self.provenance.expect(key, o));
+            if let (Some(revision), Some(p)) = (self.store.delete(key).await?, pending) {
+                p.written(revision);
+            }
             self.state.remove(key);
         }
         Ok(())
@@ -549,7 +575,7 @@ impl Cache {
     ) -> Result<Vec<(String, Vec<IpAddr>)>, SessionError> {
         let mut changed = Vec::new();
         for (key, value, removed) in self.state.lost_backends(addrs.iter().copied())? {
-            self.put(quota, key.clone(), value).await?;
+            self.put(quota, (key.clone(), value), None).await?;
             changed.push((key, removed));
         }
         Ok(changed)
@@ -698,10 +724,11 @@ async fn load_cache(
     stop: &mut watch::Receiver<bool>,
 ) -> Cache {
     loop {
-        let loaded = match Cache::load(Arc::clone(&ctx.store), remote).await {
-            Ok(mut c) => c.claim_loaded(&ctx.ip_owners).await.map(|lost| (c, lost)),
-            Err(e) => Err(e),
-        };
+        let loaded =
+            match Cache::load(Arc::clone(&ctx.store), Arc::clone(&ctx.provenance), remote).await {
+                Ok(mut c) => c.claim_loaded(&ctx.ip_owners).await.map(|lost| (c, lost)),
+                Err(e) => Err(e),
+            };
         match loaded {
             Ok((c, lost)) => {
                 for reject in &lost {
@@ -719,6 +746,7 @@ async fn load_cache(
                     _ = stop.wait_for(|s| *s) => {
                         return Cache {
                             store: Arc::clone(&ctx.store),
+                            provenance: Arc::clone(&ctx.provenance),
                             remote: remote.clone(),
                             state: Tracked::default(),
                         };
@@ -911,6 +939,19 @@ async fn session(
         }
         *synced |= resume;
         let revision = message.revision;
+        // A live change's origin (a snapshot's objects have none): measured, and traced when
+        // it carries a sampled trace context. The span lasts until the change is handled.
+        let origin = staging
+            .is_none()
+            .then(|| Origin::from_proto(message.origin.as_ref()))
+            .flatten();
+        let import = clustermesh_telemetry::step!(
+            origin.as_ref().and_then(|o| o.trace.as_ref()),
+            "remote import applied",
+            cluster = %ctx.local,
+            remote = %remote.name,
+            revision
+        );
         match message.event {
             Some(Ev::Upsert(u)) => {
                 let object = Object::try_from(&u).map_err(|e| crate::validate::Reject {
@@ -990,9 +1031,15 @@ async fn session(
                                 .get(&key)
                                 .map(|old| own_addresses(&key, old))
                                 .unwrap_or_default();
-                            cache.put(&ctx.quota, key, value).await?;
+                            let write = clustermesh_telemetry::child!(&import, "kvstore write");
+                            let handed = origin.as_ref().map(|o| Arc::new(o.handed_on(&write)));
+                            cache.put(&ctx.quota, (key, value), handed.as_ref()).await?;
+                            drop(write);
                             let dropped = cache.drop_lost_backends(&ctx.quota, &before).await?;
                             count_dropped(status, &remote.name, &dropped);
+                            if let Some(o) = &origin {
+                                (ctx.propagated)(&remote.name, seconds_since(o.unix_nanos));
+                            }
                         }
                     },
                     Err(reject) => count_reject(status, &remote.name, &reject),
@@ -1011,9 +1058,15 @@ async fn session(
                                 .get(&key)
                                 .map(|old| own_addresses(&key, old))
                                 .unwrap_or_default();
-                            cache.delete(&key).await?;
+                            let write = clustermesh_telemetry::child!(&import, "kvstore write");
+                            let handed = origin.as_ref().map(|o| Arc::new(o.handed_on(&write)));
+                            cache.delete(&key, handed.as_ref()).await?;
+                            drop(write);
                             let dropped = cache.drop_lost_backends(&ctx.quota, &before).await?;
                             count_dropped(status, &remote.name, &dropped);
+                            if let Some(o) = &origin {
+                                (ctx.propagated)(&remote.name, seconds_since(o.unix_nanos));
+                            }
                         }
                     }
                     if let Some(ip) = ip_of(&key) {

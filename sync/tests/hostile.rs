@@ -31,6 +31,7 @@ fn upsert(object: v1::upsert::Object) -> v1::WatchEvent {
         event: Some(Ev::Upsert(v1::Upsert {
             object: Some(object),
         })),
+        origin: None,
     }
 }
 
@@ -160,6 +161,7 @@ impl v1::export_server::Export for Hostile {
             v1::WatchEvent {
                 revision: 10,
                 event: Some(Ev::Synced(v1::Synced {})),
+                origin: None,
             },
         ];
         let heartbeats = futures::stream::unfold((), |()| async {
@@ -168,6 +170,7 @@ impl v1::export_server::Export for Hostile {
                 Ok(v1::WatchEvent {
                     revision: 10,
                     event: Some(Ev::Heartbeat(v1::Heartbeat {})),
+                    origin: None,
                 }),
                 (),
             ))
@@ -249,6 +252,7 @@ impl v1::export_server::Export for Silent {
             v1::WatchEvent {
                 revision: 10,
                 event: Some(Ev::Synced(v1::Synced {})),
+                origin: None,
             },
         ];
         Ok(Response::new(Box::pin(futures::StreamExt::chain(
@@ -320,6 +324,8 @@ fn local_c1(
         keep_last_backends: true,
         quota,
         ip_owners: Arc::default(),
+        provenance: Arc::default(),
+        propagated: Arc::new(|_: &ClusterName, _: f64| {}),
     };
     (ctx, store, dir)
 }
@@ -433,6 +439,7 @@ impl v1::export_server::Export for AcceptsThenFails {
                 Ok(v1::WatchEvent {
                     revision: 20,
                     event: Some(Ev::Synced(v1::Synced {})),
+                    origin: None,
                 }),
             ]
         } else {
@@ -511,6 +518,7 @@ impl v1::export_server::Export for Compacted {
         let synced = v1::WatchEvent {
             revision: 20,
             event: Some(Ev::Synced(v1::Synced {})),
+            origin: None,
         };
         let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if call == 0 {
@@ -542,6 +550,7 @@ impl v1::export_server::Export for Compacted {
             event: Some(Ev::Reset(v1::Reset {
                 reason: "compacted".into(),
             })),
+            origin: None,
         };
         let events = vec![
             Ok(reset),
@@ -634,6 +643,7 @@ impl v1::export_server::Export for Flood {
                 out.push(Ok(v1::WatchEvent {
                     revision: 10,
                     event: Some(Ev::Synced(v1::Synced {})),
+                    origin: None,
                 }));
             }
             let mut u = upsert(object(i));
@@ -809,6 +819,7 @@ impl v1::export_server::Export for Scripted {
             let beat = v1::WatchEvent {
                 revision: 10,
                 event: Some(Ev::Heartbeat(v1::Heartbeat {})),
+                origin: None,
             };
             Some((Ok(beat), ()))
         });
@@ -835,6 +846,7 @@ fn synced() -> v1::WatchEvent {
     v1::WatchEvent {
         revision: 10,
         event: Some(Ev::Synced(v1::Synced {})),
+        origin: None,
     }
 }
 
@@ -982,6 +994,7 @@ fn delete(cluster: &str, kind: v1::Kind, name: &str) -> v1::WatchEvent {
             cluster: cluster.into(),
             name: name.into(),
         })),
+        origin: None,
     }
 }
 

@@ -29,6 +29,12 @@ pub struct StoreHealth {
     pub since: u64,
 }
 
+fn unix_now_f64() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -76,6 +82,12 @@ pub struct Metrics {
     policy_notes: parking_lot::Mutex<std::collections::BTreeMap<String, Vec<String>>>,
     /// Seconds from a remote change's origin until it is in this cluster's cache, per remote.
     pub propagation: PropagationHistogram,
+    /// When the apiserver started (Unix seconds).
+    started_unix: f64,
+    /// Seconds from the start to the source's first sync.
+    source_bootstrap: std::sync::OnceLock<f64>,
+    /// Seconds from the start until every remote had its first snapshot imported.
+    remotes_bootstrap: std::sync::OnceLock<f64>,
 }
 
 /// A histogram of propagation delays by `source_cluster`.
@@ -128,7 +140,7 @@ impl Metrics {
         let global_services = m(
             &mut registry,
             "global_services",
-            "Global services written by this cluster",
+            "Global services this apiserver wrote into the kvstore (the agents' programmed frontends are clustermesh_agent_service_frontends)",
             Gauge::default(),
         );
         let export_watchers = m(
@@ -184,7 +196,9 @@ impl Metrics {
             "build",
             "This build of clustermesh (version) and the process (component)",
             prometheus_client::metrics::info::Info::new(vec![
-                ("version", env!("CARGO_PKG_VERSION")),
+                ("version", clustermesh_telemetry::build::VERSION),
+                ("commit", clustermesh_telemetry::build::COMMIT),
+                ("rustc", clustermesh_telemetry::build::RUSTC),
                 ("component", "apiserver"),
             ]),
         );
@@ -226,6 +240,9 @@ impl Metrics {
             policies_not_as_written,
             policy_notes: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
             propagation,
+            started_unix: unix_now_f64(),
+            source_bootstrap: std::sync::OnceLock::new(),
+            remotes_bootstrap: std::sync::OnceLock::new(),
         }
     }
 
@@ -243,7 +260,30 @@ impl Metrics {
 
     /// Marks the apiserver ready.
     pub fn set_ready(&self) {
+        let _ = self
+            .source_bootstrap
+            .set((unix_now_f64() - self.started_unix).max(0.0));
         self.ready.store(true, Ordering::Release);
+    }
+
+    /// Seconds from the start until every remote of `statuses` had its first snapshot
+    /// imported: known (and kept) once they all have.
+    fn remotes_bootstrap(
+        &self,
+        statuses: &[clustermesh_sync::worker::RemoteStatus],
+    ) -> Option<f64> {
+        if let Some(b) = self.remotes_bootstrap.get() {
+            return Some(*b);
+        }
+        let mut last = self.started_unix;
+        for s in statuses {
+            last = last.max(s.first_import_unix?);
+        }
+        Some(
+            *self
+                .remotes_bootstrap
+                .get_or_init(|| last - self.started_unix),
+        )
     }
 
     /// Whether the apiserver is ready: the first sync is done and the store answers.
@@ -325,80 +365,244 @@ impl axum::extract::FromRef<AppState> for Arc<Metrics> {
     }
 }
 
-/// Per-remote metrics with Cilium's names, rendered from the workers' statuses.
-fn remote_metrics(remotes: &RemoteStatuses) -> String {
+/// Appends one family (HELP, TYPE, UNIT when given) and its samples (`suffix{labels} value`).
+/// A family without samples is left out, as the registry leaves out its own.
+fn family(
+    out: &mut String,
+    (name, kind, unit, help): (&str, &str, &str, &str),
+    samples: &[(&str, String, String)],
+) {
+    if samples.is_empty() {
+        return;
+    }
+    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+    if !unit.is_empty() {
+        out.push_str(&format!("# UNIT {name} {unit}\n"));
+    }
+    for (suffix, labels, value) in samples {
+        if labels.is_empty() {
+            out.push_str(&format!("{name}{suffix} {value}\n"));
+        } else {
+            out.push_str(&format!("{name}{suffix}{{{labels}}} {value}\n"));
+        }
+    }
+}
+
+/// Per-remote metrics, rendered from the workers' statuses: Cilium's KVStoreMesh names, types
+/// and labels for what KVStoreMesh reports (docs/OBSERVABILITY.md), ours for the rest.
+fn remote_metrics(metrics: &Metrics, remotes: &RemoteStatuses) -> String {
     let mut out = String::new();
     let statuses = remotes();
-    out.push_str("# HELP clustermesh_remote_clusters Remote clusters this cluster imports from\n");
-    out.push_str("# TYPE clustermesh_remote_clusters gauge\n");
-    out.push_str(&format!("clustermesh_remote_clusters {}\n", statuses.len()));
-    type Value = fn(&clustermesh_sync::worker::RemoteStatus) -> String;
-    // (family, type, help, sample suffix, value)
-    let series: [(&str, &str, &str, &str, Value); 6] = [
+    let target =
+        |s: &clustermesh_sync::worker::RemoteStatus| format!("target_cluster=\"{}\"", s.name);
+    let per_remote = |value: &dyn Fn(&clustermesh_sync::worker::RemoteStatus) -> String| {
+        statuses
+            .iter()
+            .map(|s| ("", target(s), value(s)))
+            .collect::<Vec<_>>()
+    };
+    family(
+        &mut out,
         (
-            "clustermesh_remote_cluster_readiness_status",
+            "cilium_kvstoremesh_remote_clusters",
             "gauge",
-            "1 while the remote cluster is ready (connected and synced)",
             "",
-            |s| u8::from(s.ready).to_string(),
+            "The total number of remote clusters meshed with the local cluster",
         ),
+        &[("", String::new(), statuses.len().to_string())],
+    );
+    family(
+        &mut out,
         (
-            "clustermesh_remote_cluster_failures",
-            "counter",
-            "Failed connections and broken streams to the remote cluster",
-            "_total",
-            |s| s.failures.to_string(),
+            "cilium_kvstoremesh_remote_cluster_readiness_status",
+            "gauge",
+            "",
+            "The readiness status of the remote cluster (1: connected and its snapshot imported, 0: not)",
         ),
+        &per_remote(&|s| u8::from(s.ready).to_string()),
+    );
+    family(
+        &mut out,
+        (
+            "cilium_kvstoremesh_remote_cluster_failures",
+            "gauge",
+            "",
+            "The total number of failures related to the remote cluster (failed connections, broken or refused sessions)",
+        ),
+        &per_remote(&|s| s.failures.to_string()),
+    );
+    family(
+        &mut out,
+        (
+            "cilium_kvstoremesh_remote_cluster_last_failure_ts",
+            "gauge",
+            "",
+            "The timestamp of the last failure of the remote cluster (Unix seconds; 0: none yet)",
+        ),
+        &per_remote(&|s| s.last_failure_time.unwrap_or(0).to_string()),
+    );
+    family(
+        &mut out,
+        (
+            "cilium_clustermesh_apiserver_bootstrap_seconds",
+            "gauge",
+            "",
+            "Duration in seconds to complete bootstrap: from the start of the apiserver until the first sync of its source into the store (absent until then)",
+        ),
+        &metrics
+            .source_bootstrap
+            .get()
+            .map(|b| vec![("", String::new(), format!("{b:.3}"))])
+            .unwrap_or_default(),
+    );
+    let bootstrap = metrics.remotes_bootstrap(&statuses);
+    family(
+        &mut out,
+        (
+            "cilium_kvstoremesh_bootstrap_seconds",
+            "gauge",
+            "",
+            "Duration in seconds to complete bootstrap: from the start of the apiserver until every remote configured then had its first snapshot imported (absent until then)",
+        ),
+        &bootstrap
+            .map(|b| vec![("", String::new(), format!("{b:.3}"))])
+            .unwrap_or_default(),
+    );
+    let mut queue = Vec::new();
+    let mut completed = Vec::new();
+    let mut errors = Vec::new();
+    for s in &statuses {
+        for kind in ["identities", "ip", "nodes", "services"] {
+            let scope = format!("scope=\"{kind}/v1\",source_cluster=\"{}\"", s.name);
+            queue.push((
+                "",
+                scope.clone(),
+                s.staged.get(kind).copied().unwrap_or(0).to_string(),
+            ));
+            completed.push((
+                "",
+                format!("{scope},action=\"write\""),
+                u8::from(s.imported).to_string(),
+            ));
+        }
+        errors.push((
+            "_total",
+            format!("scope=\"cache\",source_cluster=\"{}\"", s.name),
+            s.store_errors.to_string(),
+        ));
+    }
+    family(
+        &mut out,
+        (
+            "cilium_kvstoremesh_kvstore_sync_queue_size",
+            "gauge",
+            "",
+            "Number of elements queued for synchronization in the kvstore: objects of a remote's snapshot staged before they are written in one transaction",
+        ),
+        &queue,
+    );
+    family(
+        &mut out,
+        (
+            "cilium_kvstoremesh_kvstore_initial_sync_completed",
+            "gauge",
+            "",
+            "Whether the initial synchronization from/to the kvstore has completed: a remote's first snapshot is in this cluster's store",
+        ),
+        &completed,
+    );
+    family(
+        &mut out,
+        (
+            "cilium_kvstoremesh_kvstore_sync_errors",
+            "counter",
+            "",
+            "Number of times synchronization to the kvstore failed: import sessions ended because writing a remote's cache failed",
+        ),
+        &errors,
+    );
+    family(
+        &mut out,
         (
             "clustermesh_remote_cluster_last_message_seconds",
             "gauge",
+            "seconds",
             "Seconds since the last message of the remote cluster",
-            "",
-            |s| format!("{:.3}", s.seconds_since_last_message),
         ),
+        &per_remote(&|s| format!("{:.3}", s.seconds_since_last_message)),
+    );
+    family(
+        &mut out,
         (
             "clustermesh_remote_quota_exceeded",
             "gauge",
-            "1 while a remote's import is stopped because it crossed a quota",
             "",
-            |s| u8::from(s.quota_exceeded.is_some()).to_string(),
+            "1 while a remote's import is stopped because it crossed a quota",
         ),
+        &per_remote(&|s| u8::from(s.quota_exceeded.is_some()).to_string()),
+    );
+    family(
+        &mut out,
         (
             "clustermesh_remote_quota_stops",
             "counter",
+            "",
             "Imports stopped because the remote crossed a quota",
-            "_total",
-            |s| s.quota_stops.to_string(),
         ),
+        &statuses
+            .iter()
+            .map(|s| ("_total", target(s), s.quota_stops.to_string()))
+            .collect::<Vec<_>>(),
+    );
+    family(
+        &mut out,
         (
             "clustermesh_remote_cache_bytes",
             "gauge",
+            "bytes",
             "Bytes of keys and values a remote has in this cluster's store",
-            "",
-            |s| s.bytes.to_string(),
         ),
-    ];
-    for (family, kind, help, suffix, value) in series {
-        out.push_str(&format!("# HELP {family} {help}\n"));
-        out.push_str(&format!("# TYPE {family} {kind}\n"));
-        for s in &statuses {
-            out.push_str(&format!(
-                "{family}{suffix}{{target_cluster=\"{}\"}} {}\n",
-                s.name,
-                value(s)
-            ));
+        &per_remote(&|s| s.bytes.to_string()),
+    );
+    let mut objects = Vec::new();
+    for s in &statuses {
+        for (kind, n) in &s.counts {
+            objects.push(("", format!("{},kind=\"{kind}\"", target(s)), n.to_string()));
         }
     }
-    out.push_str("# HELP clustermesh_sync_rejected Objects of the remote cluster that the import refused, by kind and reason\n");
-    out.push_str("# TYPE clustermesh_sync_rejected counter\n");
+    family(
+        &mut out,
+        (
+            "clustermesh_remote_cluster_objects",
+            "gauge",
+            "",
+            "Objects of the remote cluster in this cluster's cache, by kind (identities, ip, nodes, services)",
+        ),
+        &objects,
+    );
+    let mut rejected = Vec::new();
     for s in &statuses {
         for (kind_reason, n) in &s.rejected {
             let (kind, reason) = kind_reason
                 .split_once('/')
                 .unwrap_or((kind_reason.as_str(), ""));
-            out.push_str(&format!("clustermesh_sync_rejected_total{{target_cluster=\"{}\",kind=\"{kind}\",reason=\"{reason}\"}} {n}\n", s.name));
+            rejected.push((
+                "_total",
+                format!("{},kind=\"{kind}\",reason=\"{reason}\"", target(s)),
+                n.to_string(),
+            ));
         }
     }
+    family(
+        &mut out,
+        (
+            "clustermesh_sync_rejected",
+            "counter",
+            "",
+            "Objects of the remote cluster that the import refused, by kind and reason",
+        ),
+        &rejected,
+    );
     out
 }
 
@@ -443,19 +647,20 @@ pub fn router_with_remotes(metrics: Arc<Metrics>, remotes: RemoteStatuses) -> Ro
         )
         .route(
             "/metrics",
-            get(|State(s): State<AppState>| async move {
-                let mut text = s.metrics.render();
-                // The registry ends with "# EOF"; per-remote series go before it.
-                let eof = text.rfind("# EOF").unwrap_or(text.len());
-                text.insert_str(eof, &remote_metrics(&s.remotes));
-                (
-                    [(
-                        "content-type",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    text,
-                )
-            }),
+            get(
+                |State(s): State<AppState>, headers: axum::http::HeaderMap| async move {
+                    let mut text = s.metrics.render();
+                    // The registry ends with "# EOF"; the other series go before it.
+                    let eof = text.rfind("# EOF").unwrap_or(text.len());
+                    let mut extra = remote_metrics(&s.metrics, &s.remotes);
+                    extra.push_str(&clustermesh_telemetry::process::render());
+                    text.insert_str(eof, &extra);
+                    let accept = headers.get("accept").and_then(|v| v.to_str().ok());
+                    let (content_type, body) =
+                        clustermesh_telemetry::exposition::negotiate(accept, text);
+                    ([("content-type", content_type)], body)
+                },
+            ),
         )
         .route(
             "/status",

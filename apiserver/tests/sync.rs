@@ -200,11 +200,13 @@ async fn b_imports_a_follows_changes_withdraws_and_restores() {
     );
     let metrics = support::http_get(running_b.health_addr, "/metrics").await;
     assert!(
-        metrics.contains("clustermesh_remote_clusters 1"),
+        metrics.contains("cilium_kvstoremesh_remote_clusters 1"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("clustermesh_remote_cluster_readiness_status{target_cluster=\"c1\"} 0"),
+        metrics.contains(
+            "cilium_kvstoremesh_remote_cluster_readiness_status{target_cluster=\"c1\"} 0"
+        ),
         "{metrics}"
     );
 
@@ -237,7 +239,9 @@ async fn b_imports_a_follows_changes_withdraws_and_restores() {
     );
     let metrics = support::http_get(running_b.health_addr, "/metrics").await;
     assert!(
-        metrics.contains("clustermesh_remote_cluster_readiness_status{target_cluster=\"c1\"} 1"),
+        metrics.contains(
+            "cilium_kvstoremesh_remote_cluster_readiness_status{target_cluster=\"c1\"} 1"
+        ),
         "{metrics}"
     );
     // Every family says what it is: a HELP line for each TYPE line.
@@ -246,13 +250,17 @@ async fn b_imports_a_follows_changes_withdraws_and_restores() {
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    assert!(families.contains(&"clustermesh_remote_cluster_failures"));
+    assert!(families.contains(&"cilium_kvstoremesh_remote_cluster_failures"));
+    let build = metrics
+        .lines()
+        .find(|l| l.starts_with("clustermesh_build_info{"))
+        .unwrap_or_else(|| panic!("no build info: {metrics}"));
     assert!(
-        metrics.contains(&format!(
-            "clustermesh_build_info{{version=\"{}\",component=\"apiserver\"}} 1\n",
+        build.starts_with(&format!(
+            "clustermesh_build_info{{version=\"{}\",commit=\"",
             env!("CARGO_PKG_VERSION")
-        )),
-        "{metrics}"
+        )) && build.ends_with(",component=\"apiserver\"} 1"),
+        "{build}"
     );
     for f in families {
         assert!(

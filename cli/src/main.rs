@@ -565,6 +565,9 @@ async fn agent(
         .await
         .context("starting the agent")?;
     println!("agent admin on {}", running.admin_addr);
+    if let Some(addr) = running.metrics_addr {
+        tracing::info!(%addr, "metrics listener (/metrics, /healthz)");
+    }
     stop_requested(exit_with_parent).await?;
     tracing::info!("shutting down; the datapath stays pinned");
     running.stop().await;

@@ -203,7 +203,9 @@ fn a_killed_remote_is_withdrawn_within_the_bound_and_restored_after_it_returns()
     assert_eq!(code, 1);
     let metrics = http_get(&b.health, "/metrics");
     assert!(
-        metrics.contains("clustermesh_remote_cluster_readiness_status{target_cluster=\"c1\"} 0"),
+        metrics.contains(
+            "cilium_kvstoremesh_remote_cluster_readiness_status{target_cluster=\"c1\"} 0"
+        ),
         "{metrics}"
     );
 

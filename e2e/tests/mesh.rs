@@ -435,7 +435,11 @@ fn global_service_policy_and_failover_across_two_clusters() {
     let metrics = {
         use std::io::{Read as _, Write as _};
         let mut s = std::net::TcpStream::connect(&agent.admin).unwrap();
-        write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.0\r\nHost: x\r\nAccept: application/openmetrics-text\r\n\r\n"
+        )
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         let (head, body) = out.split_once("\r\n\r\n").unwrap();

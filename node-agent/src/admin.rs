@@ -21,8 +21,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use clustermesh_model::cluster::ClusterName;
+
 use crate::agent::Shared;
 use crate::merge::merge;
+use crate::view::View;
 
 /// The agent's metrics.
 pub struct Metrics {
@@ -110,8 +113,8 @@ impl Metrics {
             map_ops.clone(),
         );
         registry.register(
-            "global_services",
-            "Service frontends programmed in the datapath",
+            "agent_service_frontends",
+            "Service frontends (address, port, protocol) programmed in this node's datapath",
             services.clone(),
         );
         registry.register(
@@ -134,7 +137,9 @@ impl Metrics {
             "build",
             "This build of clustermesh (version) and the process (component)",
             prometheus_client::metrics::info::Info::new(vec![
-                ("version", env!("CARGO_PKG_VERSION")),
+                ("version", clustermesh_telemetry::build::VERSION),
+                ("commit", clustermesh_telemetry::build::COMMIT),
+                ("rustc", clustermesh_telemetry::build::RUSTC),
                 ("component", "agent"),
             ]),
         );
@@ -235,17 +240,90 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
     json(&st)
 }
 
-/// The metrics in the OpenMetrics text format, said so in the content type (as the
-/// apiserver's): Prometheus reads the types, which it would lose from `text/plain`.
-async fn metrics(State(s): State<Arc<Shared>>) -> Response {
-    (
-        [(
-            "content-type",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.render(),
-    )
-        .into_response()
+/// The metrics: OpenMetrics text when the scraper asks for it (as Prometheus does), else the
+/// Prometheus text format (as the apiserver's).
+async fn metrics(State(s): State<Arc<Shared>>, headers: axum::http::HeaderMap) -> Response {
+    let mut text = s.metrics.render();
+    // The registry ends with "# EOF"; the other series go before it.
+    let eof = text.rfind("# EOF").unwrap_or(text.len());
+    let mut extra = s
+        .view
+        .lock()
+        .as_ref()
+        .map(cluster_metrics)
+        .unwrap_or_default();
+    extra.push_str(&clustermesh_telemetry::process::render());
+    text.insert_str(eof, &extra);
+    let accept = headers.get("accept").and_then(|v| v.to_str().ok());
+    let (content_type, body) = clustermesh_telemetry::exposition::negotiate(accept, text);
+    ([("content-type", content_type)], body).into_response()
+}
+
+/// Cilium agent's remote-cluster metrics (names, types and labels of Cilium 1.19), from the
+/// view: the remote clusters the local apiserver reports, their readiness, and what each has
+/// in the view.
+fn cluster_metrics(view: &View) -> String {
+    let mut nodes: BTreeMap<&ClusterName, usize> = BTreeMap::new();
+    let mut services: BTreeMap<&ClusterName, usize> = BTreeMap::new();
+    let mut endpoints: BTreeMap<&ClusterName, usize> = BTreeMap::new();
+    let remotes = view.statuses();
+    for (cluster, _) in view.nodes().keys() {
+        *nodes.entry(cluster).or_default() += 1;
+    }
+    for name in view.service_names() {
+        for cluster in view.service(name).into_iter().flat_map(BTreeMap::keys) {
+            *services.entry(cluster).or_default() += 1;
+        }
+    }
+    for ip in view.ipcache_ips() {
+        if let Some((cluster, _)) = view.ipcache_entry(ip) {
+            *endpoints.entry(cluster).or_default() += 1;
+        }
+    }
+    let mut out = format!(
+        "# HELP cilium_clustermesh_remote_clusters The total number of remote clusters meshed with the local cluster\n\
+         # TYPE cilium_clustermesh_remote_clusters gauge\ncilium_clustermesh_remote_clusters {}\n",
+        remotes.len()
+    );
+    // Families without samples are left out, as the registry leaves out its own.
+    if remotes.is_empty() {
+        return out;
+    }
+    out.push_str("# HELP cilium_clustermesh_remote_cluster_readiness_status The readiness status of the remote cluster (1: connected and its snapshot imported by the local apiserver, 0: not)\n# TYPE cilium_clustermesh_remote_cluster_readiness_status gauge\n");
+    for (name, st) in remotes {
+        out.push_str(&format!(
+            "cilium_clustermesh_remote_cluster_readiness_status{{target_cluster=\"{name}\"}} {}\n",
+            u8::from(st.connected && st.ready)
+        ));
+    }
+    for (family, help, counts) in [
+        (
+            "nodes",
+            "The total number of nodes in the remote cluster",
+            &nodes,
+        ),
+        (
+            "services",
+            "The total number of services in the remote cluster (its global shared services this agent holds)",
+            &services,
+        ),
+        (
+            "endpoints",
+            "The total number of endpoints in the remote cluster (its pod addresses in this agent's ipcache)",
+            &endpoints,
+        ),
+    ] {
+        out.push_str(&format!(
+            "# HELP cilium_clustermesh_remote_cluster_{family} {help}\n# TYPE cilium_clustermesh_remote_cluster_{family} gauge\n"
+        ));
+        for name in remotes.keys() {
+            out.push_str(&format!(
+                "cilium_clustermesh_remote_cluster_{family}{{target_cluster=\"{name}\"}} {}\n",
+                counts.get(name).copied().unwrap_or(0)
+            ));
+        }
+    }
+    out
 }
 
 async fn explain_service(
@@ -586,6 +664,14 @@ async fn events(
         axum::body::Body::from_stream(futures::StreamExt::chain(kept, live)),
     )
         .into_response()
+}
+
+/// The routes of the metrics port: `/metrics` and `/healthz`.
+pub fn metrics_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .with_state(shared)
 }
 
 /// The admin routes.

@@ -53,8 +53,8 @@ pub enum StartError {
     /// The datapath could not be loaded or attached.
     #[error("the datapath failed to start")]
     Datapath(#[from] clustermesh_bpf::Error),
-    /// The admin listener could not bind.
-    #[error("binding the admin listener {addr} failed")]
+    /// The admin or metrics listener could not bind.
+    #[error("binding the listener {addr} failed")]
     Admin {
         /// The address.
         addr: String,
@@ -142,6 +142,8 @@ pub struct Shared {
 pub struct Running {
     /// The admin listener's address.
     pub admin_addr: std::net::SocketAddr,
+    /// The metrics listener's address, when `metrics` is configured.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Shared state.
     pub shared: Arc<Shared>,
     stop: watch::Sender<bool>,
@@ -257,9 +259,32 @@ pub async fn start(config: Config, kind: DatapathKind) -> Result<Running, StartE
         addr: config.admin.clone(),
         source,
     })?;
+    let metrics_listener = match &config.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Admin {
+                    addr: addr.clone(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let router = admin::router(Arc::clone(&shared));
+    let metrics_router = admin::metrics_router(Arc::clone(&shared));
     let admin_task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
+        let admin = axum::serve(listener, router);
+        let result = match metrics_listener {
+            // The metrics port serves only /metrics (and /healthz), for a scraper on the
+            // network; the admin port, with status, explanations and flows, stays local.
+            Some(m) => tokio::select! {
+                r = admin => r,
+                r = axum::serve(m, metrics_router) => r,
+            },
+            None => admin.await,
+        };
+        if let Err(e) = result {
             tracing::error!(error = %e, "the admin listener failed");
         }
     });
@@ -274,6 +299,7 @@ pub async fn start(config: Config, kind: DatapathKind) -> Result<Running, StartE
     ));
     Ok(Running {
         admin_addr,
+        metrics_addr,
         shared,
         stop,
         task,

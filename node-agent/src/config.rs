@@ -181,6 +181,10 @@ pub struct Config {
     /// (default `127.0.0.1:9891`).
     #[serde(default = "default_admin")]
     pub admin: String,
+    /// A second listener serving only `/metrics` and `/healthz`, for a Prometheus on the
+    /// network (e.g. `0.0.0.0:9962`, Cilium's agent metrics port); none by default.
+    #[serde(default)]
+    pub metrics: Option<String>,
     /// Quiet time that ends a burst of changes before the datapath is written (default 2).
     #[serde(default = "default_debounce")]
     pub debounce_millis: u64,

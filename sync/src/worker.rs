@@ -163,6 +163,13 @@ pub struct RemoteStatus {
     pub quota_stops: u64,
     /// Bytes of keys and values in its cache.
     pub bytes: u64,
+    /// Sessions ended because writing its cache into the store failed.
+    pub store_errors: u64,
+    /// When its first snapshot was imported (Unix seconds), once it was.
+    pub first_import_unix: Option<f64>,
+    /// Objects of a snapshot being staged, per kind, before they are written to the store in
+    /// one transaction (empty when none is).
+    pub staged: BTreeMap<String, usize>,
 }
 
 impl RemoteStatus {
@@ -677,6 +684,8 @@ async fn run(
         {
             let mut s = status.lock();
             s.connected = false;
+            // A snapshot not applied is no longer queued.
+            s.staged.clear();
             match &result {
                 Err(SessionError::Stopped) => {}
                 Err(e) => {
@@ -687,6 +696,9 @@ async fn run(
                         .ok()
                         .map(|d| d.as_secs());
                     s.refused = matches!(e, SessionError::Refused(_)).then(|| e.to_string());
+                    if matches!(e, SessionError::Store(_)) {
+                        s.store_errors += 1;
+                    }
                     if let SessionError::Quota(q) = e {
                         s.quota_exceeded = Some(q.clone());
                         s.quota_stops += 1;
@@ -1023,6 +1035,7 @@ async fn session(
                         Some(stage) => {
                             stage.admit(&ctx.quota, &key, &value)?;
                             stage.insert(key, value);
+                            status.lock().staged.clone_from(&stage.counts);
                         }
                         None => {
                             let before = cache
@@ -1050,6 +1063,7 @@ async fn session(
                     match &mut staging {
                         Some(stage) => {
                             stage.remove(&key);
+                            status.lock().staged.clone_from(&stage.counts);
                         }
                         None => {
                             let before = cache
@@ -1096,6 +1110,13 @@ async fn session(
                 }
                 {
                     let mut st = status.lock();
+                    st.staged.clear();
+                    if st.first_import_unix.is_none() {
+                        st.first_import_unix = SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .ok()
+                            .map(|d| d.as_secs_f64());
+                    }
                     st.imported = true;
                     st.quota_exceeded = None;
                     st.counts = cache.counts();

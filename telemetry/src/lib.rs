@@ -14,7 +14,9 @@
 #![forbid(unsafe_code)]
 
 pub mod context;
+pub mod exposition;
 pub mod otel;
+pub mod process;
 pub mod provenance;
 
 pub use context::Trace;
@@ -67,6 +69,17 @@ macro_rules! root {
     ($name:literal $(, $($fields:tt)*)?) => {
         ::tracing::info_span!(target: "clustermesh::trace", $name $(, $($fields)*)?)
     };
+}
+
+/// This build: the crate version, the git commit (`unknown` outside a checkout) and the
+/// compiler's version, for `clustermesh_build_info`.
+pub mod build {
+    /// The version of the crates.
+    pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+    /// The git commit, 12 hex digits.
+    pub const COMMIT: &str = env!("CLUSTERMESH_GIT_COMMIT");
+    /// The rustc version, e.g. `1.95.0`.
+    pub const RUSTC: &str = env!("CLUSTERMESH_RUSTC_VERSION");
 }
 
 /// Buckets (seconds) of the `*_propagation_seconds` histograms: 1 ms to 60 s.

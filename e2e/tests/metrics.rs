@@ -324,3 +324,66 @@ fn every_metrics_endpoint_parses_and_matches_the_documented_table() {
     );
     assert!(!build.contains("rustc=\"unknown\""), "{build}");
 }
+
+/// The metric a dashboard expression names, as the table names its family: a histogram's
+/// `_bucket`/`_sum`/`_count`, a counter's `_total` and an info metric's `_info` taken off.
+fn family_of<'a>(sample: &'a str, table: &BTreeMap<String, Row>) -> Option<&'a str> {
+    if table.contains_key(sample) {
+        return Some(sample);
+    }
+    [
+        ("_bucket", "histogram"),
+        ("_sum", "histogram"),
+        ("_count", "histogram"),
+        ("_total", "counter"),
+        ("_info", "info"),
+    ]
+    .into_iter()
+    .find_map(|(suffix, kind)| {
+        let base = sample.strip_suffix(suffix)?;
+        table
+            .get(base)
+            .is_some_and(|r| r.kind == kind)
+            .then_some(base)
+    })
+}
+
+#[test]
+fn the_chart_s_dashboard_uses_only_documented_metrics() {
+    let table = table();
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/clustermesh/files/dashboards/clustermesh-dashboard.json"
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut used = BTreeSet::new();
+    let mut exprs = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            exprs += 1;
+            for token in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if ["cilium_", "clustermesh_", "process_"]
+                    .iter()
+                    .any(|p| token.starts_with(p))
+                {
+                    let family = family_of(token, &table).unwrap_or_else(|| {
+                        panic!("the dashboard uses {token}, which docs/OBSERVABILITY.md does not list: {expr}")
+                    });
+                    used.insert(family.to_owned());
+                }
+            }
+        }
+    }
+    assert!(exprs >= 20, "{exprs} expressions");
+    // It shows the remote clusters, the propagation SLO and the flows at least.
+    for name in [
+        "cilium_kvstoremesh_remote_cluster_readiness_status",
+        "clustermesh_agent_propagation_seconds",
+        "clustermesh_apiserver_propagation_seconds",
+        "clustermesh_policy_verdicts",
+    ] {
+        assert!(used.contains(name), "the dashboard does not show {name}");
+    }
+}

@@ -214,15 +214,18 @@ fn a_service_edit_in_one_cluster_is_one_trace_down_to_the_bpf_map_of_another() {
     assert_eq!(chain[5].attributes["remote"], "c1");
     assert_eq!(chain[2].attributes["source_cluster"], "c1");
     assert_eq!(chain[2].resource["k8s.node.name"], "b-node");
+    // The span tree, as docs/OBSERVABILITY.md shows it: start after the root and duration.
     let mut tree = String::new();
-    for s in chain.iter().rev() {
+    for (depth, s) in chain.iter().rev().enumerate() {
         tree.push_str(&format!(
-            "{:>9.3} ms +{:>7.3} ms  {} ({} {})\n",
+            "{:>8.3} ms {:>7.3} ms  {}{} ({} {}, pid {})\n",
             (s.start - chain[8].start) as f64 / 1e6,
             (s.end - s.start) as f64 / 1e6,
+            "  ".repeat(depth),
             s.name,
             s.service(),
-            s.cluster()
+            s.cluster(),
+            s.pid()
         ));
     }
     eprintln!("the trace {trace}:\n{tree}");

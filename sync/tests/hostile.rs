@@ -1278,3 +1278,107 @@ async fn after_a_quota_stop_the_next_import_is_a_full_snapshot_and_recovers() {
     assert_eq!(cache_keys(&store, "cilium/cache/ip/").await.len(), 3);
     worker.stop().await;
 }
+
+/// `event` with `origin`.
+fn with_origin(mut event: v1::WatchEvent, unix_nanos: i64, traceparent: &str) -> v1::WatchEvent {
+    event.origin = Some(v1::Origin {
+        unix_nanos,
+        traceparent: traceparent.to_owned(),
+        tracestate: String::new(),
+    });
+    event
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_origin_is_dropped_or_clamped_and_the_change_is_imported_all_the_same() {
+    let (ctx, store, _dir) = local_c1(StalenessConfig::default(), Quota::default());
+    let seen: Arc<parking_lot::Mutex<Vec<(String, f64)>>> = Arc::default();
+    let record = Arc::clone(&seen);
+    let ctx = SyncContext {
+        propagated: Arc::new(move |remote: &ClusterName, seconds: f64| {
+            record.lock().push((remote.to_string(), seconds));
+        }),
+        ..ctx
+    };
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    )
+    .unwrap();
+    let hour = 3_600_000_000_000_i64;
+    let c2 = spawn_worker(
+        Scripted {
+            name: "c2",
+            id: 2,
+            events: vec![
+                // A snapshot's origin is not a change's: ignored.
+                with_origin(pod_of("c2", "10.9.0.1", 131_080), now - hour, ""),
+                synced(),
+                // No time (0, negative): no origin at all.
+                with_origin(pod_of("c2", "10.9.0.2", 131_080), 0, "garbage"),
+                with_origin(pod_of("c2", "10.9.0.3", 131_080), -5, ""),
+                // A malformed, an oversized and an unsampled trace context: dropped, the time
+                // kept.
+                with_origin(pod_of("c2", "10.9.0.4", 131_080), now - hour, "garbage"),
+                with_origin(
+                    pod_of("c2", "10.9.0.5", 131_080),
+                    now - hour,
+                    &format!("00-{}-00f067aa0ba902b7-01", "a".repeat(100_000)),
+                ),
+                with_origin(
+                    pod_of("c2", "10.9.0.6", 131_080),
+                    now - hour,
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+                ),
+                // From the future (a clock ahead): 0 seconds, not negative.
+                with_origin(pod_of("c2", "10.9.0.7", 131_080), i64::MAX, ""),
+            ],
+        },
+        &ctx,
+        "c2",
+        2,
+    )
+    .await;
+    let marker = "cilium/cache/ip/v1/c2/10.9.0.7";
+    for _ in 0..400 {
+        if store.get(marker).await.unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        cache_keys(&store, "cilium/cache/ip/").await.len(),
+        7,
+        "every change imported"
+    );
+    assert!(c2.status.lock().rejected.is_empty());
+    let seen = seen.lock().clone();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    for (remote, seconds) in &seen[..3] {
+        assert_eq!(remote, "c2");
+        assert!((3600.0..3700.0).contains(seconds), "{seconds}");
+    }
+    assert_eq!(seen[3], ("c2".to_owned(), 0.0));
+    // The writes are recorded with their origin for the Export to the agents: the time, and
+    // no trace context (none was valid and sampled); none for the snapshot or without a time.
+    for (ip, recorded) in [
+        ("10.9.0.1", false),
+        ("10.9.0.2", false),
+        ("10.9.0.3", false),
+        ("10.9.0.4", true),
+        ("10.9.0.5", true),
+        ("10.9.0.6", true),
+        ("10.9.0.7", true),
+    ] {
+        let key = format!("cilium/cache/ip/v1/c2/{ip}");
+        let rev = store.get(&key).await.unwrap().unwrap().mod_revision;
+        let origin = ctx.provenance.lookup(&key, rev);
+        assert_eq!(origin.is_some(), recorded, "{ip}");
+        if let Some(o) = origin {
+            assert_eq!(o.trace, None, "{ip}");
+        }
+    }
+    c2.stop().await;
+}

@@ -74,7 +74,8 @@ impl Origin {
     }
 }
 
-/// Writes remembered by default: at ~150 bytes each, 64k writes are ~10 MB at most.
+/// Writes remembered by default: at ~200 bytes each (a key is held twice), 64k writes are
+/// ~13 MB at most.
 pub const DEFAULT_CAPACITY: usize = 65_536;
 
 #[derive(Debug)]

@@ -23,3 +23,32 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "clustermesh.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag }}
 {{- end -}}
+
+{{/* The agent's configuration file (its checksum rolls the agents when it changes). */}}
+{{- define "clustermesh.agentConfig" -}}
+cluster: {{ .Values.cluster.name }}
+# Replaced by --node-name from the pod's spec.nodeName.
+nodeName: unset
+apiserver:
+  address: "{{ include "clustermesh.fullname" . }}-apiserver.{{ .Release.Namespace }}.svc:{{ .Values.apiserver.service.port }}"
+  ca: /etc/clustermesh/tls/ca.pem
+  cert: /etc/clustermesh/tls/local.pem
+  key: /etc/clustermesh/tls/local-key.pem
+datapath: {{ .Values.agent.datapath }}
+bpf: {root: /sys/fs/bpf/clustermesh, cgroup: /run/clustermesh/cgroup}
+admin: "127.0.0.1:{{ .Values.agent.adminPort }}"
+{{- if .Values.agent.metrics.enabled }}
+metrics: "0.0.0.0:{{ .Values.agent.metrics.port }}"
+{{- end }}
+{{- include "clustermesh.tracing" . }}
+{{- end }}
+
+{{/* The tracing section of the apiserver's and the agent's configuration. */}}
+{{- define "clustermesh.tracing" -}}
+{{- if .Values.tracing.otlpEndpoint }}
+tracing:
+  otlpEndpoint: {{ .Values.tracing.otlpEndpoint | quote }}
+  sampler: {{ .Values.tracing.sampler }}
+  samplerArg: {{ .Values.tracing.samplerArg }}
+{{- end }}
+{{- end }}

@@ -275,6 +275,11 @@ impl Metrics {
         if let Some(b) = self.remotes_bootstrap.get() {
             return Some(*b);
         }
+        // No remote yet: nothing to bootstrap (absent, not 0, so that remotes added later
+        // are measured).
+        if statuses.is_empty() {
+            return None;
+        }
         let mut last = self.started_unix;
         for s in statuses {
             last = last.max(s.first_import_unix?);

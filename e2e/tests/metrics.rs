@@ -293,6 +293,8 @@ fn every_metrics_endpoint_parses_and_matches_the_documented_table() {
     for line in [
         "cilium_clustermesh_remote_clusters 1",
         "cilium_clustermesh_remote_cluster_readiness_status{target_cluster=\"c1\"} 1",
+        "cilium_clustermesh_remote_cluster_failures{target_cluster=\"c1\"} 0",
+        "cilium_clustermesh_remote_cluster_last_failure_ts{target_cluster=\"c1\"} 0",
         "cilium_clustermesh_remote_cluster_nodes{target_cluster=\"c1\"} 1",
         "cilium_clustermesh_remote_cluster_services{target_cluster=\"c1\"} 1",
         "cilium_clustermesh_remote_cluster_endpoints{target_cluster=\"c1\"} 2",

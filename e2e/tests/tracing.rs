@@ -157,7 +157,8 @@ fn a_service_edit_in_one_cluster_is_one_trace_down_to_the_bpf_map_of_another() {
         backends(&agent) == 1
     });
 
-    // The edit: a second backend of the global service in A.
+    // The edit: a second backend of the global service in A. Only its spans count.
+    collector.clear();
     a.write_manifest("web.yaml", &service(&["10.244.1.10", "10.244.1.11"]));
     wait_until(
         Duration::from_secs(30),

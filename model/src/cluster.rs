@@ -260,6 +260,12 @@ pub struct ClusterStatus {
     /// all, agents keep this cluster's backends instead (default true).
     #[serde(default = "keep_last_backends_default", rename = "keepLastBackends")]
     pub keep_last_backends: bool,
+    /// Failed connections and broken or refused sessions to it so far.
+    #[serde(default)]
+    pub failures: u64,
+    /// When the last one happened (Unix seconds; 0: none).
+    #[serde(default, rename = "lastFailureTime")]
+    pub last_failure_time: u64,
 }
 
 fn keep_last_backends_default() -> bool {

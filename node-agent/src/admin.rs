@@ -296,6 +296,22 @@ fn cluster_metrics(view: &View) -> String {
             u8::from(st.connected && st.ready)
         ));
     }
+    // The local apiserver's connection to the remote is the one that fails (the agent has
+    // one connection, to its apiserver): its counts, as the apiserver publishes them.
+    out.push_str("# HELP cilium_clustermesh_remote_cluster_failures The total number of failures related to the remote cluster (the local apiserver's failed connections and broken or refused sessions to it)\n# TYPE cilium_clustermesh_remote_cluster_failures gauge\n");
+    for (name, st) in remotes {
+        out.push_str(&format!(
+            "cilium_clustermesh_remote_cluster_failures{{target_cluster=\"{name}\"}} {}\n",
+            st.failures
+        ));
+    }
+    out.push_str("# HELP cilium_clustermesh_remote_cluster_last_failure_ts The timestamp of the last failure of the remote cluster (Unix seconds; 0: none yet)\n# TYPE cilium_clustermesh_remote_cluster_last_failure_ts gauge\n");
+    for (name, st) in remotes {
+        out.push_str(&format!(
+            "cilium_clustermesh_remote_cluster_last_failure_ts{{target_cluster=\"{name}\"}} {}\n",
+            st.last_failure_time
+        ));
+    }
     for (family, help, counts) in [
         (
             "nodes",

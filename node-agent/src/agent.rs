@@ -149,6 +149,7 @@ pub struct Running {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
     admin_task: JoinHandle<()>,
+    metrics_task: Option<JoinHandle<()>>,
 }
 
 impl Running {
@@ -157,6 +158,9 @@ impl Running {
         let _ = self.stop.send(true);
         let _ = self.task.await;
         self.admin_task.abort();
+        if let Some(t) = self.metrics_task {
+            t.abort();
+        }
     }
 }
 
@@ -274,19 +278,18 @@ pub async fn start(config: Config, kind: DatapathKind) -> Result<Running, StartE
     let router = admin::router(Arc::clone(&shared));
     let metrics_router = admin::metrics_router(Arc::clone(&shared));
     let admin_task = tokio::spawn(async move {
-        let admin = axum::serve(listener, router);
-        let result = match metrics_listener {
-            // The metrics port serves only /metrics (and /healthz), for a scraper on the
-            // network; the admin port, with status, explanations and flows, stays local.
-            Some(m) => tokio::select! {
-                r = admin => r,
-                r = axum::serve(m, metrics_router) => r,
-            },
-            None => admin.await,
-        };
-        if let Err(e) = result {
+        if let Err(e) = axum::serve(listener, router).await {
             tracing::error!(error = %e, "the admin listener failed");
         }
+    });
+    // The metrics port serves only /metrics (and /healthz), for a scraper on the network; the
+    // admin port, with status, explanations and flows, stays local.
+    let metrics_task = metrics_listener.map(|m| {
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(m, metrics_router).await {
+                tracing::error!(error = %e, "the metrics listener failed");
+            }
+        })
     });
     let (stop, stop_rx) = watch::channel(false);
     let task = tokio::spawn(run(
@@ -304,6 +307,7 @@ pub async fn start(config: Config, kind: DatapathKind) -> Result<Running, StartE
         stop,
         task,
         admin_task,
+        metrics_task,
     })
 }
 
@@ -651,7 +655,8 @@ impl Loop {
     }
 
     /// [`Loop::apply`] for a change from `cluster`, in the span `agent view update` when it
-    /// is traced; its origin waits for the datapath write.
+    /// is traced; its origin waits for the datapath write, unless the change changed nothing
+    /// to write (a repeated upsert, a delete of nothing): then nothing is measured.
     fn apply_change(
         &mut self,
         origin: Option<clustermesh_telemetry::Origin>,
@@ -665,8 +670,9 @@ impl Loop {
             node = %self.config.node_name,
             source_cluster = %cluster
         );
-        self.apply(f);
+        let to_write = self.apply(f);
         if let Some(o) = origin
+            && to_write
             && self.origins.len() < MAX_ORIGINS
         {
             self.origins.push(ChangeOrigin {
@@ -677,12 +683,19 @@ impl Loop {
         }
     }
 
-    fn apply(&mut self, f: impl FnOnce(&mut View) -> Dirty) {
+    /// Applies a change to the view being staged or the view in force; whether it gave the
+    /// view in force something to write.
+    fn apply(&mut self, f: impl FnOnce(&mut View) -> Dirty) -> bool {
         if let Some(v) = self.staging.as_mut() {
             f(v);
+            false
         } else if let Some(v) = self.shared.view.lock().as_mut() {
             let d = f(v);
+            let to_write = !d.is_empty();
             self.pending.merge(d);
+            to_write
+        } else {
+            false
         }
     }
 

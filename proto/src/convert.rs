@@ -372,6 +372,8 @@ impl From<&Object> for v1::Upsert {
                 ready: s.ready,
                 withdrawn: s.withdrawn,
                 keep_last_backends: s.keep_last_backends,
+                failures: s.failures,
+                last_failure_time: s.last_failure_time,
             }),
         };
         Self {
@@ -681,6 +683,8 @@ impl TryFrom<&v1::Upsert> for Object {
                 ready: s.ready,
                 withdrawn: s.withdrawn,
                 keep_last_backends: s.keep_last_backends,
+                failures: s.failures,
+                last_failure_time: s.last_failure_time,
             }),
         })
     }

@@ -476,7 +476,9 @@ impl Cache {
         let keys: Vec<String> = self.state.entries.keys().cloned().collect();
         for key in keys {
             if let Err(reject) = claim(owners, &self.remote, &key) {
-                self.store.delete(&key).await?;
+                if let Some(revision) = self.store.delete(&key).await? {
+                    self.provenance.advance(revision);
+                }
                 gone.extend(ip_of(&key));
                 self.state.remove(&key);
                 lost.push(reject);
@@ -484,7 +486,8 @@ impl Cache {
         }
         // The services lose these backends too (they are another cluster's now).
         for (key, value, removed) in self.state.lost_backends(gone)? {
-            self.store.put(&key, &value, None).await?;
+            let revision = self.store.put(&key, &value, None).await?;
+            self.provenance.advance(revision);
             self.state.insert(key.clone(), value);
             lost.push(dropped_reject(&self.remote, &key, &removed));
         }
@@ -502,8 +505,9 @@ impl Cache {
             self.state.admit(quota, &key, &value)?;
             let pending = origin.map(|o| self.provenance.expect(&key, o));
             let revision = self.store.put(&key, &value, None).await?;
-            if let Some(p) = pending {
-                p.written(revision);
+            match pending {
+                Some(p) => p.written(revision),
+                None => self.provenance.advance(revision),
             }
             self.state.insert(key, value);
         }
@@ -518,8 +522,10 @@ impl Cache {
     ) -> Result<(), clustermesh_kvstore::Error> {
         if self.state.entries.contains_key(key) {
             let pending = origin.map(|o| self.provenance.expect(key, o));
-            if let (Some(revision), Some(p)) = (self.store.delete(key).await?, pending) {
-                p.written(revision);
+            match (self.store.delete(key).await?, pending) {
+                (Some(revision), Some(p)) => p.written(revision),
+                (Some(revision), None) => self.provenance.advance(revision),
+                (None, _) => {}
             }
             self.state.remove(key);
         }
@@ -560,7 +566,9 @@ impl Cache {
             });
         }
         for chunk in self.store.txn_limits().split(&writes) {
-            self.store.apply(chunk).await?;
+            if let Some(revision) = self.store.apply(chunk).await? {
+                self.provenance.advance(revision);
+            }
         }
         self.state = snapshot;
         Ok(())
@@ -617,6 +625,8 @@ async fn publish(ctx: &SyncContext, remote: &ClusterName, status: &RemoteStatus)
         ready: status.imported,
         withdrawn: status.withdrawn,
         keep_last_backends: ctx.keep_last_backends,
+        failures: status.failures,
+        last_failure_time: status.last_failure_time.unwrap_or(0),
     };
     let key = Key::ClusterStatus {
         cluster: remote.clone(),
@@ -822,7 +832,7 @@ async fn tick(
     status: Arc<Mutex<RemoteStatus>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut published: Option<(bool, bool, bool)> = None;
+    let mut published: Option<(bool, bool, bool, u64)> = None;
     loop {
         let now = Instant::now();
         let snapshot = {
@@ -834,7 +844,12 @@ async fn tick(
             s.ready = s.connected && s.imported && !s.withdrawn;
             s.clone()
         };
-        let state = (snapshot.connected, snapshot.imported, snapshot.withdrawn);
+        let state = (
+            snapshot.connected,
+            snapshot.imported,
+            snapshot.withdrawn,
+            snapshot.failures,
+        );
         if published != Some(state) {
             publish(&ctx, &remote, &snapshot).await;
             published = Some(state);

@@ -1334,6 +1334,9 @@ async fn a_hostile_origin_is_dropped_or_clamped_and_the_change_is_imported_all_t
                 ),
                 // From the future (a clock ahead): 0 seconds, not negative.
                 with_origin(pod_of("c2", "10.9.0.7", 131_080), i64::MAX, ""),
+                // From 1970, or two days ago: no origin (not a delay worth measuring).
+                with_origin(pod_of("c2", "10.9.0.8", 131_080), 1, ""),
+                with_origin(pod_of("c2", "10.9.0.9", 131_080), now - 48 * hour, ""),
             ],
         },
         &ctx,
@@ -1341,7 +1344,7 @@ async fn a_hostile_origin_is_dropped_or_clamped_and_the_change_is_imported_all_t
         2,
     )
     .await;
-    let marker = "cilium/cache/ip/v1/c2/10.9.0.7";
+    let marker = "cilium/cache/ip/v1/c2/10.9.0.9";
     for _ in 0..400 {
         if store.get(marker).await.unwrap().is_some() {
             break;
@@ -1350,7 +1353,7 @@ async fn a_hostile_origin_is_dropped_or_clamped_and_the_change_is_imported_all_t
     }
     assert_eq!(
         cache_keys(&store, "cilium/cache/ip/").await.len(),
-        7,
+        9,
         "every change imported"
     );
     assert!(c2.status.lock().rejected.is_empty());
@@ -1371,6 +1374,8 @@ async fn a_hostile_origin_is_dropped_or_clamped_and_the_change_is_imported_all_t
         ("10.9.0.5", true),
         ("10.9.0.6", true),
         ("10.9.0.7", true),
+        ("10.9.0.8", false),
+        ("10.9.0.9", false),
     ] {
         let key = format!("cilium/cache/ip/v1/c2/{ip}");
         let rev = store.get(&key).await.unwrap().unwrap().mod_revision;

@@ -8,8 +8,10 @@
 //! its Export of that revision ([`provenance`]). Every change also carries the time it was
 //! applied at its source, from which the apiservers and agents measure propagation.
 //!
-//! Off by default: with no OTLP endpoint configured no tracing layer exists, the spans of
-//! [`step!`] are disabled at their call site, and only the origin time travels.
+//! Off by default: with no OTLP endpoint configured no tracing layer exists and the spans of
+//! [`step!`] are disabled at their call site; the origin time travels, and a trace context
+//! received from a peer is handed on unchanged (as an intermediary does), so that a trace
+//! stays connected through a process that does not trace.
 
 #![forbid(unsafe_code)]
 

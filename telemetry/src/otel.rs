@@ -374,6 +374,22 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn the_exporter_starts_for_an_http_and_an_https_collector() {
+        for endpoint in ["http://127.0.0.1:4317", "https://collector.example:4317"] {
+            let settings = Settings {
+                endpoint: endpoint.into(),
+                service_name: "clustermesh-agent".into(),
+                sampler: SamplerKind::ParentBasedTraceIdRatio,
+                ratio: 0.01,
+            };
+            let (telemetry, _layer) =
+                Telemetry::start::<tracing_subscriber::Registry>(&settings, Vec::new())
+                    .unwrap_or_else(|e| panic!("{endpoint}: {e:?}"));
+            telemetry.shutdown();
+        }
+    }
+
     #[test]
     fn wrong_settings_are_refused_with_where_they_came_from() {
         let ep = |e: &str| TracingSection {

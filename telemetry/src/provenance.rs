@@ -5,7 +5,10 @@
 //! A write is announced before it is made ([`Provenance::expect`]) and its revision recorded
 //! after ([`Pending::written`]): a watcher may see the event before the writer has its
 //! revision, and then takes the key's oldest write still in flight, which is that one (one
-//! writer writes a key at a time). A write that fails or changes nothing is forgotten when its
+//! writer writes a key at a time), but only for an event newer than every write the table knew
+//! of when the write was announced: the writers report the revisions of their writes without
+//! an origin too ([`Provenance::advance`]), so that an event of such a write is never given
+//! the origin of the next one. A write that fails or changes nothing is forgotten when its
 //! [`Pending`] is dropped.
 //!
 //! A bounded table in memory: the oldest writes are forgotten first. A watcher further behind
@@ -39,11 +42,13 @@ impl Origin {
         }
     }
 
-    /// The origin an event carries; `None` for none, or one with no time. A peer's malformed
-    /// or unsampled trace context is dropped (the time is kept).
+    /// The origin an event carries; `None` for none, one with no time, or one older than
+    /// [`MAX_AGE_NANOS`] (a peer's clock or a made-up time, not a delay worth measuring). A
+    /// peer's malformed or unsampled trace context is dropped (the time is kept).
     pub fn from_proto(o: Option<&v1::Origin>) -> Option<Self> {
         let o = o?;
-        if o.unix_nanos <= 0 {
+        let age = crate::now_unix_nanos().saturating_sub(o.unix_nanos);
+        if o.unix_nanos <= 0 || age > MAX_AGE_NANOS {
             return None;
         }
         Some(Self {
@@ -74,14 +79,21 @@ impl Origin {
     }
 }
 
-/// Writes remembered by default: at ~200 bytes each (a key is held twice), 64k writes are
-/// ~13 MB at most.
+/// The oldest origin taken from an event: a day.
+pub const MAX_AGE_NANOS: i64 = 24 * 3600 * 1_000_000_000;
+
+/// Writes remembered by default: ~200 bytes each (a key is held twice), ~13 MB for 64k; a
+/// peer's maximal trace context (768 bytes, shared by the writes of one event) can make it
+/// ~60 MB at worst.
 pub const DEFAULT_CAPACITY: usize = 65_536;
 
 #[derive(Debug)]
 struct Entry {
     seq: u64,
     revision: Option<i64>,
+    /// The newest revision the table knew of when the write was announced: the write's own
+    /// revision is above it.
+    floor: i64,
     origin: Arc<Origin>,
 }
 
@@ -93,6 +105,8 @@ struct Table {
     next: u64,
     /// Entries in `by_key` (`order` may still name removed ones).
     live: usize,
+    /// The newest revision written (with or without an origin) that the table was told of.
+    newest: i64,
 }
 
 impl Table {
@@ -135,6 +149,7 @@ impl Pending {
     pub fn written(mut self, revision: i64) {
         self.done = true;
         let mut table = self.table.table.lock();
+        table.newest = table.newest.max(revision);
         if let Some(e) = table
             .by_key
             .get_mut(&self.key)
@@ -167,6 +182,7 @@ impl Provenance {
         let mut table = self.table.lock();
         let seq = table.next;
         table.next += 1;
+        let floor = table.newest;
         table
             .by_key
             .entry(key.to_owned())
@@ -174,6 +190,7 @@ impl Provenance {
             .push_back(Entry {
                 seq,
                 revision: None,
+                floor,
                 origin: Arc::clone(origin),
             });
         table.order.push_back((seq, key.to_owned()));
@@ -191,6 +208,13 @@ impl Provenance {
         }
     }
 
+    /// A write without an origin is in the store at `revision` (its event must not take the
+    /// origin of a write announced later).
+    pub fn advance(&self, revision: i64) {
+        let mut table = self.table.lock();
+        table.newest = table.newest.max(revision);
+    }
+
     /// The origin of the write of `key` at `revision`, if remembered.
     pub fn lookup(&self, key: &str, revision: i64) -> Option<Arc<Origin>> {
         let table = self.table.lock();
@@ -198,7 +222,11 @@ impl Provenance {
         entries
             .iter()
             .find(|e| e.revision == Some(revision))
-            .or_else(|| entries.iter().find(|e| e.revision.is_none()))
+            .or_else(|| {
+                entries
+                    .iter()
+                    .find(|e| e.revision.is_none() && revision > e.floor)
+            })
             .map(|e| Arc::clone(&e.origin))
     }
 
@@ -249,6 +277,22 @@ mod tests {
     }
 
     #[test]
+    fn an_event_of_a_write_without_origin_never_takes_the_next_write_s() {
+        let p = Arc::new(Provenance::new(100));
+        p.expect("k", &origin(1)).written(10);
+        // A write of k without an origin at 11, then a write of k with one, in flight.
+        p.advance(11);
+        let next = p.expect("k", &origin(2));
+        // The event at 11, read while the next write is in flight: no origin.
+        assert_eq!(p.lookup("k", 11), None);
+        // The next write's own event (12) takes it.
+        assert_eq!(p.lookup("k", 12).unwrap().unix_nanos, 2);
+        next.written(12);
+        assert_eq!(p.lookup("k", 11), None);
+        assert_eq!(p.lookup("k", 12).unwrap().unix_nanos, 2);
+    }
+
+    #[test]
     fn a_write_that_was_not_made_is_forgotten() {
         let p = Arc::new(Provenance::new(100));
         drop(p.expect("k", &origin(1)));
@@ -279,7 +323,7 @@ mod tests {
     #[test]
     fn an_origin_from_a_peer_keeps_its_time_and_drops_a_bad_trace() {
         let good = v1::Origin {
-            unix_nanos: 1_700_000_000_000_000_000,
+            unix_nanos: crate::now_unix_nanos() - 1_000_000_000,
             traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
             tracestate: String::new(),
         };
@@ -291,7 +335,9 @@ mod tests {
         };
         let o = Origin::from_proto(Some(&bad)).unwrap();
         assert_eq!((o.unix_nanos, o.trace), (good.unix_nanos, None));
-        for no_time in [0, -1] {
+        // No time, or older than a day.
+        let day_and_a_second = crate::now_unix_nanos() - MAX_AGE_NANOS - 1_000_000_000;
+        for no_time in [0, -1, 1, day_and_a_second] {
             let o = v1::Origin {
                 unix_nanos: no_time,
                 ..good.clone()

@@ -112,6 +112,8 @@ pub fn status(cluster: &str, withdrawn: bool, keep_last_backends: bool) -> Objec
         ready: true,
         withdrawn,
         keep_last_backends,
+        failures: 0,
+        last_failure_time: 0,
     })
 }
 

@@ -92,6 +92,8 @@ fn every_object_kind_round_trips() {
             ready: false,
             withdrawn: true,
             keep_last_backends: false,
+            failures: 3,
+            last_failure_time: 1_700_000_000,
         }),
     ];
     for o in &objects {

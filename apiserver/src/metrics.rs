@@ -195,12 +195,9 @@ impl Metrics {
         registry.register(
             "build",
             "This build of clustermesh (version) and the process (component)",
-            prometheus_client::metrics::info::Info::new(vec![
-                ("version", clustermesh_telemetry::build::VERSION),
-                ("commit", clustermesh_telemetry::build::COMMIT),
-                ("rustc", clustermesh_telemetry::build::RUSTC),
-                ("component", "apiserver"),
-            ]),
+            prometheus_client::metrics::info::Info::new(clustermesh_telemetry::build::info_labels(
+                "apiserver",
+            )),
         );
         let policies_not_as_written = m(
             &mut registry,

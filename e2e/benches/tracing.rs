@@ -24,35 +24,17 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use clustermesh_e2e::otlp::Collector;
-use clustermesh_e2e::{Agent, Cluster, cpu_time, http_get, wait_until};
+use clustermesh_e2e::{
+    Agent, Cluster, WEB_SERVICE, cpu_time, global_web_manifest, http_get, node_manifest, wait_until,
+};
 
+/// A's manifest with `backends` endpoints of `prod/web`.
 fn manifest(backends: usize) -> String {
     let ips: Vec<String> = (0..backends)
         .map(|i| format!("10.244.{}.{}", 1 + i / 250, 1 + i % 250))
         .collect();
-    let endpoints: Vec<String> = ips
-        .iter()
-        .map(|ip| format!("{{addresses: [{ip}]}}"))
-        .collect();
-    let mut out = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: prod, annotations: {{service.cilium.io/global: \"true\"}}}}\n\
-         spec: {{clusterIP: 10.96.0.10, ports: [{{name: http, port: 80}}]}}\n\
-         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: prod, labels: {{kubernetes.io/service-name: web}}}}\n\
-         addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n",
-        endpoints.join(", ")
-    );
-    for (i, ip) in ips.iter().enumerate() {
-        out.push_str(&format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-{i}, namespace: prod, labels: {{app: web}}}}\nstatus: {{podIP: {ip}, hostIP: 192.0.2.1}}\n"
-        ));
-    }
-    out.push_str("---\napiVersion: v1\nkind: Node\nmetadata: {name: a-node}\nstatus: {addresses: [{type: InternalIP, address: 192.0.2.1}]}\n");
-    out
+    global_web_manifest(&ips)
 }
-
-const B_MANIFEST: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: prod, annotations: {service.cilium.io/global: \"true\"}}\n\
-    spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}\n---\n\
-    apiVersion: v1\nkind: Node\nmetadata: {name: b-node}\nstatus: {addresses: [{type: InternalIP, address: 192.0.2.2}]}\n";
 
 fn backends(agent: &Agent) -> usize {
     http_get(&agent.admin, "/explain/service/prod/web")
@@ -101,7 +83,10 @@ fn run(label: &str, ratio: Option<f64>, changes: usize) {
         b.env(k, v);
     }
     a.write_manifest("web.yaml", &manifest(1));
-    b.write_manifest("b.yaml", B_MANIFEST);
+    b.write_manifest(
+        "b.yaml",
+        &format!("{WEB_SERVICE}{}", node_manifest("b-node", "192.0.2.2")),
+    );
     a.start();
     b.start();
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

@@ -422,6 +422,42 @@ impl Drop for Agent {
     }
 }
 
+/// The global service `prod/web` (ClusterIP 10.96.0.10, port 80) of a cluster with a node
+/// `a-node` (192.0.2.1) and one pod `web-<i>` on it per address of `ips`, each a backend (port
+/// 8080) of the service's EndpointSlice. The manifests of the trace and metrics tests and the
+/// tracing benchmark.
+pub fn global_web_manifest<S: AsRef<str>>(ips: &[S]) -> String {
+    let endpoints: Vec<String> = ips
+        .iter()
+        .map(|ip| format!("{{addresses: [{}]}}", ip.as_ref()))
+        .collect();
+    let mut out = format!(
+        "{WEB_SERVICE}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: prod, labels: {{kubernetes.io/service-name: web}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n",
+        endpoints.join(", ")
+    );
+    for (i, ip) in ips.iter().enumerate() {
+        out.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-{i}, namespace: prod, labels: {{app: web}}}}\nstatus: {{podIP: {}, hostIP: 192.0.2.1}}\n",
+            ip.as_ref()
+        ));
+    }
+    out.push_str("---\napiVersion: v1\nkind: Node\nmetadata: {name: a-node}\nstatus: {addresses: [{type: InternalIP, address: 192.0.2.1}]}\n");
+    out
+}
+
+/// The global service `prod/web` alone, without endpoints: an importing cluster's own service
+/// of the same name, which takes the remote's backends.
+pub const WEB_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: prod, annotations: {service.cilium.io/global: \"true\"}}\n\
+    spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}\n";
+
+/// A Node `name` with the address `ip`, as a manifest document.
+pub fn node_manifest(name: &str, ip: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nstatus: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n"
+    )
+}
+
 /// CPU time (user + system) a process has used so far, from `/proc/PID/stat`.
 pub fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

@@ -17,7 +17,9 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use clustermesh_e2e::{Agent, Cluster, free_port, wait_until};
+use clustermesh_e2e::{
+    Agent, Cluster, WEB_SERVICE, free_port, global_web_manifest, node_manifest, wait_until,
+};
 
 /// One row of the table.
 #[derive(Debug, Clone, PartialEq)]
@@ -209,29 +211,14 @@ fn histogram_count(body: &str, name: &str) -> f64 {
 #[test]
 fn every_metrics_endpoint_parses_and_matches_the_documented_table() {
     let table = table();
-    let service = |ips: &[&str]| {
-        let mut m = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: prod, annotations: {service.cilium.io/global: \"true\"}}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: prod, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\n".to_owned();
-        m.push_str(&format!(
-            "endpoints: [{}]\n",
-            ips.iter()
-                .map(|ip| format!("{{addresses: [{ip}]}}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-        for (i, ip) in ips.iter().enumerate() {
-            m.push_str(&format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-{i}, namespace: prod, labels: {{app: web}}}}\nstatus: {{podIP: {ip}, hostIP: 192.0.2.1}}\n"));
-        }
-        m.push_str("---\napiVersion: v1\nkind: Node\nmetadata: {name: a-node}\nstatus: {addresses: [{type: InternalIP, address: 192.0.2.1}]}\n");
-        m
-    };
     let mut a = Cluster::new("c1", 1);
     let mut b = Cluster::new("c2", 2);
     b.import(&a);
     a.configure("allowedRemotes: [c2]\n");
-    a.write_manifest("web.yaml", &service(&["10.244.1.10"]));
+    a.write_manifest("web.yaml", &global_web_manifest(&["10.244.1.10"]));
     b.write_manifest(
         "b.yaml",
-        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: prod, annotations: {service.cilium.io/global: \"true\"}}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: b-node}\nstatus: {addresses: [{type: InternalIP, address: 192.0.2.2}]}\n",
+        &format!("{WEB_SERVICE}{}", node_manifest("b-node", "192.0.2.2")),
     );
     a.start();
     b.start();
@@ -247,7 +234,10 @@ fn every_metrics_endpoint_parses_and_matches_the_documented_table() {
             .1
             .contains("cilium_kvstoremesh_remote_cluster_readiness_status{target_cluster=\"c1\"} 1")
     });
-    a.write_manifest("web.yaml", &service(&["10.244.1.10", "10.244.1.11"]));
+    a.write_manifest(
+        "web.yaml",
+        &global_web_manifest(&["10.244.1.10", "10.244.1.11"]),
+    );
     wait_until(
         Duration::from_secs(30),
         "the change in B's agent's histogram",

@@ -19,28 +19,10 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use clustermesh_e2e::otlp::{Collector, ReceivedSpan};
-use clustermesh_e2e::{Agent, Cluster, Topology, binary, http_get, wait_until};
-
-fn service(ips: &[&str]) -> String {
-    let endpoints: Vec<String> = ips
-        .iter()
-        .map(|ip| format!("{{addresses: [{ip}]}}"))
-        .collect();
-    let mut out = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: prod, annotations: {{service.cilium.io/global: \"true\"}}}}\n\
-         spec: {{clusterIP: 10.96.0.10, ports: [{{name: http, port: 80}}]}}\n\
-         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: prod, labels: {{kubernetes.io/service-name: web}}}}\n\
-         addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n",
-        endpoints.join(", ")
-    );
-    for (i, ip) in ips.iter().enumerate() {
-        out.push_str(&format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-{i}, namespace: prod, labels: {{app: web}}}}\nstatus: {{podIP: {ip}, hostIP: 192.0.2.1}}\n"
-        ));
-    }
-    out.push_str("---\napiVersion: v1\nkind: Node\nmetadata: {name: a-node}\nstatus: {addresses: [{type: InternalIP, address: 192.0.2.1}]}\n");
-    out
-}
+use clustermesh_e2e::{
+    Agent, Cluster, Topology, WEB_SERVICE, binary, global_web_manifest, http_get, node_manifest,
+    wait_until,
+};
 
 /// The backends B's agent has programmed for `prod/web`.
 fn backends(agent: &Agent) -> usize {
@@ -137,14 +119,14 @@ fn a_service_edit_in_one_cluster_is_one_trace_down_to_the_bpf_map_of_another() {
         "tracing: {{otlpEndpoint: \"{endpoint}\", sampler: parentbased_traceidratio, samplerArg: 1.0}}\n"
     ));
     b.env("OTEL_BSP_SCHEDULE_DELAY", "100");
-    a.write_manifest("web.yaml", &service(&["10.244.1.10"]));
+    a.write_manifest("web.yaml", &global_web_manifest(&["10.244.1.10"]));
     // B's own global service of the same name (without endpoints) takes A's backends.
     b.write_manifest(
         "b.yaml",
-        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: prod, annotations: {service.cilium.io/global: \"true\"}}\n\
-         spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {name: b-client, namespace: prod, labels: {app: client}}\nstatus: {podIP: 10.244.2.20, hostIP: 192.0.2.2}\n\
-         ---\napiVersion: v1\nkind: Node\nmetadata: {name: b-node}\nstatus: {addresses: [{type: InternalIP, address: 192.0.2.2}]}\n",
+        &format!(
+            "{WEB_SERVICE}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: b-client, namespace: prod, labels: {{app: client}}}}\nstatus: {{podIP: 10.244.2.20, hostIP: 192.0.2.2}}\n{}",
+            node_manifest("b-node", "192.0.2.2")
+        ),
     );
     a.start();
     b.start();
@@ -159,7 +141,10 @@ fn a_service_edit_in_one_cluster_is_one_trace_down_to_the_bpf_map_of_another() {
 
     // The edit: a second backend of the global service in A. Only its spans count.
     collector.clear();
-    a.write_manifest("web.yaml", &service(&["10.244.1.10", "10.244.1.11"]));
+    a.write_manifest(
+        "web.yaml",
+        &global_web_manifest(&["10.244.1.10", "10.244.1.11"]),
+    );
     wait_until(
         Duration::from_secs(30),
         "the new backend in B's agent",

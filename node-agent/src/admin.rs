@@ -136,12 +136,9 @@ impl Metrics {
         registry.register(
             "build",
             "This build of clustermesh (version) and the process (component)",
-            prometheus_client::metrics::info::Info::new(vec![
-                ("version", clustermesh_telemetry::build::VERSION),
-                ("commit", clustermesh_telemetry::build::COMMIT),
-                ("rustc", clustermesh_telemetry::build::RUSTC),
-                ("component", "agent"),
-            ]),
+            prometheus_client::metrics::info::Info::new(clustermesh_telemetry::build::info_labels(
+                "agent",
+            )),
         );
         let verdicts = Family::<Vec<(&'static str, String)>, Counter>::default();
         registry.register(

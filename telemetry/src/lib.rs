@@ -82,6 +82,16 @@ pub mod build {
     pub const COMMIT: &str = env!("CLUSTERMESH_GIT_COMMIT");
     /// The rustc version, e.g. `1.95.0`.
     pub const RUSTC: &str = env!("CLUSTERMESH_RUSTC_VERSION");
+
+    /// The labels of `clustermesh_build_info` for the process `component`.
+    pub fn info_labels(component: &'static str) -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("version", VERSION),
+            ("commit", COMMIT),
+            ("rustc", RUSTC),
+            ("component", component),
+        ]
+    }
 }
 
 /// Buckets (seconds) of the `*_propagation_seconds` histograms: 1 ms to 60 s.

@@ -376,7 +376,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_exporter_starts_for_an_http_and_an_https_collector() {
-        for endpoint in ["http://127.0.0.1:4317", "https://collector.example:4317"] {
+        for endpoint in ["http://127.0.0.1:4317", "https://127.0.0.1:4317"] {
             let settings = Settings {
                 endpoint: endpoint.into(),
                 service_name: "clustermesh-agent".into(),

@@ -30,7 +30,8 @@ pub const EXCLUDED_LABELS: [&str; 4] = [
 pub struct DesiredState {
     /// The label set of every pod that has an IP of its own.
     pub pod_labels: BTreeMap<NsName, LabelSet>,
-    /// Services with at least one ClusterIP.
+    /// Every Service; a headless one has no frontends (Cilium writes it so: its backends
+    /// still count for a global service of that name elsewhere).
     pub services: Vec<ClusterService>,
     /// Nodes.
     pub nodes: Vec<Node>,
@@ -103,9 +104,6 @@ impl DesiredState {
                 .push(slice);
         }
         for (key, svc) in &objects.services {
-            if svc.cluster_ips.is_empty() {
-                continue;
-            }
             let origin = format!("service {}/{}", key.0, key.1);
             let (settings, errors) = GlobalServiceConfig::from_annotations(&svc.annotations);
             out.problems
@@ -283,8 +281,9 @@ status: {addresses: [{type: InternalIP, address: 192.0.2.1}]}
             "k8s:app=web;k8s:io.cilium.k8s.policy.cluster=c1;\
              k8s:io.cilium.k8s.policy.serviceaccount=default;k8s:io.kubernetes.pod.namespace=prod;"
         );
-        assert_eq!(d.services.len(), 1, "headless services have no frontend");
-        let web = &d.services[0];
+        assert_eq!(d.services.len(), 2, "headless services too");
+        assert!(d.services[0].frontends.is_empty(), "headless: no frontend");
+        let web = &d.services[1];
         assert!(web.include_external && web.shared);
         assert_eq!(web.affinity, clustermesh_model::service::Affinity::None);
         assert_eq!(d.problems.len(), 1, "the bad affinity is reported");

@@ -20,7 +20,7 @@ use clustermesh_model::cluster::{ClusterConfig, ClusterName, ClusterStatus};
 use clustermesh_model::endpoint::IpCacheEntry;
 use clustermesh_model::keys::{
     CACHE_PREFIX, CLUSTER_STATUS_PREFIX, CachedObject, ExportKind, IDENTITY_ID_PREFIX,
-    IPCACHE_PREFIX, Key, LOCAL_PREFIX,
+    IPCACHE_PREFIX, Key, LOCAL_PREFIX, LOCAL_SERVICES_PREFIX,
 };
 use clustermesh_model::labels::LabelSet;
 use clustermesh_model::node::Node;
@@ -250,12 +250,17 @@ fn who<T>(req: &Request<T>, inner: &Inner) -> Result<ClientIdentity, Status> {
     }
 }
 
-fn prefixes(cluster: &ClusterName, kind: Kind) -> Vec<String> {
+/// Where the objects of `kind` are, for a remote client or a local one. A remote gets the
+/// services Cilium's clustermesh-apiserver exports (`cilium/state/services/...`: global and
+/// shared, of global namespaces, ready or serving backends); a local agent gets every service
+/// of its cluster with every backend.
+fn prefixes(cluster: &ClusterName, kind: Kind, remote: bool) -> Vec<String> {
     match kind {
         Kind::Identities => vec![IDENTITY_ID_PREFIX.to_owned()],
         Kind::Ipcache => vec![IPCACHE_PREFIX.to_owned()],
         Kind::Nodes => vec![ExportKind::Nodes.state_prefix(cluster)],
-        Kind::Services => vec![ExportKind::Services.state_prefix(cluster)],
+        Kind::Services if remote => vec![ExportKind::Services.state_prefix(cluster)],
+        Kind::Services => vec![LOCAL_SERVICES_PREFIX.to_owned()],
         Kind::RemoteCache => vec![CACHE_PREFIX.to_owned()],
         Kind::Policies => vec![
             format!("{LOCAL_PREFIX}policies/"),
@@ -321,7 +326,9 @@ fn decode(local: &ClusterName, key: &Key, value: &[u8]) -> Result<Option<Object>
             entry: parse_json::<IpCacheEntry>(value)?,
         },
         Key::Node { .. } => Object::Node(parse_json::<Node>(value)?),
-        Key::Service { .. } => Object::Service(parse_json::<ClusterService>(value)?),
+        Key::Service { .. } | Key::LocalService { .. } => {
+            Object::Service(parse_json::<ClusterService>(value)?)
+        }
         Key::Policy { .. } => Object::Policy {
             cluster: local.clone(),
             policy: parse_json::<NetworkPolicy>(value)?,
@@ -358,6 +365,9 @@ fn delete_of(local: &ClusterName, key: &Key) -> Option<v1::Delete> {
             cluster.clone(),
             format!("{namespace}/{name}"),
         ),
+        Key::LocalService { namespace, name } => {
+            (Kind::Services, local.clone(), format!("{namespace}/{name}"))
+        }
         Key::Policy { namespace, name } => (
             Kind::Policies,
             local.clone(),
@@ -577,7 +587,7 @@ async fn run_watch(
     let wanted: Vec<String> = kinds
         .iter()
         .filter_map(|k| Kind::try_from(*k).ok())
-        .flat_map(|k| prefixes(&inner.cluster, k))
+        .flat_map(|k| prefixes(&inner.cluster, k, remote))
         .collect();
     let common = common_prefix(&wanted);
     let matches = |key: &str| wanted.iter().any(|p| key.starts_with(p.as_str()));
@@ -944,12 +954,12 @@ mod tests {
         let c1 = ClusterName::new("c1").unwrap();
         let all: Vec<String> = REMOTE_KINDS
             .iter()
-            .flat_map(|k| prefixes(&c1, *k))
+            .flat_map(|k| prefixes(&c1, *k, true))
             .collect();
         assert_eq!(common_prefix(&all), "cilium/state/");
         let mixed: Vec<String> = [Kind::Nodes, Kind::Policies]
             .iter()
-            .flat_map(|k| prefixes(&c1, *k))
+            .flat_map(|k| prefixes(&c1, *k, false))
             .collect();
         assert_eq!(
             common_prefix(&mixed),
@@ -957,7 +967,7 @@ mod tests {
             "a byte-wise prefix; the watch filters the rest"
         );
         assert_eq!(
-            common_prefix(&prefixes(&c1, Kind::Policies)),
+            common_prefix(&prefixes(&c1, Kind::Policies, false)),
             "clustermesh/local/"
         );
     }

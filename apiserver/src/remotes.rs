@@ -214,6 +214,16 @@ impl RemoteSet {
             return;
         }
         let store: &dyn KvStore = self.ctx.store.as_ref();
+        // Its mirrored cluster config goes first, as KVStoreMesh removes it: a Cilium agent
+        // stops reading the remote before its state disappears under it.
+        let config = Key::ClusterConfig {
+            cluster: name.clone(),
+        }
+        .to_string();
+        if let Err(e) = store.delete(&config).await {
+            tracing::warn!(key = %config, error = %e, "deleting a removed remote's cluster config failed");
+            return;
+        }
         let mut prefixes: Vec<String> = ExportKind::ALL
             .iter()
             .map(|k| k.cache_prefix(&name))

@@ -220,8 +220,10 @@ pub async fn start_with(
         id,
         capabilities: Capabilities {
             synced_canaries: true,
-            cached: true,
+            // Its own config: not a mirrored one (those in the cache say `cached`).
+            cached: false,
             max_connected_clusters: mode,
+            service_exports_enabled: Some(false),
         },
     };
     // The origin of each recent write, handed on by the Export server with the change.
@@ -350,6 +352,7 @@ pub async fn start_with(
         default_global: config.global_namespaces_by_default,
     };
     let source_task = tokio::spawn(source.run(stop_rx.clone()));
+    let heartbeat_task = tokio::spawn(write_heartbeat(Arc::clone(&store), stop_rx.clone()));
     let probe_task = tokio::spawn(probe_store(
         Arc::clone(&store),
         Arc::clone(&metrics),
@@ -374,8 +377,51 @@ pub async fn start_with(
             health_task,
             supervisor_task,
             probe_task,
+            heartbeat_task,
         ],
     })
+}
+
+/// Cilium's heartbeat key: its remote readers re-connect and list again after two minutes
+/// without a change to it.
+pub const HEARTBEAT_KEY: &str = "cilium/.heartbeat";
+/// How often [`HEARTBEAT_KEY`] is written (Cilium's interval).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
+/// The TTL of the heartbeat's lease (Cilium's default kvstore lease TTL): the key goes away
+/// some time after its writer does.
+pub const HEARTBEAT_LEASE_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// Writes [`HEARTBEAT_KEY`] (the time, RFC 3339) every [`HEARTBEAT_INTERVAL`], attached to a
+/// lease this task keeps alive, as Cilium's clustermesh-apiserver does. A failure is logged
+/// and tried again at the next interval; it never stops the apiserver.
+async fn write_heartbeat(
+    store: Arc<dyn KvStore>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ServeError> {
+    let mut lease = None;
+    loop {
+        let beat = async {
+            let id = match lease {
+                Some(id) => match store.keep_alive(id).await {
+                    Ok(_) => id,
+                    Err(_) => store.grant_lease(HEARTBEAT_LEASE_TTL).await?,
+                },
+                None => store.grant_lease(HEARTBEAT_LEASE_TTL).await?,
+            };
+            lease = Some(id);
+            let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+            store.put(HEARTBEAT_KEY, now.as_bytes(), Some(id)).await?;
+            Ok::<(), clustermesh_kvstore::Error>(())
+        };
+        if let Err(e) = beat.await {
+            lease = None;
+            tracing::warn!(error = %error_chain(&e), "writing the kvstore heartbeat failed; retrying");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+    }
 }
 
 /// How often the kvstore is probed, and how long it has to answer.
@@ -928,7 +974,7 @@ impl SourceLoop {
         }
         let (ipcache, duplicates) = desired.ipcache(&loaded.objects, self.allocator.identities());
         refused.extend(duplicates);
-        let mut kv = writer::encode(&self.cluster, &desired, &ipcache)?;
+        let mut kv = writer::encode(&self.cluster, &desired, &ipcache, &filter)?;
         let oversized: BTreeSet<String> = kv
             .iter()
             .filter(|(_, v)| v.len() > max)

@@ -9,10 +9,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clustermesh_kvstore::KvStore;
 use clustermesh_model::cluster::{ClusterConfig, ClusterName};
 use clustermesh_model::endpoint::IpCacheEntry;
-use clustermesh_model::keys::{ExportKind, IPCACHE_PREFIX, Key, LOCAL_PREFIX};
+use clustermesh_model::keys::{
+    ExportKind, IPCACHE_PREFIX, Key, LOCAL_PREFIX, LOCAL_SERVICES_PREFIX,
+};
 use clustermesh_telemetry::{Origin, Provenance};
 
 use crate::desired::DesiredState;
+use crate::export::NamespaceFilter;
 
 /// Why a write failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +53,7 @@ pub fn owned_prefixes(cluster: &ClusterName) -> Vec<String> {
         IPCACHE_PREFIX.to_owned(),
         ExportKind::Nodes.state_prefix(cluster),
         ExportKind::Services.state_prefix(cluster),
+        LOCAL_SERVICES_PREFIX.to_owned(),
         format!("{LOCAL_PREFIX}policies/"),
         format!("{LOCAL_PREFIX}clusterwide-policies/"),
     ]
@@ -62,11 +66,16 @@ fn json<T: serde::Serialize>(key: &str, value: &T) -> Result<Vec<u8>, WriteError
     })
 }
 
-/// The key/value pairs of the desired state.
+/// The key/value pairs of the desired state. Every service goes under
+/// [`LOCAL_SERVICES_PREFIX`] for this cluster's agents; under
+/// `cilium/state/services/v1/<cluster>/` go only those Cilium's clustermesh-apiserver exports
+/// (global and shared, in a namespace `filter` exports), in its form
+/// ([`clustermesh_model::service::ClusterService::for_export`]).
 pub fn encode(
     cluster: &ClusterName,
     desired: &DesiredState,
     ipcache: &[IpCacheEntry],
+    filter: &NamespaceFilter,
 ) -> Result<BTreeMap<String, Vec<u8>>, WriteError> {
     let mut out = BTreeMap::new();
     for e in ipcache {
@@ -82,13 +91,22 @@ pub fn encode(
         out.insert(key.clone(), json(&key, n)?);
     }
     for s in &desired.services {
+        let key = Key::LocalService {
+            namespace: s.namespace.clone(),
+            name: s.name.clone(),
+        }
+        .to_string();
+        out.insert(key.clone(), json(&key, s)?);
+        if !(s.is_exported() && filter.exports(Some(&s.namespace))) {
+            continue;
+        }
         let key = Key::Service {
             cluster: cluster.clone(),
             namespace: s.namespace.clone(),
             name: s.name.clone(),
         }
         .to_string();
-        out.insert(key.clone(), json(&key, s)?);
+        out.insert(key.clone(), json(&key, &s.for_export())?);
     }
     for p in &desired.policies {
         let key = Key::Policy {

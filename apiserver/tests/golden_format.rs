@@ -79,6 +79,7 @@ impl Component for Probe {
         &mut self,
         words: &[String],
         _: &mut BTreeMap<String, String>,
+        _: &BTreeMap<String, String>,
     ) -> Option<Result<(), String>> {
         match words[0].as_str() {
             "count" => {

@@ -6,239 +6,19 @@
 
 #![allow(clippy::unwrap_used, reason = "tests")]
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+#[path = "support/fake_api.rs"]
+mod fake_api;
+
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use clustermesh_apiserver::{Config, Running};
 use clustermesh_certs::CertificateAuthority;
 use clustermesh_kvstore::KvStore;
 use clustermesh_model::ClusterName;
-use http::{Request, Response};
-use kube::client::Body;
-use parking_lot::Mutex;
 use serde_json::{Value, json};
-use tokio::sync::Notify;
-use tower_test::mock;
 
-type Handle = mock::Handle<Request<Body>, Response<Body>>;
-type Responder = mock::SendResponse<Response<Body>>;
-
-/// What the fake API server holds: objects per resource path, events queued per resource for
-/// the next watch, a revision counter, and parked watch requests.
-#[derive(Default)]
-struct ApiState {
-    objects: BTreeMap<String, BTreeMap<String, Value>>,
-    queued: BTreeMap<String, Vec<Value>>,
-    revision: u64,
-    parked: Vec<(String, Responder)>,
-}
-
-#[derive(Clone, Default)]
-struct FakeApi {
-    state: Arc<Mutex<ApiState>>,
-    wake: Arc<Notify>,
-}
-
-/// The resource path of a request (`/api/v1/pods`), and whether it is a watch.
-fn route(req: &Request<Body>) -> (String, bool) {
-    let watch = req
-        .uri()
-        .query()
-        .is_some_and(|q| q.split('&').any(|p| p == "watch=true"));
-    (req.uri().path().to_owned(), watch)
-}
-
-fn json_response(v: &Value) -> Response<Body> {
-    Response::builder()
-        .status(200)
-        .header("content-type", "application/json")
-        .body(Body::from(serde_json::to_vec(v).unwrap()))
-        .unwrap()
-}
-
-fn watch_response(events: &[Value]) -> Response<Body> {
-    let mut body = Vec::new();
-    for e in events {
-        body.extend(serde_json::to_vec(e).unwrap());
-        body.push(b'\n');
-    }
-    Response::builder()
-        .status(200)
-        .header("content-type", "application/json")
-        .body(Body::from(body))
-        .unwrap()
-}
-
-impl FakeApi {
-    fn key(o: &Value) -> String {
-        format!(
-            "{}/{}",
-            o["metadata"]["namespace"].as_str().unwrap_or(""),
-            o["metadata"]["name"].as_str().unwrap()
-        )
-    }
-
-    /// Sets an object without an event (the state a later list returns).
-    fn put(&self, path: &str, mut o: Value) {
-        let mut st = self.state.lock();
-        st.revision += 1;
-        o["metadata"]["resourceVersion"] = st.revision.to_string().into();
-        st.objects
-            .entry(path.to_owned())
-            .or_default()
-            .insert(Self::key(&o), o);
-    }
-
-    fn remove(&self, path: &str, key: &str) {
-        self.state
-            .lock()
-            .objects
-            .entry(path.to_owned())
-            .or_default()
-            .remove(key);
-    }
-
-    /// Queues a watch event (and applies it to the state).
-    fn event(&self, path: &str, kind: &str, mut o: Value) {
-        {
-            let mut st = self.state.lock();
-            st.revision += 1;
-            o["metadata"]["resourceVersion"] = st.revision.to_string().into();
-            let key = Self::key(&o);
-            let objects = st.objects.entry(path.to_owned()).or_default();
-            match kind {
-                "DELETED" => {
-                    objects.remove(&key);
-                }
-                _ => {
-                    objects.insert(key, o.clone());
-                }
-            }
-            st.queued
-                .entry(path.to_owned())
-                .or_default()
-                .push(json!({"type": kind, "object": o}));
-        }
-        self.wake.notify_one();
-    }
-
-    /// Queues a raw watch event (bookmark, error).
-    fn raw(&self, path: &str, e: Value) {
-        self.state
-            .lock()
-            .queued
-            .entry(path.to_owned())
-            .or_default()
-            .push(e);
-        self.wake.notify_one();
-    }
-
-    /// Answers parked watches that have events now.
-    fn flush(&self) {
-        let mut st = self.state.lock();
-        let parked = std::mem::take(&mut st.parked);
-        for (path, responder) in parked {
-            match st.queued.remove(&path) {
-                Some(events) if !events.is_empty() => {
-                    responder.send_response(watch_response(&events));
-                }
-                _ => st.parked.push((path, responder)),
-            }
-        }
-    }
-
-    fn answer(&self, req: Request<Body>, responder: Responder) {
-        let (path, watch) = route(&req);
-        let mut st = self.state.lock();
-        if watch {
-            match st.queued.remove(&path) {
-                Some(events) if !events.is_empty() => {
-                    responder.send_response(watch_response(&events));
-                }
-                // Nothing yet: the watch stays open until something happens.
-                _ => st.parked.push((path, responder)),
-            }
-            return;
-        }
-        let known = [
-            "/api/v1/namespaces",
-            "/api/v1/pods",
-            "/api/v1/services",
-            "/api/v1/nodes",
-            "/apis/discovery.k8s.io/v1/endpointslices",
-            "/apis/cilium.io/v2/ciliumnetworkpolicies",
-            "/apis/networking.k8s.io/v1/networkpolicies",
-        ];
-        if !known.contains(&path.as_str()) {
-            // The clusterwide policy CRD is not installed in this cluster.
-            let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
-                "status": "Failure", "message": "the server could not find the requested resource",
-                "reason": "NotFound", "code": 404});
-            let r = Response::builder()
-                .status(404)
-                .header("content-type", "application/json")
-                .body(Body::from(serde_json::to_vec(&status).unwrap()))
-                .unwrap();
-            responder.send_response(r);
-            return;
-        }
-        // As a real API server lists: `<Kind>List` with the group's apiVersion, and items
-        // without their own kind and apiVersion.
-        let items: Vec<Value> = st
-            .objects
-            .get(&path)
-            .map(|m| {
-                m.values()
-                    .cloned()
-                    .map(|mut o| {
-                        if let Some(o) = o.as_object_mut() {
-                            o.remove("kind");
-                            o.remove("apiVersion");
-                        }
-                        o
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let (api_version, kind) = list_kind(&path);
-        let list = json!({"kind": kind, "apiVersion": api_version,
-            "metadata": {"resourceVersion": st.revision.to_string()}, "items": items});
-        responder.send_response(json_response(&list));
-    }
-
-    /// Serves requests until the test ends.
-    fn serve(self, mut handle: Handle) {
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    r = handle.next_request() => match r {
-                        Some((req, responder)) => self.answer(req, responder),
-                        None => return,
-                    },
-                    () = self.wake.notified() => self.flush(),
-                }
-            }
-        });
-    }
-}
-
-/// The apiVersion and kind of a list at `path`.
-fn list_kind(path: &str) -> (&'static str, &'static str) {
-    match path.rsplit('/').next().unwrap_or("") {
-        "pods" => ("v1", "PodList"),
-        "services" => ("v1", "ServiceList"),
-        "nodes" => ("v1", "NodeList"),
-        "namespaces" => ("v1", "NamespaceList"),
-        "endpointslices" => ("discovery.k8s.io/v1", "EndpointSliceList"),
-        "ciliumnetworkpolicies" => ("cilium.io/v2", "CiliumNetworkPolicyList"),
-        "networkpolicies" => ("networking.k8s.io/v1", "NetworkPolicyList"),
-        "ciliumclusterwidenetworkpolicies" => {
-            ("cilium.io/v2", "CiliumClusterwideNetworkPolicyList")
-        }
-        _ => ("v1", "List"),
-    }
-}
+use fake_api::FakeApi;
 
 /// An object of `tests/fixtures/` (the shapes a real API server returns).
 fn fixture(file: &str) -> Value {
@@ -291,9 +71,7 @@ fn scenario_objects(api: &FakeApi) {
 }
 
 async fn start(api: &FakeApi) -> (tempfile::TempDir, Running) {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    api.clone().serve(handle);
-    let client = kube::Client::new(service, "default");
+    let client = api.client();
     let dir = tempfile::tempdir().unwrap();
     let name = ClusterName::new("c1").unwrap();
     let ca = CertificateAuthority::generate(&name).unwrap();
@@ -407,7 +185,11 @@ async fn initial_list_then_added_modified_deleted() {
         json!([{"Type": "InternalIP", "IP": "192.0.2.1"}, {"Type": "ExternalIP", "IP": "198.51.100.7"}]),
         "{node}"
     );
-    assert_eq!(node["IPv4AllocCIDR"], "10.1.0.0/24");
+    // Go's net.IPNet, as every Cilium release decodes it.
+    assert_eq!(
+        node["IPv4AllocCIDR"],
+        json!({"IP": "10.1.0.0", "Mask": "////AA=="})
+    );
     assert_eq!(node["Labels"]["topology.kubernetes.io/zone"], "zone-a");
     // The service's backends come from the controller's EndpointSlice (the mesh derives no
     // slices from a real API server's pods).
@@ -476,7 +258,7 @@ async fn a_bookmark_then_410_relists_and_drops_what_went_away() {
     ];
     wait_state(running.store.as_ref(), &with_both).await;
     // A bookmark changes nothing.
-    let rv = api.state.lock().revision.to_string();
+    let rv = api.revision().to_string();
     api.raw(
         "/api/v1/pods",
         json!({"type": "BOOKMARK", "object": {"kind": "Pod", "apiVersion": "v1",

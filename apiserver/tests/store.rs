@@ -135,6 +135,8 @@ async fn scenario(cluster: TestCluster) {
 
     // Step 1: everything defined is there, under the documented keys.
     let base = [
+        // The heartbeat Cilium's remote readers watch.
+        "cilium/.heartbeat",
         "cilium/cluster-config/c1",
         "cilium/state/ip/v1/default/10.1.0.5",
         "cilium/state/ip/v1/default/10.1.0.6",
@@ -147,6 +149,8 @@ async fn scenario(cluster: TestCluster) {
         "cilium/synced/c1/cilium/state/services/v1",
         // The exported namespaces, recorded with the objects they govern.
         "clustermesh/local/export-namespaces",
+        // Every service with every backend, for this cluster's agents.
+        "clustermesh/local/services/v1/prod/web",
     ];
     let c = eventually(store, |c| {
         if keys_of(c) == base {
@@ -156,6 +160,14 @@ async fn scenario(cluster: TestCluster) {
         }
     })
     .await;
+    // The heartbeat: the time in RFC 3339, attached to a lease.
+    let beat = store.get("cilium/.heartbeat").await.unwrap().unwrap();
+    let written = humantime::parse_rfc3339(std::str::from_utf8(&beat.value).unwrap()).unwrap();
+    let age = std::time::SystemTime::now()
+        .duration_since(written)
+        .unwrap_or_default();
+    assert!(age < Duration::from_secs(60), "{age:?} old");
+    assert!(beat.lease.is_some(), "the heartbeat has no lease");
     // Each file's good content is saved, under its name.
     assert_eq!(
         saved_copies(&c),
@@ -200,13 +212,26 @@ async fn scenario(cluster: TestCluster) {
         ["10.96.0.10"]
     );
     assert_eq!(svc.frontends.values().next().unwrap()["http"].port(), 80);
-    assert_eq!(svc.backends.len(), 2);
+    // What other clusters get (Cilium's form): only the ready backend.
+    assert_eq!(
+        svc.backends
+            .keys()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["10.1.0.5"]
+    );
+    assert!(svc.backend_conditions.is_empty());
     assert_eq!(
         svc.backends[&"10.1.0.5".parse().unwrap()]["http"].port(),
         8080
     );
+    // What this cluster's agents get: both, with the conditions of the one not ready.
+    let local: ClusterService =
+        serde_json::from_slice(&c["clustermesh/local/services/v1/prod/web"]).unwrap();
+    assert_eq!(local.frontends, svc.frontends);
+    assert_eq!(local.backends.len(), 2);
     assert_eq!(
-        svc.backend_conditions[&"10.1.0.6".parse().unwrap()],
+        local.backend_conditions[&"10.1.0.6".parse().unwrap()],
         BackendConditions {
             ready: false,
             serving: false,
@@ -228,11 +253,15 @@ async fn scenario(cluster: TestCluster) {
     let db_key = format!("cilium/state/identities/v1/id/{db}");
     let c = eventually(store, |c| {
         let svc: ClusterService =
+            serde_json::from_slice(&c["clustermesh/local/services/v1/prod/web"])
+                .map_err(|e| e.to_string())?;
+        let exported: ClusterService =
             serde_json::from_slice(&c["cilium/state/services/v1/c1/prod/web"])
                 .map_err(|e| e.to_string())?;
         if c.contains_key("cilium/state/ip/v1/default/10.1.0.7")
             || c.contains_key(&db_key)
             || !svc.backend_conditions.is_empty()
+            || exported.backends.len() != 2
         {
             return Err(format!("{:?}", c.keys().collect::<Vec<_>>()));
         }
@@ -251,7 +280,9 @@ async fn scenario(cluster: TestCluster) {
     // Step 3: the service's file is deleted.
     cluster.remove_manifest("ns-svc.yaml");
     let c = eventually(store, |c| {
-        if c.contains_key("cilium/state/services/v1/c1/prod/web") {
+        if c.contains_key("cilium/state/services/v1/c1/prod/web")
+            || c.contains_key("clustermesh/local/services/v1/prod/web")
+        {
             Err("service still there".into())
         } else {
             Ok(())

@@ -2,7 +2,8 @@
 //! directories (`examples/kubernetes/`): a kubelet-shaped Node (with its `Hostname`
 //! address), controller-owned Pods with their Ready conditions, a global Service with a
 //! `selector` and no EndpointSlice, and a cross-cluster CiliumNetworkPolicy. Both agents get
-//! the global service's backends from both clusters (the not-ready pod is left out), both
+//! the global service's backends from both clusters (the not-ready pod is left out: by its
+//! own cluster's agent, and by its cluster's export for the other), both
 //! nodes, and the policy with the other cluster's identity.
 
 #![allow(
@@ -50,12 +51,16 @@ fn manifests_of_a_real_cluster_work_unchanged_in_two_clusters() {
     let agent_a = Agent::start(&a.agent_config_userspace("cluster-a-worker"));
     let agent_b = Agent::start(&b.agent_config_userspace("cluster-b-worker"));
 
-    let want = vec![
-        ("10.1.0.21".to_owned(), "selected".to_owned()),
+    // A's agent sees its own not-ready pod (and leaves it out); B's agent never hears of
+    // it: a cluster exports only ready or serving backends, as Cilium does.
+    let selected = |ip: &str| (ip.to_owned(), "selected".to_owned());
+    let want_a = vec![
+        selected("10.1.0.21"),
         ("10.1.0.22".to_owned(), "unhealthy".to_owned()),
-        ("10.2.0.21".to_owned(), "selected".to_owned()),
+        selected("10.2.0.21"),
     ];
-    for (name, agent) in [("A", &agent_a), ("B", &agent_b)] {
+    let want_b = vec![selected("10.1.0.21"), selected("10.2.0.21")];
+    for (name, agent, want) in [("A", &agent_a, want_a), ("B", &agent_b, want_b)] {
         wait_until(
             Duration::from_secs(30),
             &format!("both clusters' checkout backends on {name}'s agent"),

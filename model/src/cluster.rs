@@ -219,12 +219,24 @@ pub struct Capabilities {
     /// The cluster writes `cilium/synced/...` canaries once each prefix is fully written.
     #[serde(default)]
     pub synced_canaries: bool,
-    /// The cluster serves cached remote state (KVStoreMesh style).
-    #[serde(default)]
+    /// The config describes a remote cluster whose state this kvstore serves from its cache
+    /// (`cilium/cache/...`): set only on the configs KVStoreMesh mirrors for remotes, never on
+    /// a cluster's own config (a Cilium consumer would wait for cache canaries that never
+    /// come). Omitted when false, as Cilium writes it.
+    #[serde(default, skip_serializing_if = "is_false")]
     pub cached: bool,
     /// The mesh size mode; must be equal across the mesh.
     #[serde(default)]
     pub max_connected_clusters: MaxConnectedClusters,
+    /// Whether the cluster exports MCS-API ServiceExports (`cilium/state/serviceexports`);
+    /// Cilium's clustermesh-apiserver always writes it (false here: none are exported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_exports_enabled: Option<bool>,
+}
+
+/// serde's `skip_serializing_if` passes a reference.
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// The value under `cilium/cluster-config/<cluster>`.

@@ -61,9 +61,13 @@ pub fn check_usable(ip: IpAddr) -> Result<(), AddressError> {
     }
 }
 
-/// Parses an IP address, refusing the zoned and bracketed forms the kvstore never holds.
+/// Parses an IP address, refusing the zoned and bracketed forms the kvstore never holds. An
+/// IPv4-mapped IPv6 address (`::ffff:10.1.0.5`) is the IPv4 address, as Go's `net.IP` reads
+/// and writes it: Cilium's keys and values name it `10.1.0.5`.
 pub fn parse_ip(s: &str) -> Result<IpAddr, AddressError> {
-    s.parse().map_err(|_| AddressError::Ip(s.to_owned()))
+    s.parse::<IpAddr>()
+        .map(|ip| ip.to_canonical())
+        .map_err(|_| AddressError::Ip(s.to_owned()))
 }
 
 // === impl IpPrefix ===

@@ -41,6 +41,11 @@ pub const IPCACHE_PREFIX: &str = "cilium/state/ip/v1/default/";
 /// Prefix of the reverse index label set -> identity, used to allocate each label set once.
 pub const IDENTITY_VALUE_PREFIX: &str = "cilium/state/identities/v1/value/";
 const CLUSTERWIDE_POLICIES: &str = "clustermesh/local/clusterwide-policies/";
+/// Prefix of every Service of this cluster, for its own agents: global or not, shared or not,
+/// with every backend and its conditions. `cilium/state/services/v1/<cluster>/` holds what
+/// Cilium's clustermesh-apiserver exports instead: only global and shared Services of global
+/// namespaces, with only their ready or serving backends.
+pub const LOCAL_SERVICES_PREFIX: &str = "clustermesh/local/services/v1/";
 
 /// Why a key was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -240,6 +245,14 @@ pub enum Key {
         /// The label set.
         labels: crate::labels::LabelSet,
     },
+    /// `clustermesh/local/services/v1/<ns>/<name>`: a Service of this cluster as its own
+    /// agents see it.
+    LocalService {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
     /// `clustermesh/local/cluster-status/<cluster>`.
     ClusterStatus {
         /// The remote cluster.
@@ -328,6 +341,13 @@ impl Key {
                 kind,
             });
         }
+        if let Some(rest) = key.strip_prefix(LOCAL_SERVICES_PREFIX) {
+            let (ns, name) = rest.split_once('/').ok_or_else(unknown)?;
+            return Ok(Self::LocalService {
+                namespace: label("namespace", ns)?,
+                name: label("service", name)?,
+            });
+        }
         if let Some(rest) = key.strip_prefix(CLUSTER_STATUS_PREFIX) {
             return Ok(Self::ClusterStatus {
                 cluster: cluster(rest)?,
@@ -410,7 +430,8 @@ impl fmt::Display for Key {
         match self {
             Self::ClusterConfig { cluster } => write!(f, "{CLUSTER_CONFIG_PREFIX}{cluster}"),
             Self::Identity { id } => write!(f, "cilium/state/identities/v1/id/{id}"),
-            Self::IpCache { ip } => write!(f, "cilium/state/ip/v1/default/{ip}"),
+            // Go's text form: an IPv4-mapped address is written as the IPv4 one.
+            Self::IpCache { ip } => write!(f, "cilium/state/ip/v1/default/{}", ip.to_canonical()),
             Self::Node { cluster, name } => write!(f, "cilium/state/nodes/v1/{cluster}/{name}"),
             Self::Service {
                 cluster,
@@ -431,7 +452,12 @@ impl fmt::Display for Key {
                     write!(f, "{}{id}", ExportKind::Identities.cache_prefix(remote))
                 }
                 CachedObject::IpCache(ip) => {
-                    write!(f, "{}{ip}", ExportKind::IpCache.cache_prefix(remote))
+                    write!(
+                        f,
+                        "{}{}",
+                        ExportKind::IpCache.cache_prefix(remote),
+                        ip.to_canonical()
+                    )
                 }
                 CachedObject::Node(name) => {
                     write!(f, "{}{name}", ExportKind::Nodes.cache_prefix(remote))
@@ -446,6 +472,9 @@ impl fmt::Display for Key {
             },
             Self::IdentityValue { labels } => write!(f, "{IDENTITY_VALUE_PREFIX}{labels}"),
             Self::ClusterStatus { cluster } => write!(f, "{CLUSTER_STATUS_PREFIX}{cluster}"),
+            Self::LocalService { namespace, name } => {
+                write!(f, "{LOCAL_SERVICES_PREFIX}{namespace}/{name}")
+            }
             Self::Policy {
                 namespace: Some(ns),
                 name,

@@ -48,8 +48,13 @@ pub struct NodeAddress {
     pub ip: IpAddr,
 }
 
-/// A node of a cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A node of a cluster. Its JSON is Cilium's node JSON (`pkg/node/types.Node`): every field
+/// Cilium writes, in Cilium's order, those this project does not track at their Go zero
+/// values (`Source` is `k8s`: the node comes from a Kubernetes Node; the datapath balances
+/// IPv4 only, so no IPv6 pod CIDR is kept). Reading takes Cilium's
+/// nodes as written (pod CIDRs as Go's `net.IPNet`, `null` lists and maps) and ignores the
+/// fields not tracked here.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Node {
     /// The node's name.
     #[serde(rename = "Name")]
@@ -68,7 +73,11 @@ pub struct Node {
     )]
     pub addresses: Vec<NodeAddress>,
     /// The pod CIDR the node allocates IPv4 addresses from.
-    #[serde(rename = "IPv4AllocCIDR", default)]
+    #[serde(
+        rename = "IPv4AllocCIDR",
+        default,
+        deserialize_with = "crate::gozero::ipnet::deserialize"
+    )]
     pub ipv4_alloc_cidr: Option<IpPrefix>,
     /// The node's Kubernetes labels.
     #[serde(
@@ -77,6 +86,42 @@ pub struct Node {
         deserialize_with = "crate::gozero::null_as_default"
     )]
     pub labels: BTreeMap<String, String>,
+}
+
+/// Cilium's `Source` of a node read from a Kubernetes Node object.
+pub const NODE_SOURCE_KUBERNETES: &str = "k8s";
+
+impl Serialize for Node {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        struct Net<'a>(&'a Option<IpPrefix>);
+        impl Serialize for Net<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                crate::gozero::ipnet::serialize(self.0, s)
+            }
+        }
+        let none = Option::<()>::None;
+        let mut st = s.serialize_struct("Node", 18)?;
+        st.serialize_field("Name", &self.name)?;
+        st.serialize_field("Cluster", &self.cluster)?;
+        st.serialize_field("IPAddresses", &self.addresses)?;
+        st.serialize_field("IPv4AllocCIDR", &Net(&self.ipv4_alloc_cidr))?;
+        st.serialize_field("IPv4SecondaryAllocCIDRs", &none)?;
+        st.serialize_field("IPv6AllocCIDR", &none)?;
+        st.serialize_field("IPv6SecondaryAllocCIDRs", &none)?;
+        st.serialize_field("IPv4HealthIP", "")?;
+        st.serialize_field("IPv6HealthIP", "")?;
+        st.serialize_field("IPv4IngressIP", "")?;
+        st.serialize_field("IPv6IngressIP", "")?;
+        st.serialize_field("ClusterID", &self.cluster_id)?;
+        st.serialize_field("Source", NODE_SOURCE_KUBERNETES)?;
+        st.serialize_field("EncryptionKey", &0u8)?;
+        st.serialize_field("Labels", &self.labels)?;
+        st.serialize_field("Annotations", &none)?;
+        st.serialize_field("WireguardPubKey", "")?;
+        st.serialize_field("BootID", "")?;
+        st.end()
+    }
 }
 
 impl Node {

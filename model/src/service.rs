@@ -178,8 +178,10 @@ pub struct GlobalServiceConfig {
 }
 
 impl GlobalServiceConfig {
-    /// Reads the annotations (current names win over legacy ones). Values that are not
-    /// understood yield the default for that setting and an error to report.
+    /// Reads the annotations (current names win over legacy ones). A value that is not
+    /// understood yields an error to report and `false`, as Cilium reads it (only `true`,
+    /// in any case, is true): an invalid `shared` keeps the backends home, although a global
+    /// service is shared when the annotation is absent. An invalid affinity is `none`.
     pub fn from_annotations(
         annotations: &BTreeMap<String, String>,
     ) -> (Self, Vec<AnnotationError>) {
@@ -191,8 +193,8 @@ impl GlobalServiceConfig {
                 .map(|(k, v)| (k.clone(), v.trim().to_owned()))
         };
         let mut parse_bool =
-            |current: &str, legacy: &str, default: bool| match lookup(current, legacy) {
-                None => default,
+            |current: &str, legacy: &str, absent: bool| match lookup(current, legacy) {
+                None => absent,
                 Some((annotation, value)) => match value.to_ascii_lowercase().as_str() {
                     "true" => true,
                     "false" => false,
@@ -200,9 +202,9 @@ impl GlobalServiceConfig {
                         errors.push(AnnotationError::NotABool {
                             annotation,
                             value,
-                            default,
+                            default: false,
                         });
-                        default
+                        false
                     }
                 },
             };
@@ -294,6 +296,39 @@ pub struct ClusterService {
 }
 
 impl ClusterService {
+    /// Whether Cilium's clustermesh-apiserver exports the service: global and shared (its
+    /// namespace must be global too, which the service alone does not say).
+    pub const fn is_exported(&self) -> bool {
+        self.include_external && self.shared
+    }
+
+    /// The service as Cilium's clustermesh-apiserver writes it for other clusters: only the
+    /// backends that are ready or serving (Cilium's readers take every `backends` entry as
+    /// active). The conditions of the kept backends that are not plainly ready stay in
+    /// `backendConditions` (a field Cilium's readers ignore), so that a serving but
+    /// terminating backend is still told apart by this project's agents.
+    pub fn for_export(&self) -> Self {
+        let kept = |ip: &IpAddr| {
+            let c = self.conditions_of(ip);
+            c.ready || c.serving
+        };
+        Self {
+            backends: self
+                .backends
+                .iter()
+                .filter(|(ip, _)| kept(ip))
+                .map(|(ip, ports)| (*ip, ports.clone()))
+                .collect(),
+            backend_conditions: self
+                .backend_conditions
+                .iter()
+                .filter(|(ip, _)| kept(ip))
+                .map(|(ip, c)| (*ip, *c))
+                .collect(),
+            ..self.clone()
+        }
+    }
+
     /// The conditions of a backend (ready when none were recorded).
     pub fn conditions_of(&self, ip: &IpAddr) -> BackendConditions {
         self.backend_conditions

@@ -861,6 +861,38 @@ async fn tick(
     }
 }
 
+/// Writes `cilium/cluster-config/<remote>` as KVStoreMesh mirrors it: the remote's ID and
+/// mesh size with `cached: true`, which tells a Cilium agent reading this kvstore to take the
+/// remote's state from `cilium/cache/...` and to wait for its canaries there. Written when
+/// the remote's config has been checked, before any of its state (the canaries mark when that
+/// is complete); rewritten only when it differs.
+pub async fn mirror_cluster_config(
+    store: &dyn KvStore,
+    remote: &ClusterName,
+    id: ClusterId,
+    mode: MaxConnectedClusters,
+) -> Result<(), clustermesh_kvstore::Error> {
+    let config = clustermesh_model::cluster::ClusterConfig {
+        id,
+        capabilities: clustermesh_model::cluster::Capabilities {
+            synced_canaries: true,
+            cached: true,
+            max_connected_clusters: mode,
+            // Remotes of this project export no MCS-API ServiceExports.
+            service_exports_enabled: Some(false),
+        },
+    };
+    let key = Key::ClusterConfig {
+        cluster: remote.clone(),
+    }
+    .to_string();
+    let value = serde_json::to_vec(&config).unwrap_or_default();
+    if store.get(&key).await?.map(|kv| kv.value) != Some(value.clone()) {
+        store.put(&key, &value, None).await?;
+    }
+    Ok(())
+}
+
 async fn session(
     ctx: &SyncContext,
     remote: &RemoteConfig,
@@ -928,6 +960,7 @@ async fn session(
         mode: ctx.mode,
         max_object_bytes: ctx.quota.object_bytes,
     };
+    mirror_cluster_config(ctx.store.as_ref(), &remote.name, id, ctx.mode).await?;
 
     // A resume needs a revision to resume from (none after a store failure or a quota stop).
     let resume = status.lock().imported && *last_revision > 0;

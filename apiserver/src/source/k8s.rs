@@ -295,7 +295,15 @@ pub fn node_info(node: &Node) -> Result<NodeInfo, Problem> {
     Ok(NodeInfo {
         name: name(&node.metadata)?,
         addresses,
-        pod_cidr: node.spec.as_ref().and_then(|s| s.pod_cidr.clone()),
+        // The IPv4 pod CIDR (a dual-stack node lists both families in `podCIDRs`).
+        pod_cidr: node.spec.as_ref().and_then(|s| {
+            s.pod_cidrs
+                .iter()
+                .flatten()
+                .chain(s.pod_cidr.iter())
+                .find(|c| !c.contains(':'))
+                .cloned()
+        }),
         labels: node.metadata.labels.clone().unwrap_or_default(),
     })
 }

@@ -403,11 +403,13 @@ pub fn list_args(args: &[String]) -> Result<(ListFormat, String, String), String
 /// The commands of the component under test.
 pub trait Component {
     /// Runs `words` (the name first) if it is one of the component's commands, with the
-    /// script's files: `Some(result)`, or `None` for a command it does not have.
+    /// script's files and environment (what `env` set): `Some(result)`, or `None` for a
+    /// command it does not have.
     fn run(
         &mut self,
         words: &[String],
         files: &mut BTreeMap<String, String>,
+        env: &BTreeMap<String, String>,
     ) -> Option<Result<(), String>>;
 }
 
@@ -538,7 +540,7 @@ pub fn run(
                 let words: Vec<String> = cmd.words.iter().map(|w| w.expand(&env)).collect();
                 let result = match builtin(&words, files, &mut env) {
                     Some(r) => r,
-                    None => match component.run(&words, files) {
+                    None => match component.run(&words, files, &env) {
                         Some(r) => r,
                         None => return Outcome::Unsupported(words.join(" ")),
                     },

@@ -101,6 +101,7 @@ fn cluster_config_json_uses_cilium_field_names() {
             synced_canaries: true,
             cached: true,
             max_connected_clusters: MaxConnectedClusters::C255,
+            service_exports_enabled: None,
         },
     };
     let json = serde_json::to_string(&cfg).unwrap();
@@ -109,6 +110,23 @@ fn cluster_config_json_uses_cilium_field_names() {
         r#"{"id":7,"capabilities":{"syncedCanaries":true,"cached":true,"maxConnectedClusters":255}}"#
     );
     assert_eq!(serde_json::from_str::<ClusterConfig>(&json).unwrap(), cfg);
+    // A cluster's own config, as Cilium's clustermesh-apiserver writes it
+    // (clusterconfig.txtar): no `cached`, `serviceExportsEnabled` last.
+    let own = ClusterConfig {
+        id: ClusterId::new(3, MaxConnectedClusters::C255).unwrap(),
+        capabilities: Capabilities {
+            synced_canaries: true,
+            cached: false,
+            max_connected_clusters: MaxConnectedClusters::C255,
+            service_exports_enabled: Some(false),
+        },
+    };
+    let json = serde_json::to_string(&own).unwrap();
+    assert_eq!(
+        json,
+        r#"{"id":3,"capabilities":{"syncedCanaries":true,"maxConnectedClusters":255,"serviceExportsEnabled":false}}"#
+    );
+    assert_eq!(serde_json::from_str::<ClusterConfig>(&json).unwrap(), own);
 }
 
 #[test]
@@ -159,7 +177,7 @@ mod props {
             let mode = if id > 255 { MaxConnectedClusters::C511 } else { MaxConnectedClusters::C255 };
             let cfg = ClusterConfig {
                 id: ClusterId::new(id, mode).unwrap(),
-                capabilities: Capabilities { synced_canaries: synced, cached, max_connected_clusters: mode },
+                capabilities: Capabilities { synced_canaries: synced, cached, max_connected_clusters: mode, service_exports_enabled: None },
             };
             let json = serde_json::to_vec(&cfg).unwrap();
             prop_assert_eq!(serde_json::from_slice::<ClusterConfig>(&json).unwrap(), cfg);

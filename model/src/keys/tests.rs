@@ -8,6 +8,13 @@ fn c(name: &str) -> ClusterName {
 fn keys_have_cilium_layout() {
     let cases: Vec<(Key, &str)> = vec![
         (
+            Key::LocalService {
+                namespace: "prod".into(),
+                name: "web".into(),
+            },
+            "clustermesh/local/services/v1/prod/web",
+        ),
+        (
             Key::ClusterConfig { cluster: c("c1") },
             "cilium/cluster-config/c1",
         ),
@@ -197,8 +204,9 @@ mod props {
             (0u32..=Identity::MAX).prop_map(|i| Key::Identity {
                 id: Identity::new(i).unwrap()
             }),
+            // Keys hold Go's text form: an IPv4-mapped address is the IPv4 one.
             any::<u128>().prop_map(|i| Key::IpCache {
-                ip: IpAddr::V6(Ipv6Addr::from(i))
+                ip: IpAddr::V6(Ipv6Addr::from(i)).to_canonical()
             }),
             (cluster(), name).prop_map(|(cluster, name)| Key::Node { cluster, name }),
             (cluster(), name, name).prop_map(|(cluster, namespace, name)| Key::Service {
@@ -220,6 +228,7 @@ mod props {
             }),
             (proptest::option::of(name), name)
                 .prop_map(|(namespace, name)| Key::Policy { namespace, name }),
+            (name, name).prop_map(|(namespace, name)| Key::LocalService { namespace, name }),
         ]
     }
 
@@ -234,4 +243,29 @@ mod props {
             let _ = Key::parse(&s);
         }
     }
+}
+
+#[test]
+fn ipv4_mapped_addresses_are_written_as_go_writes_them() {
+    let v4 = Key::IpCache {
+        ip: "10.1.0.5".parse().unwrap(),
+    };
+    let mapped = "cilium/state/ip/v1/default/::ffff:10.1.0.5";
+    assert_eq!(Key::parse(mapped), Ok(v4.clone()));
+    assert_eq!(v4.to_string(), "cilium/state/ip/v1/default/10.1.0.5");
+    let as_v6 = Key::IpCache {
+        ip: "::ffff:10.1.0.5".parse().unwrap(),
+    };
+    assert_eq!(as_v6.to_string(), "cilium/state/ip/v1/default/10.1.0.5");
+    assert_eq!(
+        crate::ip::parse_ip("::ffff:10.1.0.5"),
+        Ok("10.1.0.5".parse().unwrap())
+    );
+    // Other IPv6 addresses keep their form.
+    assert_eq!(
+        Key::parse("cilium/state/ip/v1/default/fd00::5")
+            .unwrap()
+            .to_string(),
+        "cilium/state/ip/v1/default/fd00::5"
+    );
 }

@@ -20,9 +20,54 @@ fn json_uses_cilium_field_names() {
     let json = serde_json::to_string(&node()).unwrap();
     assert_eq!(
         json,
-        r#"{"Name":"node-1","Cluster":"c1","ClusterID":1,"IPAddresses":[{"Type":"InternalIP","IP":"192.0.2.10"}],"IPv4AllocCIDR":"10.1.0.0/24","Labels":{"zone":"a"}}"#
+        concat!(
+            r#"{"Name":"node-1","Cluster":"c1","IPAddresses":[{"Type":"InternalIP","IP":"192.0.2.10"}],"#,
+            r#""IPv4AllocCIDR":{"IP":"10.1.0.0","Mask":"////AA=="},"IPv4SecondaryAllocCIDRs":null,"#,
+            r#""IPv6AllocCIDR":null,"IPv6SecondaryAllocCIDRs":null,"IPv4HealthIP":"","IPv6HealthIP":"","#,
+            r#""IPv4IngressIP":"","IPv6IngressIP":"","ClusterID":1,"Source":"k8s","EncryptionKey":0,"#,
+            r#""Labels":{"zone":"a"},"Annotations":null,"WireguardPubKey":"","BootID":""}"#
+        )
     );
     assert_eq!(serde_json::from_str::<Node>(&json).unwrap(), node());
+    // The text form earlier versions wrote is still read.
+    let old = r#"{"Name":"node-1","Cluster":"c1","ClusterID":1,"IPAddresses":[{"Type":"InternalIP","IP":"192.0.2.10"}],"IPv4AllocCIDR":"10.1.0.0/24","Labels":{"zone":"a"}}"#;
+    assert_eq!(serde_json::from_str::<Node>(old).unwrap(), node());
+}
+
+#[test]
+fn pod_cidrs_in_go_s_ipnet_form() {
+    let parse = |v: &str| {
+        serde_json::from_str::<Node>(&format!(
+            r#"{{"Name":"n","Cluster":"c1","ClusterID":1,"IPv4AllocCIDR":{v}}}"#
+        ))
+        .map(|n| n.ipv4_alloc_cidr.map(|c| c.to_string()))
+        .map_err(|e| e.to_string())
+    };
+    assert_eq!(parse("null"), Ok(None));
+    assert_eq!(
+        parse(r#"{"IP":"10.244.0.0","Mask":"////AA=="}"#),
+        Ok(Some("10.244.0.0/24".into()))
+    );
+    assert_eq!(
+        parse(r#"{"IP":"fd00:10:244::","Mask":"//////////8AAAAAAAAAAA=="}"#),
+        Ok(Some("fd00:10:244::/64".into()))
+    );
+    // Go's 16-byte form of an IPv4 mask.
+    assert_eq!(
+        parse(r#"{"IP":"10.0.0.0","Mask":"/////////////////wAAAA=="}"#),
+        Ok(Some("10.0.0.0/8".into()))
+    );
+    for bad in [
+        r#"{"IP":"10.244.0.0","Mask":"/wD/AA=="}"#,
+        r#"{"IP":"10.244.0.1","Mask":"////AA=="}"#,
+        r#"{"IP":"10.244.0.0","Mask":"not base64"}"#,
+        r#"{"IP":"10.244.0.0","Mask":"//8="}"#,
+        r#"{"IP":"nope","Mask":"////AA=="}"#,
+        r#""10.244.0.1/24""#,
+        "7",
+    ] {
+        assert!(parse(bad).is_err(), "{bad}");
+    }
 }
 
 #[test]

@@ -77,11 +77,12 @@ fn annotation_table() {
             cfg(false, false, NoAff),
             0,
         ),
-        // invalid values: the default and an error
+        // invalid values: false (as Cilium reads them) and an error; an invalid `shared`
+        // is not shared although an absent one is (Cilium's GetAnnotationShared)
         (&[(ANNOTATION_GLOBAL, "yes")], cfg(false, false, NoAff), 1),
         (
             &[(ANNOTATION_GLOBAL, "true"), (ANNOTATION_SHARED, "1")],
-            cfg(true, true, NoAff),
+            cfg(true, false, NoAff),
             1,
         ),
         (
@@ -298,4 +299,46 @@ mod props {
             prop_assert_eq!(serde_json::from_slice::<ClusterService>(&json).unwrap(), s);
         }
     }
+}
+
+#[test]
+fn the_exported_form_keeps_only_ready_or_serving_backends() {
+    let mut s = service();
+    let ports = s.backends[&"10.1.0.5".parse().unwrap()].clone();
+    let c = |ready, serving, terminating| BackendConditions {
+        ready,
+        serving,
+        terminating,
+    };
+    // 10.1.0.5 ready (no entry); 10.1.0.6 serving and terminating (kept, with its
+    // conditions); 10.1.0.7 neither ready nor serving (dropped); 10.1.0.8 ready but
+    // terminating (kept).
+    for (ip, cond) in [
+        ("10.1.0.7", c(false, false, false)),
+        ("10.1.0.8", c(true, true, true)),
+    ] {
+        s.backends.insert(ip.parse().unwrap(), ports.clone());
+        s.backend_conditions.insert(ip.parse().unwrap(), cond);
+    }
+    let e = s.for_export();
+    let kept: Vec<String> = e.backends.keys().map(ToString::to_string).collect();
+    assert_eq!(kept, ["10.1.0.5", "10.1.0.6", "10.1.0.8"]);
+    let conditions: Vec<String> = e
+        .backend_conditions
+        .keys()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(conditions, ["10.1.0.6", "10.1.0.8"]);
+    assert_eq!(
+        (&e.frontends, &e.labels, e.shared),
+        (&s.frontends, &s.labels, s.shared)
+    );
+    assert!(s.is_exported());
+    assert!(
+        !ClusterService {
+            shared: false,
+            ..service()
+        }
+        .is_exported()
+    );
 }

@@ -408,6 +408,20 @@ async fn remotes_come_and_go_through_the_remotes_directory_without_a_restart() {
     )
     .await;
 
+    // The remote's config is mirrored as KVStoreMesh mirrors it: `cached`, so that a Cilium
+    // agent reading this kvstore takes c1's state from the cache.
+    let mirrored = running_b
+        .store
+        .get("cilium/cluster-config/c1")
+        .await
+        .unwrap()
+        .expect("the mirrored config");
+    assert_eq!(
+        std::str::from_utf8(&mirrored.value).unwrap(),
+        r#"{"id":1,"capabilities":{"syncedCanaries":true,"cached":true,"maxConnectedClusters":255,"serviceExportsEnabled":false}}"#
+    );
+    let from = running_b.store.current_revision().await.unwrap();
+
     // A broken file changes nothing: the running remote keeps going.
     std::fs::write(remotes_dir.join("broken.yaml"), "name: [\n").unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -434,6 +448,25 @@ async fn remotes_come_and_go_through_the_remotes_directory_without_a_restart() {
         cached(running_b.store.as_ref()).await,
         status_of(running_b.store.as_ref()).await
     );
+    // Its mirrored config went first, then its state.
+    let mut events = running_b.store.watch("cilium/", from).await.unwrap();
+    let mut deleted = Vec::new();
+    while let Ok(Some(Ok(e))) = tokio::time::timeout(
+        Duration::from_millis(300),
+        futures::StreamExt::next(&mut events),
+    )
+    .await
+    {
+        if e.kind == clustermesh_kvstore::EventKind::Delete {
+            deleted.push(e.key);
+        }
+    }
+    assert_eq!(
+        deleted.first().map(String::as_str),
+        Some("cilium/cluster-config/c1"),
+        "{deleted:?}"
+    );
+    assert!(deleted.len() > 1, "{deleted:?}");
     running_b.stop().await.unwrap();
     running_a.stop().await.unwrap();
 }

@@ -9,21 +9,14 @@ use clustermesh_model::cluster::{ClusterId, ClusterName};
 use clustermesh_model::endpoint::IpCacheEntry;
 use clustermesh_model::identity::Identity;
 use clustermesh_model::ip::{IpPrefix, L4Addr};
-use clustermesh_model::labels::{LabelSet, SERVICE_ACCOUNT_LABEL};
+use clustermesh_model::labels::{
+    LabelSet, NAMESPACE_LABELS_PREFIX, SERVICE_ACCOUNT_LABEL, is_identity_label,
+};
 use clustermesh_model::node::{Node, NodeAddress};
 use clustermesh_model::policy::NetworkPolicy;
 use clustermesh_model::service::{ClusterService, GlobalServiceConfig, PortConfiguration};
 
 use crate::source::{NsName, PodInfo, PortInfo, SourceObjects, SourceProblem};
-
-/// Pod labels that never take part in a security identity: they change with every rollout
-/// and would give each replica set its own identity (Cilium excludes them by default too).
-pub const EXCLUDED_LABELS: [&str; 4] = [
-    "pod-template-hash",
-    "controller-revision-hash",
-    "pod-template-generation",
-    "statefulset.kubernetes.io/pod-name",
-];
 
 /// The desired state, before identities are known.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -48,16 +41,36 @@ fn problem(origin: String, reason: impl ToString) -> SourceProblem {
     }
 }
 
-/// A pod's security labels: its labels (source `k8s`, minus [`EXCLUDED_LABELS`]) plus its
-/// service account, namespace and cluster labels, as Cilium builds them. A pod's own label
-/// with the service-account key is overwritten (as Cilium does); one with the namespace or
-/// cluster key is refused (it would pose as another cluster's or namespace's workload).
-pub fn pod_label_set(cluster: &ClusterName, pod: &PodInfo) -> Result<LabelSet, String> {
+/// A pod's security labels, as Cilium builds them: its labels (source `k8s`) that Cilium's
+/// default label filter keeps ([`is_identity_label`]), its namespace's labels (as
+/// `io.cilium.k8s.namespace.labels.<key>`), and its service account, namespace and cluster
+/// labels. A pod's own label with the service-account key is overwritten (as Cilium does);
+/// one with the namespace or cluster key, or under the namespace labels' prefix, is refused
+/// (it would pose as another cluster's or namespace's workload).
+pub fn pod_label_set(
+    cluster: &ClusterName,
+    pod: &PodInfo,
+    namespace_labels: &BTreeMap<String, String>,
+) -> Result<LabelSet, String> {
+    if let Some(k) = pod
+        .labels
+        .keys()
+        .find(|k| k.starts_with(NAMESPACE_LABELS_PREFIX))
+    {
+        return Err(format!(
+            "label {k}: only the namespace's own labels may carry {NAMESPACE_LABELS_PREFIX}"
+        ));
+    }
+    let namespace_labels: Vec<(String, &str)> = namespace_labels
+        .iter()
+        .map(|(k, v)| (format!("{NAMESPACE_LABELS_PREFIX}{k}"), v.as_str()))
+        .collect();
     let labels = pod
         .labels
         .iter()
-        .filter(|(k, _)| !EXCLUDED_LABELS.contains(&k.as_str()) && *k != SERVICE_ACCOUNT_LABEL)
+        .filter(|(k, _)| is_identity_label(k) && *k != SERVICE_ACCOUNT_LABEL)
         .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain(namespace_labels.iter().map(|(k, v)| (k.as_str(), *v)))
         .chain([(SERVICE_ACCOUNT_LABEL, pod.service_account.as_str())]);
     LabelSet::workload(cluster, &pod.namespace, labels).map_err(|e| e.to_string())
 }
@@ -74,6 +87,8 @@ fn port_config(ports: &[PortInfo]) -> PortConfiguration {
         .collect()
 }
 
+static EMPTY: BTreeMap<String, String> = BTreeMap::new();
+
 impl DesiredState {
     /// Computes the desired state of `cluster` from its objects.
     pub fn compute(cluster: &ClusterName, id: ClusterId, objects: &SourceObjects) -> Self {
@@ -86,7 +101,12 @@ impl DesiredState {
             if pod.host_network || pod.ips.is_empty() {
                 continue;
             }
-            match pod_label_set(cluster, pod) {
+            let namespace_labels = objects
+                .namespaces
+                .get(&pod.namespace)
+                .map(|n| &n.labels)
+                .unwrap_or(&EMPTY);
+            match pod_label_set(cluster, pod, namespace_labels) {
                 Ok(labels) => {
                     out.pod_labels.insert(key.clone(), labels);
                 }
@@ -344,17 +364,13 @@ status: {podIP: 10.1.0.8}
         let d = DesiredState::compute(&c1, id, &loaded.objects);
         assert!(d.problems.is_empty(), "{:?}", d.problems);
         let sets: Vec<String> = d.label_sets().into_iter().map(|l| l.to_string()).collect();
-        // A name longer than a label value: its first 46 characters and 16 hex digits of its
-        // SHA-256 (a pod without an identity would not be enforced at all).
-        let long = "k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.cilium.k8s.policy.serviceaccount=\
-                    a-service-account-name.longer-than-a-label-val-";
+        // A name longer than a Kubernetes label value: the full name, as Cilium writes it.
         assert_eq!(sets.len(), 4, "{sets:?}");
-        assert!(sets[0].starts_with(long), "{}", sets[0]);
-        let hex = &sets[0][long.len()..long.len() + 16];
-        assert!(hex.bytes().all(|b| b.is_ascii_hexdigit()), "{}", sets[0]);
         assert_eq!(
-            &sets[0][long.len() + 16..],
-            ";k8s:io.kubernetes.pod.namespace=cilium-test;"
+            sets[0],
+            "k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.cilium.k8s.policy.serviceaccount=\
+             a-service-account-name.longer-than-a-label-value.may-be-0123456789;\
+             k8s:io.kubernetes.pod.namespace=cilium-test;"
         );
         assert_eq!(
             sets[1..],
@@ -368,6 +384,65 @@ status: {podIP: 10.1.0.8}
                 "k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.cilium.k8s.policy.serviceaccount=poser;\
                  k8s:io.kubernetes.pod.namespace=cilium-test;k8s:name=poser;",
             ]
+        );
+    }
+
+    #[test]
+    fn identities_follow_cilium_s_label_filter_and_carry_the_namespace_s_labels() {
+        // Labels as a real API server and its controllers set them.
+        let text = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: db, labels: {kubernetes.io/metadata.name: db, team: storage}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pg-0, namespace: db, labels: {app: pg, apps.kubernetes.io/pod-index: "0", controller-revision-hash: pg-6b8f7d5c4, statefulset.kubernetes.io/pod-name: pg-0}}
+status: {podIP: 10.1.0.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pg-1, namespace: db, labels: {app: pg, apps.kubernetes.io/pod-index: "1", controller-revision-hash: pg-6b8f7d5c4, statefulset.kubernetes.io/pod-name: pg-1}}
+status: {podIP: 10.1.0.6}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: backup-28901234-x7k2p, namespace: db, labels: {batch.kubernetes.io/controller-uid: 6a1c6c1e-8f5a-4a8e-9b0e-3d2f1c0b9a87, batch.kubernetes.io/job-name: backup-28901234, controller-uid: 6a1c6c1e-8f5a-4a8e-9b0e-3d2f1c0b9a87, job-name: backup-28901234}}
+status: {podIP: 10.1.0.7}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: poser, namespace: db, labels: {io.cilium.k8s.namespace.labels.team: payments}}
+status: {podIP: 10.1.0.8}
+"#;
+        let mut loaded = Loaded::default();
+        parse_text("t.yaml", text, &mut loaded);
+        assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
+        let c1 = ClusterName::new("c1").unwrap();
+        let id = ClusterId::new(1, clustermesh_model::MaxConnectedClusters::C255).unwrap();
+        let d = DesiredState::compute(&c1, id, &loaded.objects);
+        let sets: Vec<String> = d.label_sets().into_iter().map(|l| l.to_string()).collect();
+        let ns = "k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name=db;\
+                  k8s:io.cilium.k8s.namespace.labels.team=storage;\
+                  k8s:io.cilium.k8s.policy.cluster=c1;\
+                  k8s:io.cilium.k8s.policy.serviceaccount=default;\
+                  k8s:io.kubernetes.pod.namespace=db;";
+        // Both StatefulSet pods share one identity; the Job's run is not part of its own.
+        assert_eq!(
+            sets,
+            [
+                format!("k8s:app=pg;{ns}"),
+                format!(
+                    "k8s:batch.kubernetes.io/job-name=backup-28901234;{ns}k8s:job-name=backup-28901234;"
+                ),
+            ]
+        );
+        assert_eq!(d.problems.len(), 1, "{:?}", d.problems);
+        assert_eq!(d.problems[0].origin, "pod db/poser");
+        assert!(
+            d.problems[0]
+                .reason
+                .contains("io.cilium.k8s.namespace.labels.")
         );
     }
 

@@ -24,9 +24,86 @@ pub const SOURCE_K8S: &str = "k8s";
 /// The source of the labels of reserved identities.
 pub const SOURCE_RESERVED: &str = "reserved";
 
+/// The prefix Cilium gives a pod's namespace's labels among the pod's security labels
+/// (`k8s:io.cilium.k8s.namespace.labels.<key>=<value>`).
+pub const NAMESPACE_LABELS_PREFIX: &str = "io.cilium.k8s.namespace.labels.";
+
 const MAX_SOURCE_LEN: usize = 32;
-const MAX_KEY_LEN: usize = 317; // a 253-character DNS prefix, '/', a 63-character name
-const MAX_VALUE_LEN: usize = 63;
+/// A namespace label's key with its prefix: the prefix, a 253-character DNS prefix, '/' and a
+/// 63-character name.
+const MAX_KEY_LEN: usize = NAMESPACE_LABELS_PREFIX.len() + 317;
+/// A service account's name (a DNS subdomain), the longest value Cilium puts in a label.
+const MAX_VALUE_LEN: usize = 253;
+
+/// One rule of Cilium's default label filter: how much of a label key it matches, from the
+/// key's first character (Cilium matches a regular expression and counts only a match that
+/// starts there).
+#[derive(Debug, Clone, Copy)]
+enum KeyRule {
+    /// `prefix`: the key starts with it.
+    Prefix(&'static str),
+    /// `.*text`: the key contains it; matched up to its last occurrence.
+    Contains(&'static str),
+    /// `prefix.*`: the key starts with it; matched to the end.
+    PrefixToEnd(&'static str),
+}
+
+impl KeyRule {
+    fn matched(self, key: &str) -> usize {
+        match self {
+            Self::Prefix(p) => key.starts_with(p).then_some(p.len()).unwrap_or(0),
+            Self::Contains(t) => key.rfind(t).map_or(0, |i| i + t.len()),
+            Self::PrefixToEnd(p) => key.starts_with(p).then_some(key.len()).unwrap_or(0),
+        }
+    }
+}
+
+/// The labels Cilium's default filter keeps in an identity whatever the ignore rules say
+/// (`pkg/labelsfilter`, `defaultLabelPrefixCfg`).
+const IDENTITY_INCLUDE: [KeyRule; 4] = [
+    KeyRule::Prefix(NAMESPACE_LABEL),
+    KeyRule::Prefix(NAMESPACE_LABELS_PREFIX),
+    KeyRule::Prefix("app.kubernetes.io"),
+    KeyRule::Prefix(CLUSTER_LABEL),
+];
+
+/// The labels Cilium's default filter leaves out of an identity: they change with every
+/// rollout, StatefulSet pod or Job run, or say nothing about the workload. The last two are
+/// a Job's run (its `controller-uid`), which would give every run an identity of its own.
+const IDENTITY_IGNORE: [KeyRule; 14] = [
+    KeyRule::Prefix("io.kubernetes"),
+    KeyRule::Prefix("kubernetes.io"),
+    KeyRule::Prefix("statefulset.kubernetes.io/pod-name"),
+    KeyRule::Prefix("apps.kubernetes.io/pod-index"),
+    KeyRule::Prefix("batch.kubernetes.io/job-completion-index"),
+    KeyRule::Contains("beta.kubernetes.io"),
+    KeyRule::Prefix("k8s.io"),
+    KeyRule::Prefix("pod-template-generation"),
+    KeyRule::Prefix("pod-template-hash"),
+    KeyRule::Prefix("controller-revision-hash"),
+    KeyRule::PrefixToEnd("annotation"),
+    KeyRule::Prefix("etcd_node"),
+    KeyRule::Prefix("batch.kubernetes.io/controller-uid"),
+    KeyRule::Prefix("controller-uid"),
+];
+
+/// Whether a pod label with this key takes part in its security identity, by Cilium's default
+/// label filter: a label is kept when no ignore rule matches it, or when an include rule
+/// matches more of it than the shortest matching ignore rule.
+pub fn is_identity_label(key: &str) -> bool {
+    let ignored = IDENTITY_IGNORE
+        .iter()
+        .map(|r| r.matched(key))
+        .filter(|n| *n > 0)
+        .min()
+        .unwrap_or(0);
+    let included = IDENTITY_INCLUDE
+        .iter()
+        .map(|r| r.matched(key))
+        .max()
+        .unwrap_or(0);
+    ignored == 0 || included > ignored
+}
 
 /// Why a label or label set was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,11 +117,15 @@ pub enum LabelError {
     /// The source is empty, too long or has characters other than `[a-z0-9-]`.
     #[error("label source {0:?} must be 1 to 32 characters of a-z, 0-9 and '-'")]
     Source(String),
-    /// The key is empty, too long or has characters other than `[A-Za-z0-9._/-]`.
-    #[error("label key {0:?} must be 1 to 317 characters of A-Z, a-z, 0-9, '.', '_', '/' and '-'")]
+    /// The key is empty, too long, or has a character the string form cannot carry.
+    #[error(
+        "label key {0:?} must be 1 to 348 printable ASCII characters other than ';', '=' and space"
+    )]
     Key(String),
-    /// The value is too long or has characters other than `[A-Za-z0-9._-]`.
-    #[error("label value {0:?} must be at most 63 characters of A-Z, a-z, 0-9, '.', '_' and '-'")]
+    /// The value is too long or has a character the string form cannot carry.
+    #[error(
+        "label value {0:?} must be at most 253 printable ASCII characters other than ';' and space"
+    )]
     Value(String),
     /// Two labels with the same key.
     #[error("label key {0:?} appears twice")]
@@ -87,10 +168,14 @@ impl Label {
         if source.is_empty() || source.len() > MAX_SOURCE_LEN || !source.bytes().all(is_source) {
             return Err(LabelError::Source(source));
         }
-        let is_value = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
+        // What Cilium's string form (`source:key=value;`) can carry: printable ASCII
+        // without the separators; Kubernetes' label rules are narrower, and Cilium's
+        // labels (a namespace's labels under their prefix, a service account's full name)
+        // are longer.
+        let is_value = |b: u8| b.is_ascii_graphic() && b != b';';
         if key.is_empty()
             || key.len() > MAX_KEY_LEN
-            || !key.bytes().all(|b| is_value(b) || b == b'/')
+            || !key.bytes().all(|b| is_value(b) && b != b'=')
         {
             return Err(LabelError::Key(key));
         }

@@ -141,11 +141,9 @@ pub fn pod_info(pod: &Pod) -> Result<PodInfo, Problem> {
 }
 
 /// A pod's service account: `spec.serviceAccountName`, else the deprecated
-/// `spec.serviceAccount`, else `default` (what a real API server's admission fills in). It
-/// becomes a label value, which holds 63 characters while a ServiceAccount's name (a DNS
-/// subdomain) may have 253: a longer name becomes its first 46 characters, `-` and 16 hex
-/// digits of its SHA-256, so that the pod keeps an identity of its own (a pod without an
-/// identity would not be enforced at all). A name that is no DNS subdomain is refused.
+/// `spec.serviceAccount`, else `default` (what a real API server's admission fills in). Its
+/// full name becomes the `io.cilium.k8s.policy.serviceaccount` label's value, as Cilium
+/// writes it. A name that is no DNS subdomain is refused.
 fn service_account(spec: Option<&PodSpec>) -> Result<String, Problem> {
     let name = spec
         .and_then(|s| {
@@ -156,19 +154,9 @@ fn service_account(spec: Option<&PodSpec>) -> Result<String, Problem> {
         })
         .unwrap_or(DEFAULT_SERVICE_ACCOUNT);
     names::check_dns_subdomain("service account", name).map_err(|e| e.to_string())?;
-    let value = if name.len() > 63 {
-        let digest = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
-        let hex: String = digest.as_ref()[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("{}-{hex}", &name[..46])
-    } else {
-        name.to_owned()
-    };
-    Label::k8s(SERVICE_ACCOUNT_LABEL, &value)
+    Label::k8s(SERVICE_ACCOUNT_LABEL, name)
         .map_err(|e| format!("service account {name:?}: {e}"))?;
-    Ok(value)
+    Ok(name.to_owned())
 }
 
 /// A Service.

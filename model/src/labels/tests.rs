@@ -34,17 +34,40 @@ fn label_rules() {
         ("k8s:=web", Err(LabelError::Key(String::new()))),
         ("k8s:a b=web", Err(LabelError::Key("a b".into()))),
         ("k8s:a;b=web", Err(LabelError::Key("a;b".into()))),
-        ("k8s:app=w=b", Err(LabelError::Value("w=b".into()))),
-        ("k8s:app=a/b", Err(LabelError::Value("a/b".into()))),
+        // What Cilium's string form carries: the key ends at the first '='.
+        ("k8s:app=w=b", Ok(())),
+        ("k8s:app=a/b:c", Ok(())),
         ("k8s:app=é", Err(LabelError::Value("é".into()))),
+        ("k8s:app=a b", Err(LabelError::Value("a b".into()))),
     ];
     for (input, want) in cases {
         assert_eq!(input.parse::<Label>().map(|_| ()), *want, "{input:?}");
     }
-    let long = "v".repeat(64);
+    assert_eq!(
+        Label::k8s("app", "a;b"),
+        Err(LabelError::Value("a;b".into()))
+    );
+    // Control characters (a tab) are not printable.
+    assert!(Label::k8s("app", "a\tb").is_err());
+    // A service account's full name (253) and a namespace label's key with its prefix (348)
+    // fit, as Cilium writes them; one more does not.
+    let sa = "s".repeat(253);
+    assert!(Label::k8s(SERVICE_ACCOUNT_LABEL, sa.clone()).is_ok());
+    let long = "v".repeat(254);
     assert_eq!(
         Label::k8s("app", long.clone()),
         Err(LabelError::Value(long))
+    );
+    let key = format!(
+        "{NAMESPACE_LABELS_PREFIX}{}/{}",
+        "d".repeat(253),
+        "n".repeat(63)
+    );
+    assert!(Label::k8s(key.clone(), "v").is_ok());
+    let longer = format!("{key}x");
+    assert_eq!(
+        Label::k8s(longer.clone(), "v"),
+        Err(LabelError::Key(longer))
     );
 }
 
@@ -122,5 +145,40 @@ mod props {
             let json = serde_json::to_string(&set).unwrap();
             prop_assert_eq!(serde_json::from_str::<LabelSet>(&json).unwrap(), set);
         }
+    }
+}
+
+#[test]
+fn cilium_s_default_label_filter() {
+    for kept in [
+        "app",
+        "app.kubernetes.io/name",
+        "io.kubernetes.pod.namespace",
+        "io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name",
+        "io.cilium.k8s.policy.cluster",
+        // Cilium's rules match from the key's start only.
+        "topology.kubernetes.io/zone",
+        "batch.kubernetes.io/job-name",
+        "job-name",
+    ] {
+        assert!(is_identity_label(kept), "{kept}");
+    }
+    for dropped in [
+        "pod-template-hash",
+        "controller-revision-hash",
+        "pod-template-generation",
+        "statefulset.kubernetes.io/pod-name",
+        "apps.kubernetes.io/pod-index",
+        "batch.kubernetes.io/job-completion-index",
+        "batch.kubernetes.io/controller-uid",
+        "controller-uid",
+        "kubernetes.io/hostname",
+        "io.kubernetes.container.name",
+        "failure-domain.beta.kubernetes.io/zone",
+        "k8s.io/anything",
+        "annotation.foo",
+        "etcd_node",
+    ] {
+        assert!(!is_identity_label(dropped), "{dropped}");
     }
 }

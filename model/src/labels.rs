@@ -51,9 +51,10 @@ enum KeyRule {
 impl KeyRule {
     fn matched(self, key: &str) -> usize {
         match self {
-            Self::Prefix(p) => key.starts_with(p).then_some(p.len()).unwrap_or(0),
+            Self::Prefix(p) if key.starts_with(p) => p.len(),
             Self::Contains(t) => key.rfind(t).map_or(0, |i| i + t.len()),
-            Self::PrefixToEnd(p) => key.starts_with(p).then_some(key.len()).unwrap_or(0),
+            Self::PrefixToEnd(p) if key.starts_with(p) => key.len(),
+            Self::Prefix(_) | Self::PrefixToEnd(_) => 0,
         }
     }
 }

@@ -2,8 +2,11 @@
 //! cluster's range; two apiserver replicas on one store never hand out one number twice nor
 //! two numbers for one label set:
 //!
-//! 1. the reverse key `cilium/state/identities/v1/value/<labels>` answers "which identity has
-//!    these labels" when it exists;
+//! 1. the reverse key `cilium/state/identities/v1/value/<labels>/<owner>` answers "which
+//!    identity has these labels" when it exists (Cilium's allocator layout: the owner is the
+//!    user of the identity, here [`OWNER`] for every replica; the key is attached to the
+//!    allocator's lease, which it keeps alive, so that keys of a dead store user go away as
+//!    Cilium's do);
 //! 2. otherwise a free number is claimed with create-if-absent on
 //!    `cilium/state/identities/v1/id/<n>` (a number someone else claimed is skipped);
 //! 3. then the reverse key is created; if another replica created it first, our number is
@@ -11,10 +14,13 @@
 //!
 //! Identities no longer used by any pod are released after a grace period.
 //!
-//! A crash between the two creates (or between the two deletes of a release) leaves a number
-//! claimed with no reverse key pointing at it: an orphan, exported but never used. [`load`]
-//! finds them; once one has stayed an orphan for the grace period (another replica may be
-//! between its two creates) it is deleted (compare-and-delete on the revision seen).
+//! A number claimed with no reverse key pointing at it (a crash between the two creates, a
+//! lease that expired while every replica was down) is taken back by [`load`] when no other
+//! number has its labels: its reverse key is created again, so identities survive a long
+//! outage. Otherwise it is an orphan, exported but never used; once it has stayed one for
+//! the grace period (another replica may be between its two creates) it is deleted
+//! (compare-and-delete on the revision seen). Reverse keys of this project's earlier layout
+//! (no owner) are deleted when found.
 //!
 //! [`load`]: IdentityAllocator::load
 
@@ -23,7 +29,7 @@ use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clustermesh_kvstore::{CasOutcome, CreateOutcome, KvStore};
+use clustermesh_kvstore::{CasOutcome, CreateOutcome, KvStore, LeaseId};
 use clustermesh_model::cluster::{ClusterId, MaxConnectedClusters};
 use clustermesh_model::identity::{Identity, allocatable_range};
 use clustermesh_model::keys::{IDENTITY_ID_PREFIX, IDENTITY_VALUE_PREFIX, Key};
@@ -45,9 +51,20 @@ pub enum IdentityError {
     },
 }
 
+/// The owner of this project's reverse keys (Cilium puts a node's name there).
+pub const OWNER: &str = "clustermesh-apiserver";
+
+/// The TTL of the lease the reverse keys are attached to (Cilium's default kvstore lease
+/// TTL); it is renewed every [`LEASE_RENEWAL`].
+pub const LEASE_TTL: Duration = Duration::from_secs(15 * 60);
+/// How often the lease is renewed.
+pub const LEASE_RENEWAL: Duration = Duration::from_secs(60);
+
 /// Allocates and releases this cluster's identities.
 pub struct IdentityAllocator {
     store: Arc<dyn KvStore>,
+    /// The lease of the reverse keys, and when it was last renewed.
+    lease: Option<(LeaseId, Instant)>,
     range: RangeInclusive<u32>,
     grace: Duration,
     /// Label set -> identity, as known from the store and from our own allocations.
@@ -68,6 +85,7 @@ fn id_key(id: Identity) -> String {
 fn value_key(labels: &LabelSet) -> String {
     Key::IdentityValue {
         labels: labels.clone(),
+        owner: OWNER.to_owned(),
     }
     .to_string()
 }
@@ -82,6 +100,7 @@ impl IdentityAllocator {
     ) -> Self {
         Self {
             store,
+            lease: None,
             range: allocatable_range(cluster, mode),
             grace,
             known: BTreeMap::new(),
@@ -91,14 +110,80 @@ impl IdentityAllocator {
         }
     }
 
+    /// The lease the reverse keys are attached to: renewed when [`LEASE_RENEWAL`] has passed;
+    /// a new one when it is gone (every reverse key of ours is then written again with it).
+    async fn lease(&mut self) -> Result<LeaseId, IdentityError> {
+        let now = Instant::now();
+        match self.lease {
+            Some((id, renewed)) if now.duration_since(renewed) < LEASE_RENEWAL => return Ok(id),
+            Some((id, _)) => match self.store.keep_alive(id).await {
+                Ok(_) => {
+                    self.lease = Some((id, now));
+                    self.restore_missing(id).await?;
+                    return Ok(id);
+                }
+                Err(clustermesh_kvstore::Error::LeaseNotFound(_)) => {
+                    tracing::warn!(
+                        "the identities' lease expired; writing their reverse keys again"
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            },
+            None => {}
+        }
+        let id = self.store.grant_lease(LEASE_TTL).await?;
+        self.lease = Some((id, now));
+        for (labels, identity) in &self.known {
+            self.store
+                .put(
+                    &value_key(labels),
+                    identity.to_string().as_bytes(),
+                    Some(id),
+                )
+                .await?;
+        }
+        Ok(id)
+    }
+
+    /// Writes again, with `lease`, the reverse keys of known identities that are gone (another
+    /// replica's lease held them and expired): one listing per renewal.
+    async fn restore_missing(&self, lease: LeaseId) -> Result<(), IdentityError> {
+        let present: BTreeSet<String> = self
+            .store
+            .list(IDENTITY_VALUE_PREFIX)
+            .await?
+            .kvs
+            .into_iter()
+            .map(|kv| kv.key)
+            .collect();
+        for (labels, id) in &self.known {
+            let key = value_key(labels);
+            if !present.contains(&key) {
+                self.store
+                    .create(&key, id.to_string().as_bytes(), Some(lease))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Reads what the store already holds (after a restart, or what another replica wrote).
     pub async fn load(&mut self) -> Result<(), IdentityError> {
         self.known.clear();
         self.taken.clear();
         let values = self.store.list(IDENTITY_VALUE_PREFIX).await?;
         for kv in values.kvs {
-            let Ok(Key::IdentityValue { labels }) = Key::parse(&kv.key) else {
-                continue;
+            let labels = match Key::parse(&kv.key) {
+                Ok(Key::IdentityValue { labels, owner }) if owner == OWNER => labels,
+                // Another user's (a Cilium agent's), or not a key.
+                Ok(_) => continue,
+                Err(_) => {
+                    // This project's earlier layout (no owner): replaced below.
+                    if kv.key.ends_with(';') {
+                        self.store.delete(&kv.key).await?;
+                    }
+                    continue;
+                }
             };
             let Some(id) = std::str::from_utf8(&kv.value)
                 .ok()
@@ -111,14 +196,33 @@ impl IdentityAllocator {
         let ids = self.store.list(IDENTITY_ID_PREFIX).await?;
         let now = Instant::now();
         self.orphans.clear();
-        let owned: BTreeSet<Identity> = self.known.values().copied().collect();
+        let mut owned: BTreeSet<Identity> = self.known.values().copied().collect();
         for kv in ids.kvs {
-            if let Ok(Key::Identity { id }) = Key::parse(&kv.key) {
-                self.taken.insert(id.get());
-                if self.range.contains(&id.get()) && !owned.contains(&id) {
-                    self.orphans.insert(id, (kv.mod_revision, now));
+            let Ok(Key::Identity { id }) = Key::parse(&kv.key) else {
+                continue;
+            };
+            self.taken.insert(id.get());
+            if !self.range.contains(&id.get()) || owned.contains(&id) {
+                continue;
+            }
+            // A number whose reverse key is gone: taken back when no other number has its
+            // labels.
+            let labels = std::str::from_utf8(&kv.value)
+                .ok()
+                .and_then(|t| t.parse::<LabelSet>().ok());
+            if let Some(labels) = labels.filter(|l| !self.known.contains_key(l)) {
+                let lease = self.lease().await?;
+                if let CreateOutcome::Created { .. } = self
+                    .store
+                    .create(&value_key(&labels), id.to_string().as_bytes(), Some(lease))
+                    .await?
+                {
+                    self.known.insert(labels, id);
+                    owned.insert(id);
+                    continue;
                 }
             }
+            self.orphans.insert(id, (kv.mod_revision, now));
         }
         if !self.orphans.is_empty() {
             tracing::info!(orphans = ?self.orphans.keys().collect::<Vec<_>>(), "identities with no label set pointing at them (an interrupted allocation or release): deleted after the grace period unless claimed");
@@ -205,9 +309,10 @@ impl IdentityAllocator {
                 }
             };
             self.taken.insert(candidate);
+            let lease = self.lease().await?;
             match self
                 .store
-                .create(&vkey, id.to_string().as_bytes(), None)
+                .create(&vkey, id.to_string().as_bytes(), Some(lease))
                 .await?
             {
                 CreateOutcome::Created { .. } => {
@@ -256,6 +361,8 @@ impl IdentityAllocator {
         in_use: &BTreeSet<&LabelSet>,
         now: Instant,
     ) -> Result<Vec<Identity>, IdentityError> {
+        // Renewed here, on every pass of the source.
+        self.lease().await?;
         let mut released = self.collect_orphans(now).await?;
         let unused: Vec<(LabelSet, Identity)> = self
             .known

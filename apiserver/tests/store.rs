@@ -197,7 +197,7 @@ async fn scenario(cluster: TestCluster) {
          k8s:io.cilium.k8s.policy.serviceaccount=default;k8s:io.kubernetes.pod.namespace=prod;"
     );
     assert_eq!(
-        String::from_utf8(c["cilium/state/identities/v1/value/k8s:app=db;k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.cilium.k8s.policy.serviceaccount=default;k8s:io.kubernetes.pod.namespace=prod;"].clone()).unwrap(),
+        String::from_utf8(c["cilium/state/identities/v1/value/k8s:app=db;k8s:io.cilium.k8s.policy.cluster=c1;k8s:io.cilium.k8s.policy.serviceaccount=default;k8s:io.kubernetes.pod.namespace=prod;/clustermesh-apiserver"].clone()).unwrap(),
         db.to_string()
     );
     let svc: ClusterService =
@@ -402,7 +402,11 @@ async fn identities_orphaned_by_a_crash_are_collected_after_the_grace() {
     let web_id = first.allocate(&web).await.unwrap();
     let db_id = first.allocate(&db).await.unwrap();
     // A crash between the number's claim and its reverse key: the reverse key of db is gone.
-    let db_value = clustermesh_model::keys::Key::IdentityValue { labels: db.clone() }.to_string();
+    let db_value = clustermesh_model::keys::Key::IdentityValue {
+        labels: db.clone(),
+        owner: clustermesh_apiserver::identity::OWNER.to_owned(),
+    }
+    .to_string();
     assert!(store.delete(&db_value).await.unwrap().is_some());
     let ids = |store: std::sync::Arc<dyn KvStore>| async move {
         store
@@ -419,7 +423,8 @@ async fn identities_orphaned_by_a_crash_are_collected_after_the_grace() {
         [web_id.to_string(), db_id.to_string()]
     );
 
-    // The restarted allocator finds the orphan and deletes it after the grace, not before.
+    // The restarted allocator takes the number back (its reverse key is written again) and,
+    // as no pod uses db, releases it after the grace, not before.
     let mut restarted = IdentityAllocator::new(
         std::sync::Arc::clone(&store),
         id,
@@ -449,6 +454,54 @@ async fn identities_orphaned_by_a_crash_are_collected_after_the_grace() {
     // The number is free again; web keeps its identity.
     assert_eq!(restarted.allocate(&web).await.unwrap(), web_id);
     assert_eq!(restarted.allocate(&db).await.unwrap(), db_id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reverse_keys_have_cilium_s_layout_and_a_lease_and_survive_its_expiry() {
+    use clustermesh_apiserver::identity::{IdentityAllocator, OWNER};
+    use clustermesh_kvstore::embedded::{SledConfig, SledStore};
+    use clustermesh_model::MaxConnectedClusters;
+    use clustermesh_model::cluster::ClusterId;
+    use clustermesh_model::labels::LabelSet;
+    let dir = tempfile::tempdir().unwrap();
+    let store: std::sync::Arc<dyn KvStore> =
+        std::sync::Arc::new(SledStore::open(&SledConfig::new(dir.path().join("s"))).unwrap());
+    let c1 = ClusterName::new("c1").unwrap();
+    let id = ClusterId::new(1, MaxConnectedClusters::C255).unwrap();
+    let web = LabelSet::workload(&c1, "prod", [("app", "web")]).unwrap();
+    // A reverse key of this project's earlier layout (no owner) is replaced.
+    let old = format!("cilium/state/identities/v1/value/{web}");
+    store.put(&old, b"65537", None).await.unwrap();
+    let new = |store: std::sync::Arc<dyn KvStore>| {
+        IdentityAllocator::new(
+            store,
+            id,
+            MaxConnectedClusters::C255,
+            Duration::from_secs(60),
+        )
+    };
+    let mut a = new(std::sync::Arc::clone(&store));
+    a.load().await.unwrap();
+    assert!(
+        store.get(&old).await.unwrap().is_none(),
+        "the old layout stays"
+    );
+    let web_id = a.allocate(&web).await.unwrap();
+    // `value/<labels>/<owner>`, attached to a lease.
+    let key = format!("cilium/state/identities/v1/value/{web}/{OWNER}");
+    let kv = store.get(&key).await.unwrap().expect("the reverse key");
+    assert_eq!(kv.value, web_id.to_string().into_bytes());
+    let lease = kv.lease.expect("a lease");
+    // Every user of the store is gone long enough for the lease to expire: the key goes, the
+    // number stays; the next allocator takes it back, and web keeps its identity.
+    drop(a);
+    store.revoke_lease(lease).await.unwrap();
+    assert!(store.get(&key).await.unwrap().is_none());
+    let mut b = new(std::sync::Arc::clone(&store));
+    b.load().await.unwrap();
+    assert_eq!(b.identities().get(&web), Some(&web_id));
+    assert!(store.get(&key).await.unwrap().is_some());
+    assert_eq!(b.allocate(&web).await.unwrap(), web_id);
 }
 
 fn nodes_manifest(names: &[&str]) -> String {

@@ -240,10 +240,14 @@ pub enum Key {
         /// The object.
         object: CachedObject,
     },
-    /// `cilium/state/identities/v1/value/<label string>`: the identity of a label set.
+    /// `cilium/state/identities/v1/value/<label string>/<owner>`: the identity of a label
+    /// set, as one of its users (Cilium: a node; here: the apiserver) holds it, attached to
+    /// the user's lease (Cilium's allocator layout).
     IdentityValue {
         /// The label set.
         labels: crate::labels::LabelSet,
+        /// Who holds it: no `/`, not empty.
+        owner: String,
     },
     /// `clustermesh/local/services/v1/<ns>/<name>`: a Service of this cluster as its own
     /// agents see it.
@@ -354,11 +358,22 @@ impl Key {
             });
         }
         if let Some(rest) = key.strip_prefix(IDENTITY_VALUE_PREFIX) {
-            let labels = rest.parse().map_err(|source| KeyError::Labels {
+            // The label string ends with `;` (label keys may hold `/`); the owner follows.
+            let (labels, owner) = rest
+                .rsplit_once('/')
+                .filter(|(l, o)| l.ends_with(';') && !o.is_empty())
+                .ok_or_else(unknown)?;
+            let labels = labels.parse().map_err(|source| KeyError::Labels {
                 key: key.to_owned(),
                 source,
             })?;
-            return Ok(Self::IdentityValue { labels });
+            if !owner.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(unknown());
+            }
+            return Ok(Self::IdentityValue {
+                labels,
+                owner: owner.to_owned(),
+            });
         }
         if let Some(rest) = key.strip_prefix(POLICIES) {
             let (ns, name) = rest.split_once('/').ok_or_else(unknown)?;
@@ -470,7 +485,9 @@ impl fmt::Display for Key {
                     )
                 }
             },
-            Self::IdentityValue { labels } => write!(f, "{IDENTITY_VALUE_PREFIX}{labels}"),
+            Self::IdentityValue { labels, owner } => {
+                write!(f, "{IDENTITY_VALUE_PREFIX}{labels}/{owner}")
+            }
             Self::ClusterStatus { cluster } => write!(f, "{CLUSTER_STATUS_PREFIX}{cluster}"),
             Self::LocalService { namespace, name } => {
                 write!(f, "{LOCAL_SERVICES_PREFIX}{namespace}/{name}")

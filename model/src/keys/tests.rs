@@ -269,3 +269,26 @@ fn ipv4_mapped_addresses_are_written_as_go_writes_them() {
         "cilium/state/ip/v1/default/fd00::5"
     );
 }
+
+#[test]
+fn identity_value_keys_have_cilium_s_allocator_layout() {
+    let labels: crate::labels::LabelSet =
+        "k8s:app.kubernetes.io/name=web;k8s:io.cilium.k8s.policy.cluster=c1;"
+            .parse()
+            .unwrap();
+    let key = Key::IdentityValue {
+        labels: labels.clone(),
+        owner: "node-1".into(),
+    };
+    let text = "cilium/state/identities/v1/value/k8s:app.kubernetes.io/name=web;k8s:io.cilium.k8s.policy.cluster=c1;/node-1";
+    assert_eq!(key.to_string(), text);
+    assert_eq!(Key::parse(text), Ok(key));
+    // Without the owner (this project's earlier layout), or with an empty one: not a key.
+    for bad in [
+        "cilium/state/identities/v1/value/k8s:app=web;",
+        "cilium/state/identities/v1/value/k8s:app=web;/",
+        "cilium/state/identities/v1/value/k8s:app=web/node-1",
+    ] {
+        assert!(Key::parse(bad).is_err(), "{bad}");
+    }
+}

@@ -384,3 +384,154 @@ impl ClusterService {
 
 #[cfg(test)]
 mod tests;
+
+// === Cilium's exported EndpointSlices ===
+
+/// The label naming an EndpointSlice's Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The conditions of an endpoint, as Kubernetes writes them (absent `ready` is ready, absent
+/// `serving` is `ready`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct SliceConditions {
+    /// Ready.
+    #[serde(default)]
+    pub ready: Option<bool>,
+    /// Serving.
+    #[serde(default)]
+    pub serving: Option<bool>,
+    /// Terminating.
+    #[serde(default)]
+    pub terminating: Option<bool>,
+}
+
+/// One endpoint of an exported EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct SliceEndpoint {
+    /// Its addresses.
+    #[serde(default, deserialize_with = "crate::gozero::null_as_default")]
+    pub addresses: Vec<String>,
+    /// Its conditions.
+    #[serde(default)]
+    pub conditions: SliceConditions,
+}
+
+/// One port of an exported EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct SlicePort {
+    /// Its name (empty for the single unnamed port).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Its number.
+    #[serde(default)]
+    pub port: Option<i32>,
+    /// Its protocol (TCP when absent).
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+/// An EndpointSlice of a global shared service as Cilium 1.20's clustermesh-apiserver exports
+/// it (`cilium/state/endpointslices/v1/<cluster>/<ns>/<slice>`): the Kubernetes
+/// EndpointSlice with its cluster's name and ID.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ClusterEndpointSlice {
+    /// The cluster.
+    pub cluster: ClusterName,
+    /// Its ID.
+    #[serde(rename = "clusterID")]
+    pub cluster_id: ClusterId,
+    /// Namespace.
+    pub namespace: String,
+    /// The slice's name.
+    pub name: String,
+    /// Its labels ([`SERVICE_NAME_LABEL`] names the Service).
+    #[serde(default, deserialize_with = "crate::gozero::null_as_default")]
+    pub labels: BTreeMap<String, String>,
+    /// Endpoints.
+    #[serde(default, deserialize_with = "crate::gozero::null_as_default")]
+    pub endpoints: Vec<SliceEndpoint>,
+    /// Ports.
+    #[serde(default, deserialize_with = "crate::gozero::null_as_default")]
+    pub ports: Vec<SlicePort>,
+}
+
+impl ClusterEndpointSlice {
+    /// The Service the slice belongs to.
+    pub fn service(&self) -> Option<&str> {
+        self.labels.get(SERVICE_NAME_LABEL).map(String::as_str)
+    }
+}
+
+/// A remote cluster's service as the merge sees it, from its exported EndpointSlices (all of
+/// one Service): global and shared (only those are exported), no frontends, the ready or
+/// serving endpoints as backends with their ports, and the conditions of those that are not
+/// plainly ready. An address or port that does not parse is left out and reported.
+pub fn service_from_slices(
+    cluster: &ClusterName,
+    cluster_id: ClusterId,
+    namespace: &str,
+    name: &str,
+    slices: &[&ClusterEndpointSlice],
+) -> (ClusterService, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut backends = BTreeMap::new();
+    let mut backend_conditions = BTreeMap::new();
+    for slice in slices {
+        let mut ports = PortConfiguration::new();
+        for p in &slice.ports {
+            let Some(number) = p.port else { continue };
+            let protocol = p.protocol.as_deref().unwrap_or("TCP");
+            let l4 = u16::try_from(number)
+                .map_err(|e| e.to_string())
+                .and_then(|n| {
+                    let proto = protocol
+                        .parse::<crate::ip::Protocol>()
+                        .map_err(|e| e.to_string())?;
+                    L4Addr::new(proto, n).map_err(|e| e.to_string())
+                });
+            match l4 {
+                Ok(l4) => {
+                    ports.insert(p.name.clone().unwrap_or_default(), l4);
+                }
+                Err(e) => problems.push(format!("slice {}: port {number}: {e}", slice.name)),
+            }
+        }
+        for e in &slice.endpoints {
+            let ready = e.conditions.ready.unwrap_or(true);
+            let conditions = BackendConditions {
+                ready,
+                serving: e.conditions.serving.unwrap_or(ready),
+                terminating: e.conditions.terminating.unwrap_or(false),
+            };
+            if !(conditions.ready || conditions.serving) {
+                continue;
+            }
+            for a in &e.addresses {
+                match crate::ip::parse_ip(a) {
+                    Ok(ip) => {
+                        backends.insert(ip, ports.clone());
+                        if conditions != BackendConditions::READY {
+                            backend_conditions.insert(ip, conditions);
+                        }
+                    }
+                    Err(err) => problems.push(format!("slice {}: {err}", slice.name)),
+                }
+            }
+        }
+    }
+    let service = ClusterService {
+        cluster: cluster.clone(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        frontends: BTreeMap::new(),
+        backends,
+        backend_conditions,
+        labels: BTreeMap::new(),
+        selector: BTreeMap::new(),
+        include_external: true,
+        shared: true,
+        cluster_id,
+        affinity: Affinity::None,
+    };
+    (service, problems)
+}

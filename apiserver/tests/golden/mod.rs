@@ -568,7 +568,9 @@ pub fn run(
 
 /// The golden archives: `(name, text)`, the top-level ones and those under `clustermesh/`.
 pub fn archives() -> Vec<(String, String)> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/cilium-golden");
+    // Found from the crate that includes this module (the apiserver's tests, the agent's).
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../apiserver/tests/golden/cilium-golden");
     let mut out = Vec::new();
     for dir in [root.clone(), root.join("clustermesh")] {
         let mut names: Vec<_> = std::fs::read_dir(&dir)

@@ -552,7 +552,44 @@ fn cilium_s_agent_side_service_merge_scenarios_pass() {
         "failed scenarios:\n{}",
         failed.join("\n")
     );
+    // docs/INTEROP.md's agent-side table, from these results.
+    let mut table = String::from(
+        "| key read | Cilium's format | what the agent does with it | verdict |\n| --- | --- | --- | --- |\n",
+    );
+    for (key, format, ours, scenarios) in READ_KINDS {
+        table.push_str(&format!(
+            "| {key} | {format} | {ours} | **passes** Cilium's script ({}) |\n",
+            scenarios.join(", ")
+        ));
+    }
+    golden::check_generated("node-agent/tests/golden_agent.rs", &table);
 }
+
+/// The remote keys the agent-side scenarios give, and the scenarios (all must pass to get
+/// here).
+const READ_KINDS: [(&str, &str, &str, &[&str]); 2] = [
+    (
+        "`cilium/state/services/v1/<cluster>/<ns>/<name>`",
+        "ClusterService JSON",
+        "merged into the local global service's frontends by port name; affinity, multi-port, no local endpoints",
+        &[
+            "clusterservice.txtar",
+            "clusterservice-multiport.txtar",
+            "clusterservice-without-local-eps.txtar",
+            "service-affinity.txtar",
+        ],
+    ),
+    (
+        "`cilium/state/endpointslices/v1/<cluster>/<ns>/<slice>`",
+        "EndpointSlice JSON with `cluster`, `clusterID` (Cilium 1.20)",
+        "the slices of one Service make one remote service (global, shared, ready or serving endpoints), merged the same way",
+        &[
+            "service.txtar",
+            "service-multiport.txtar",
+            "service-without-local-eps.txtar",
+        ],
+    ),
+];
 
 /// The runner can fail: Cilium's scenarios with one expected backend changed, or the
 /// affinity's expectation swapped, fail at the line that checks it.

@@ -139,6 +139,18 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
+/// What a remote cluster runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RemoteKind {
+    /// One of this project's apiservers, imported over its Export protocol.
+    #[default]
+    Export,
+    /// A Cilium cluster's clustermesh-apiserver (or KVStoreMesh), read from its etcd as
+    /// Cilium's agents read it.
+    Etcd,
+}
+
 /// A remote cluster to import.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -147,14 +159,40 @@ pub struct RemoteSection {
     pub name: ClusterName,
     /// Its ID, as it must report it.
     pub id: u32,
-    /// Its Export address, `host:port`.
+    /// `export` (default) or `etcd`.
+    #[serde(default)]
+    pub kind: RemoteKind,
+    /// Its Export address, `host:port`; for `etcd`, its etcd's client URL
+    /// (`https://host:2379`; `host:port` means https).
     pub address: String,
     /// Its CA.
     pub ca: PathBuf,
-    /// Our `remote-<this cluster>` certificate, signed by its CA.
+    /// Our `remote-<this cluster>` certificate, signed by its CA (for `etcd`: the client
+    /// certificate Cilium's clustermesh-apiserver hands to its remote users).
     pub cert: PathBuf,
     /// Its key.
     pub key: PathBuf,
+}
+
+impl RemoteSection {
+    /// How to reach the etcd of a remote of kind `etcd`.
+    pub fn etcd_config(&self) -> Option<clustermesh_kvstore::etcd::EtcdConfig> {
+        if self.kind != RemoteKind::Etcd {
+            return None;
+        }
+        let url = if self.address.contains("://") {
+            self.address.clone()
+        } else {
+            format!("https://{}", self.address)
+        };
+        let mut config = clustermesh_kvstore::etcd::EtcdConfig::new([url]);
+        config.tls = Some(clustermesh_kvstore::etcd::EtcdTls {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        });
+        Some(config)
+    }
 }
 
 /// The bounded-staleness durations (milliseconds).

@@ -132,6 +132,7 @@ impl RemoteSet {
             id: section.id,
             address: section.address.clone(),
             tls,
+            etcd: section.etcd_config(),
         };
         Ok(RemoteWorker::spawn(self.ctx.clone(), remote))
     }

@@ -198,3 +198,104 @@ pub(crate) fn disconnect(a: &Path, b: &Path) -> anyhow::Result<(bool, bool)> {
         remove_remote(&b, a.name().as_str())?,
     ))
 }
+
+/// A Cilium cluster to import from the etcd of its clustermesh-apiserver.
+pub(crate) struct CiliumRemote<'a> {
+    /// Its name.
+    pub(crate) name: &'a str,
+    /// Its cluster ID.
+    pub(crate) id: u32,
+    /// Its etcd's client URL.
+    pub(crate) etcd: &'a str,
+    /// That etcd's CA.
+    pub(crate) ca: &'a Path,
+    /// The client certificate and key it hands to its remote users.
+    pub(crate) cert: &'a Path,
+    /// Its key.
+    pub(crate) key: &'a Path,
+}
+
+/// The remote file of a Cilium cluster (kind `etcd`).
+fn cilium_entry_text(name: &str, id: u32, etcd: &str) -> String {
+    format!(
+        "# written by clustermesh connect --cilium\nname: {name}\nid: {id}\nkind: etcd\naddress: \"{etcd}\"\nca: {name}-ca.pem\ncert: {name}-client.pem\nkey: {name}-client-key.pem\n"
+    )
+}
+
+/// Makes the cluster of directory `dir` import the Cilium cluster `remote` from its etcd.
+/// Every check runs before anything is written: the name and ID (valid, not this cluster's),
+/// the URL (`https://`), the three files (readable PEM).
+pub(crate) fn connect_cilium(dir: &Path, remote: &CiliumRemote<'_>) -> anyhow::Result<Outcome> {
+    let us = ClusterDir::open(dir)?;
+    let name = clustermesh_model::ClusterName::new(remote.name)
+        .with_context(|| format!("--cilium {:?}", remote.name))?;
+    let mode = us.apiserver.cluster.max_connected_clusters;
+    clustermesh_model::cluster::ClusterId::new(remote.id, mode)
+        .with_context(|| format!("--cilium-id {}", remote.id))?;
+    if &name == us.name() || remote.id == us.apiserver.cluster.id {
+        bail!(
+            "refusing to connect: {} is cluster {} with ID {}; the Cilium cluster needs another name and ID",
+            dir.display(),
+            us.name(),
+            us.apiserver.cluster.id
+        );
+    }
+    let Some(authority) = remote.etcd.strip_prefix("https://") else {
+        bail!(
+            "--cilium-etcd {:?}: an https:// URL (a clustermesh-apiserver's etcd requires TLS)",
+            remote.etcd
+        );
+    };
+    let authority = authority.trim_end_matches('/');
+    if authority.is_empty() || authority.contains(['/', ' ', '"', '\n']) {
+        bail!("--cilium-etcd {:?}: https://HOST:PORT", remote.etcd);
+    }
+    let read = |what: &str, p: &Path| -> anyhow::Result<String> {
+        let text = std::fs::read_to_string(p).with_context(|| format!("{what} {}", p.display()))?;
+        if !text.contains("-----BEGIN ") {
+            bail!("{what} {}: not a PEM file", p.display());
+        }
+        Ok(text)
+    };
+    let (ca, cert, key) = (
+        read("--cilium-ca", remote.ca)?,
+        read("--cilium-cert", remote.cert)?,
+        read("--cilium-key", remote.key)?,
+    );
+    let remotes = us.remotes_dir()?;
+    let file = remotes.join(format!("{name}.yaml"));
+    let [ca_file, cert_file, key_file] = files_of(remotes, name.as_str());
+    let text = cilium_entry_text(name.as_str(), remote.id, remote.etcd);
+    let same = |p: &Path, t: &str| std::fs::read_to_string(p).is_ok_and(|x| x == t);
+    if same(&file, &text)
+        && same(&ca_file, &ca)
+        && same(&cert_file, &cert)
+        && same(&key_file, &key)
+        && key_is_private(&key_file)
+    {
+        return Ok(Outcome::Unchanged);
+    }
+    std::fs::create_dir_all(remotes).with_context(|| format!("creating {}", remotes.display()))?;
+    std::fs::write(&ca_file, &ca).with_context(|| format!("writing {}", ca_file.display()))?;
+    std::fs::write(&cert_file, &cert)
+        .with_context(|| format!("writing {}", cert_file.display()))?;
+    write_private(&key_file, &key)?;
+    // The remote file last, so that the apiserver never reads it before its certificates.
+    write_atomic(&file, &text)?;
+    Ok(Outcome::Written)
+}
+
+/// Writes a private key readable by its owner only.
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}

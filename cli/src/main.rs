@@ -227,10 +227,12 @@ enum Command {
         #[arg(required_unless_present = "context", conflicts_with = "context")]
         a: Option<PathBuf>,
         /// The other.
-        #[arg(required_unless_present = "context")]
+        #[arg(required_unless_present_any = ["context", "cilium"])]
         b: Option<PathBuf>,
         #[command(flatten)]
         kube: KubeConnectArgs,
+        #[command(flatten)]
+        cilium: CiliumConnectArgs,
     },
     /// Undo `connect`: each stops importing the other (cached state is dropped after the
     /// apiserver's drain grace period).
@@ -378,6 +380,30 @@ struct KubeConnectArgs {
     /// The same for --destination-context's cluster.
     #[arg(long)]
     destination_address: Option<String>,
+}
+
+/// `connect DIR --cilium NAME ...`: DIR's cluster imports a Cilium cluster from the etcd of
+/// its clustermesh-apiserver (one way: see docs/INTEROP.md for the other).
+#[derive(clap::Args)]
+struct CiliumConnectArgs {
+    /// The Cilium cluster's name (its `cluster.name`).
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["b", "context"], requires_all = ["cilium_id", "cilium_etcd", "cilium_ca", "cilium_cert", "cilium_key"])]
+    cilium: Option<String>,
+    /// Its cluster ID (its `cluster.id`).
+    #[arg(long, value_name = "ID")]
+    cilium_id: Option<u32>,
+    /// Its clustermesh-apiserver's etcd client URL (`https://host:2379`).
+    #[arg(long, value_name = "URL")]
+    cilium_etcd: Option<String>,
+    /// The CA of that etcd (`ca.crt` of its `clustermesh-apiserver-remote-cert`).
+    #[arg(long, value_name = "FILE")]
+    cilium_ca: Option<PathBuf>,
+    /// The client certificate it hands to its remote users (`tls.crt`).
+    #[arg(long, value_name = "FILE")]
+    cilium_cert: Option<PathBuf>,
+    /// Its key (`tls.key`).
+    #[arg(long, value_name = "FILE")]
+    cilium_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -723,9 +749,42 @@ async fn run(command: Command, log_format: &'static str) -> anyhow::Result<bool>
             println!("{}: remote {} {}", a.display(), b.display(), say(&x));
             println!("{}: remote {} {}", b.display(), a.display(), say(&y));
         }
+        Command::Connect {
+            a: Some(a),
+            cilium:
+                CiliumConnectArgs {
+                    cilium: Some(name),
+                    cilium_id: Some(id),
+                    cilium_etcd: Some(etcd),
+                    cilium_ca: Some(ca),
+                    cilium_cert: Some(cert),
+                    cilium_key: Some(key),
+                },
+            ..
+        } => {
+            let outcome = connect::connect_cilium(
+                &a,
+                &connect::CiliumRemote {
+                    name: &name,
+                    id,
+                    etcd: &etcd,
+                    ca: &ca,
+                    cert: &cert,
+                    key: &key,
+                },
+            )?;
+            let said = match outcome {
+                connect::Outcome::Written => "added",
+                connect::Outcome::Unchanged => "already there, unchanged",
+            };
+            println!(
+                "{}: remote {name} (Cilium, etcd {etcd}) {said}",
+                a.display()
+            );
+        }
         Command::Connect { .. } => {
             bail!(
-                "say which clusters: two cluster directories, or --context and --destination-context"
+                "say which clusters: two cluster directories, a directory and --cilium, or --context and --destination-context"
             )
         }
         Command::Disconnect { a, b } => {

@@ -342,3 +342,110 @@ fn private_keys_are_readable_by_their_owner_only() {
     assert_eq!(keys.len(), 8, "{keys:?}");
     assert!(keys.iter().all(|(_, m)| *m == 0o600), "{keys:?}");
 }
+
+/// `connect DIR --cilium ...`: the cluster imports a Cilium cluster from its
+/// clustermesh-apiserver's etcd: a remote file of kind `etcd` with copies of the CA, the
+/// client certificate and its key (0600); a second run changes nothing; a bad name, an ID of
+/// its own, a plain-HTTP URL or a file that is no PEM is refused and writes nothing.
+#[test]
+fn connect_adds_a_cilium_cluster_read_from_its_etcd() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let root = tempfile::tempdir().unwrap();
+    let c1 = init(root.path(), "c1", 1, &[]);
+    // The files a Cilium clustermesh-apiserver hands out (any CA-signed pair will do).
+    let pem = root.path().join("cilium");
+    std::fs::create_dir_all(&pem).unwrap();
+    let ca = clustermesh_certs::CertificateAuthority::generate(
+        &clustermesh_model::ClusterName::new("cluster3").unwrap(),
+    )
+    .unwrap();
+    ca.cert().write(&pem, "ca").unwrap();
+    ca.client_cert(&clustermesh_certs::ClientIdentity::Remote(
+        clustermesh_model::ClusterName::new("c1").unwrap(),
+    ))
+    .unwrap()
+    .write(&pem, "tls")
+    .unwrap();
+    std::fs::write(pem.join("junk.pem"), "not a certificate").unwrap();
+    let p = |f: &str| pem.join(f).display().to_string();
+    let args = |name: &str, id: &str, url: &str, ca_file: &str| -> Vec<String> {
+        [
+            "connect",
+            c1.to_str().unwrap(),
+            "--cilium",
+            name,
+            "--cilium-id",
+            id,
+            "--cilium-etcd",
+            url,
+            "--cilium-ca",
+            ca_file,
+            "--cilium-cert",
+            &p("tls.pem"),
+            "--cilium-key",
+            &p("tls-key.pem"),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    };
+    let go = |a: Vec<String>| run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    for (a, why) in [
+        (
+            args("Cluster3", "3", "https://10.0.0.3:2379", &p("ca.pem")),
+            "--cilium \"Cluster3\"",
+        ),
+        (
+            args("cluster3", "1", "https://10.0.0.3:2379", &p("ca.pem")),
+            "needs another name and ID",
+        ),
+        (
+            args("cluster3", "300", "https://10.0.0.3:2379", &p("ca.pem")),
+            "--cilium-id 300",
+        ),
+        (
+            args("cluster3", "3", "http://10.0.0.3:2379", &p("ca.pem")),
+            "an https:// URL",
+        ),
+        (
+            args("cluster3", "3", "https://10.0.0.3:2379", &p("junk.pem")),
+            "not a PEM file",
+        ),
+    ] {
+        let before = files(&c1);
+        let out = go(a);
+        assert_eq!(out.status.code(), Some(1), "{why}");
+        assert!(
+            text(&out.stderr).contains(why),
+            "{why:?} not in {}",
+            text(&out.stderr)
+        );
+        assert_eq!(files(&c1), before, "{why}: the directory changed");
+    }
+    let ok = args("cluster3", "3", "https://10.0.0.3:2379", &p("ca.pem"));
+    let out = go(ok.clone());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("remote cluster3 (Cilium, etcd https://10.0.0.3:2379) added")
+    );
+    let remotes = c1.join("remotes");
+    assert_eq!(
+        std::fs::read_to_string(remotes.join("cluster3.yaml")).unwrap(),
+        "# written by clustermesh connect --cilium\nname: cluster3\nid: 3\nkind: etcd\naddress: \"https://10.0.0.3:2379\"\nca: cluster3-ca.pem\ncert: cluster3-client.pem\nkey: cluster3-client-key.pem\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(remotes.join("cluster3-ca.pem")).unwrap(),
+        std::fs::read_to_string(pem.join("ca.pem")).unwrap()
+    );
+    let mode = std::fs::metadata(remotes.join("cluster3-client-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let out = go(ok);
+    assert!(
+        text(&out.stdout).contains("already there, unchanged"),
+        "{}",
+        text(&out.stdout)
+    );
+}

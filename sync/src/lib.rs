@@ -6,10 +6,13 @@
 //! - [`validate`]: what a remote may write, and where;
 //! - [`ownership`]: which remote owns each imported pod IP;
 //! - [`staleness`]: unreachable / withdrawn / restored as a pure state machine;
-//! - [`worker`]: the I/O loop of one remote.
+//! - [`worker`]: the I/O loop of one remote;
+//! - `etcd_source`: a remote of kind `etcd` (a Cilium cluster's clustermesh-apiserver or
+//!   KVStoreMesh), read as Cilium's agents read it and turned into the same events.
 
 #![forbid(unsafe_code)]
 
+mod etcd_source;
 pub mod ownership;
 pub mod staleness;
 pub mod validate;

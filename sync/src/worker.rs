@@ -40,6 +40,32 @@ pub struct RemoteConfig {
     pub address: String,
     /// Its CA and our `remote-<local>` certificate.
     pub tls: ClientTls,
+    /// A Cilium cluster's etcd to read instead of an Export server (a remote of kind
+    /// `etcd`; `address` then only names it in messages).
+    pub etcd: Option<clustermesh_kvstore::etcd::EtcdConfig>,
+}
+
+/// Where a session's events come from.
+enum Events {
+    /// An Export server's watch stream.
+    Grpc(Box<tonic::Streaming<v1::WatchEvent>>),
+    /// A Cilium cluster's etcd, read by [`crate::etcd_source`].
+    Etcd(tokio::sync::mpsc::Receiver<Result<v1::WatchEvent, SessionError>>),
+}
+
+impl Events {
+    async fn next(&mut self) -> Result<Option<v1::WatchEvent>, SessionError> {
+        match self {
+            Self::Grpc(s) => Ok(s.message().await?),
+            Self::Etcd(rx) => rx.recv().await.transpose(),
+        }
+    }
+}
+
+/// How a session reached its remote, before its events are asked for.
+enum Connected {
+    Grpc(clustermesh_proto::v1::export_client::ExportClient<tonic::transport::Channel>),
+    Etcd(crate::etcd_source::EtcdRemote),
 }
 
 /// What every worker of one apiserver shares.
@@ -599,9 +625,11 @@ impl Cache {
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
-enum SessionError {
+pub(crate) enum SessionError {
     #[error("connecting failed: {0}")]
     Connect(String),
+    #[error("reading the remote's etcd failed: {0}")]
+    RemoteStore(String),
     #[error("the remote refused the call: {0}")]
     Rpc(#[from] tonic::Status),
     #[error("refused: {0}")]
@@ -902,17 +930,37 @@ async fn session(
     last_revision: &mut i64,
     synced: &mut bool,
 ) -> Result<(), SessionError> {
-    let mut client = tokio::time::timeout(
-        Duration::from_secs(10),
-        connect(&remote.address, &remote.tls),
-    )
-    .await
-    .map_err(|_| SessionError::Connect("timed out".into()))?
-    .map_err(|e| SessionError::Connect(clustermesh_proto::client::error_chain(&e)))?;
-    let config = client
-        .get_cluster_config(v1::GetClusterConfigRequest {})
-        .await?
-        .into_inner();
+    let (config, connected) = match &remote.etcd {
+        Some(etcd) => {
+            let r = tokio::time::timeout(
+                Duration::from_secs(10),
+                crate::etcd_source::connect(etcd, &remote.name),
+            )
+            .await
+            .map_err(|_| SessionError::Connect("timed out".into()))??;
+            let config = v1::ClusterConfig {
+                name: remote.name.to_string(),
+                id: u32::from(r.config.id.get()),
+                max_connected_clusters: u32::from(r.config.capabilities.max_connected_clusters),
+                ..v1::ClusterConfig::default()
+            };
+            (config, Connected::Etcd(r))
+        }
+        None => {
+            let mut client = tokio::time::timeout(
+                Duration::from_secs(10),
+                connect(&remote.address, &remote.tls),
+            )
+            .await
+            .map_err(|_| SessionError::Connect("timed out".into()))?
+            .map_err(|e| SessionError::Connect(clustermesh_proto::client::error_chain(&e)))?;
+            let config = client
+                .get_cluster_config(v1::GetClusterConfigRequest {})
+                .await?
+                .into_inner();
+            (config, Connected::Grpc(client))
+        }
+    };
     let mode_max = u32::from(ctx.mode);
     if config.name != remote.name.as_str() {
         return Err(SessionError::Refused(format!(
@@ -963,7 +1011,8 @@ async fn session(
     mirror_cluster_config(ctx.store.as_ref(), &remote.name, id, ctx.mode).await?;
 
     // A resume needs a revision to resume from (none after a store failure or a quota stop).
-    let resume = status.lock().imported && *last_revision > 0;
+    // An etcd remote is always read in full (its revisions are not ours to resume from).
+    let resume = remote.etcd.is_none() && status.lock().imported && *last_revision > 0;
     let since = if resume { *last_revision } else { 0 };
     let kinds = [
         v1::Kind::Identities,
@@ -975,7 +1024,18 @@ async fn session(
         kinds: kinds.iter().map(|k| *k as i32).collect(),
         since_revision: since,
     };
-    let mut stream = client.watch(request).await?.into_inner();
+    let mut stream = match connected {
+        Connected::Grpc(mut client) => {
+            Events::Grpc(Box::new(client.watch(request).await?.into_inner()))
+        }
+        // Heartbeats often enough for the staleness machine to see a live remote.
+        Connected::Etcd(r) => Events::Etcd(
+            r.events(
+                (ctx.staleness.unreachable_after / 4)
+                    .clamp(Duration::from_millis(50), Duration::from_secs(1)),
+            ),
+        ),
+    };
     status.lock().connected = true;
     // Reachable again at the first message, not at the stream's opening: a peer that
     // accepts and then fails stays unreachable (and is withdrawn on time).
@@ -985,7 +1045,7 @@ async fn session(
     // made from the time of the last message, not from this timeout.)
     let silence = ctx.staleness.unreachable_after + ctx.staleness.withdraw_after;
     loop {
-        let message = tokio::time::timeout(silence, stream.message())
+        let message = tokio::time::timeout(silence, stream.next())
             .await
             .map_err(|_| SessionError::Silent(silence))??
             .ok_or(SessionError::Closed)?;

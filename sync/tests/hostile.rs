@@ -355,6 +355,7 @@ async fn spawn_worker<S: v1::export_server::Export>(
             key_pem: client.key_pem,
             server_name: server_name(name),
         },
+        etcd: None,
     };
     RemoteWorker::spawn(ctx.clone(), remote)
 }

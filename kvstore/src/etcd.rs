@@ -183,6 +183,42 @@ impl EtcdStore {
         Ok(store)
     }
 
+    /// One page of at most `limit` keys under `prefix`, from `after` (exclusive; `None`: the
+    /// first key), at `revision` (`None`: now). Returns the keys, the revision read, and
+    /// whether more follow. A reader of a store it does not trust pages through a large
+    /// prefix with this, holding one page at a time.
+    pub async fn list_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        revision: Option<Revision>,
+        limit: usize,
+    ) -> Result<(Vec<KeyValue>, Revision, bool)> {
+        let from = match after {
+            Some(k) => {
+                let mut from = k.as_bytes().to_vec();
+                from.push(0);
+                from
+            }
+            None => prefix.as_bytes().to_vec(),
+        };
+        let mut opts = GetOptions::new()
+            .with_range(prefix_end(prefix))
+            .with_limit(i64::try_from(limit.max(1)).unwrap_or(LIST_PAGE));
+        if let Some(rev) = revision {
+            opts = opts.with_revision(rev);
+        }
+        let resp = self
+            .client
+            .clone()
+            .get(from, Some(opts))
+            .await
+            .map_err(|e| classify(e, revision.unwrap_or(0), None))?;
+        let rev = revision.unwrap_or_else(|| header_revision(resp.header()));
+        let kvs = resp.kvs().iter().map(to_kv).collect::<Result<Vec<_>>>()?;
+        Ok((kvs, rev, resp.more()))
+    }
+
     async fn list_pages(&self, prefix: &str, revision: Option<Revision>) -> Result<Listing> {
         let end = prefix_end(prefix);
         let mut from = prefix.as_bytes().to_vec();

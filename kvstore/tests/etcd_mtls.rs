@@ -119,3 +119,35 @@ async fn the_request_deadline_does_not_end_watches_or_leases() {
         .unwrap();
     assert_eq!((event.key.as_str(), event.revision), ("w/a", rev));
 }
+
+/// `list_page`: a prefix read a page at a time, every page at the revision of the first, so
+/// that a reader holds one page of a large (or hostile) store at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_is_read_a_page_at_a_time_at_one_revision() {
+    let server = EtcdServer::start().await;
+    let store = server.store().await;
+    for i in 0..5 {
+        store.put(&format!("p/{i}"), b"v", None).await.unwrap();
+    }
+    store.put("q/0", b"outside", None).await.unwrap();
+    let (first, rev, more) = store.list_page("p/", None, None, 2).await.unwrap();
+    assert!(more);
+    // A write after the first page is not seen by the later ones.
+    store.put("p/9", b"late", None).await.unwrap();
+    let mut keys: Vec<String> = first.iter().map(|kv| kv.key.clone()).collect();
+    let mut after = keys.last().cloned();
+    loop {
+        let (page, r, more) = store
+            .list_page("p/", after.as_deref(), Some(rev), 2)
+            .await
+            .unwrap();
+        assert_eq!(r, rev);
+        assert!(page.len() <= 2);
+        keys.extend(page.iter().map(|kv| kv.key.clone()));
+        after = page.last().map(|kv| kv.key.clone());
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(keys, ["p/0", "p/1", "p/2", "p/3", "p/4"]);
+}

@@ -24,6 +24,9 @@ use tokio::sync::mpsc;
 
 use crate::worker::SessionError;
 
+/// Keys read from the remote's etcd at once while its snapshot is taken.
+const SNAPSHOT_PAGE: usize = 500;
+
 /// A failure of the remote's etcd (not of the local store: the session ends and is tried
 /// again, the cache is kept).
 fn remote_err(e: clustermesh_kvstore::Error) -> SessionError {
@@ -126,18 +129,27 @@ impl EtcdRemote {
                 tokio::time::sleep(heartbeat).await;
             }
         }
-        // The snapshot, every kind at one revision.
+        // The snapshot, every kind at one revision, a page at a time: the worker's quotas end
+        // the session (and this reader) before a hostile remote's listing fills memory.
         let mut revision = None;
         for (kind, prefix, _) in &layout {
-            let listing = match revision {
-                None => self.store.list(prefix).await.map_err(remote_err)?,
-                Some(r) => self.store.list_at(prefix, r).await.map_err(remote_err)?,
-            };
-            revision = Some(listing.revision);
-            for kv in listing.kvs {
-                let event = self.upsert(*kind, &kv.key, &kv.value);
-                if send(listing.revision, event).await.is_err() {
-                    return Ok(());
+            let mut after: Option<String> = None;
+            loop {
+                let (kvs, rev, more) = self
+                    .store
+                    .list_page(prefix, after.as_deref(), revision, SNAPSHOT_PAGE)
+                    .await
+                    .map_err(remote_err)?;
+                revision = Some(rev);
+                after = kvs.last().map(|kv| kv.key.clone());
+                for kv in kvs {
+                    let event = self.upsert(*kind, &kv.key, &kv.value);
+                    if send(rev, event).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                if !more || after.is_none() {
+                    break;
                 }
             }
         }

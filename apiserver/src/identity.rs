@@ -65,6 +65,8 @@ pub struct IdentityAllocator {
     store: Arc<dyn KvStore>,
     /// The lease of the reverse keys, and when it was last renewed.
     lease: Option<(LeaseId, Instant)>,
+    /// How often it is renewed ([`LEASE_RENEWAL`]).
+    renewal: Duration,
     range: RangeInclusive<u32>,
     grace: Duration,
     /// Label set -> identity, as known from the store and from our own allocations.
@@ -101,6 +103,7 @@ impl IdentityAllocator {
         Self {
             store,
             lease: None,
+            renewal: LEASE_RENEWAL,
             range: allocatable_range(cluster, mode),
             grace,
             known: BTreeMap::new(),
@@ -115,7 +118,7 @@ impl IdentityAllocator {
     async fn lease(&mut self) -> Result<LeaseId, IdentityError> {
         let now = Instant::now();
         match self.lease {
-            Some((id, renewed)) if now.duration_since(renewed) < LEASE_RENEWAL => return Ok(id),
+            Some((id, renewed)) if now.duration_since(renewed) < self.renewal => return Ok(id),
             Some((id, _)) => match self.store.keep_alive(id).await {
                 Ok(_) => {
                     self.lease = Some((id, now));
@@ -133,21 +136,27 @@ impl IdentityAllocator {
         }
         let id = self.store.grant_lease(LEASE_TTL).await?;
         self.lease = Some((id, now));
-        for (labels, identity) in &self.known {
-            self.store
-                .put(
-                    &value_key(labels),
-                    identity.to_string().as_bytes(),
-                    Some(id),
-                )
-                .await?;
+        let known: Vec<(LabelSet, Identity)> =
+            self.known.iter().map(|(l, i)| (l.clone(), *i)).collect();
+        for (labels, identity) in known {
+            if self.id_holds(identity, &labels).await? {
+                self.store
+                    .put(
+                        &value_key(&labels),
+                        identity.to_string().as_bytes(),
+                        Some(id),
+                    )
+                    .await?;
+            } else {
+                self.forget(&labels, identity);
+            }
         }
         Ok(id)
     }
 
     /// Writes again, with `lease`, the reverse keys of known identities that are gone (another
     /// replica's lease held them and expired): one listing per renewal.
-    async fn restore_missing(&self, lease: LeaseId) -> Result<(), IdentityError> {
+    async fn restore_missing(&mut self, lease: LeaseId) -> Result<(), IdentityError> {
         let present: BTreeSet<String> = self
             .store
             .list(IDENTITY_VALUE_PREFIX)
@@ -156,15 +165,48 @@ impl IdentityAllocator {
             .into_iter()
             .map(|kv| kv.key)
             .collect();
-        for (labels, id) in &self.known {
-            let key = value_key(labels);
-            if !present.contains(&key) {
+        let missing: Vec<(LabelSet, Identity)> = self
+            .known
+            .iter()
+            .filter(|(l, _)| !present.contains(&value_key(l)))
+            .map(|(l, i)| (l.clone(), *i))
+            .collect();
+        for (labels, id) in missing {
+            // Only while the number still has these labels: one released (and perhaps given
+            // to other labels) by another replica meanwhile is forgotten, and the labels get
+            // a number anew when next allocated.
+            if self.id_holds(id, &labels).await? {
                 self.store
-                    .create(&key, id.to_string().as_bytes(), Some(lease))
+                    .create(&value_key(&labels), id.to_string().as_bytes(), Some(lease))
                     .await?;
+            } else {
+                self.forget(&labels, id);
             }
         }
         Ok(())
+    }
+
+    /// Whether `id/<id>` holds `labels`.
+    async fn id_holds(&self, id: Identity, labels: &LabelSet) -> Result<bool, IdentityError> {
+        Ok(self.store.get(&id_key(id)).await?.is_some_and(|kv| {
+            std::str::from_utf8(&kv.value)
+                .ok()
+                .and_then(|t| t.parse::<LabelSet>().ok())
+                .is_some_and(|l| &l == labels)
+        }))
+    }
+
+    /// Forgets an identity this allocator no longer holds.
+    fn forget(&mut self, labels: &LabelSet, id: Identity) {
+        tracing::warn!(%id, labels = %labels, "an identity's number no longer holds its labels (released by another replica); it is allocated anew when next used");
+        self.known.remove(labels);
+        self.unused_since.remove(&id);
+    }
+
+    /// The same allocator renewing its lease every `renewal` instead of [`LEASE_RENEWAL`].
+    pub fn with_lease_renewal(mut self, renewal: Duration) -> Self {
+        self.renewal = renewal;
+        self
     }
 
     /// Reads what the store already holds (after a restart, or what another replica wrote).
@@ -320,12 +362,18 @@ impl IdentityAllocator {
                     return Ok(id);
                 }
                 CreateOutcome::Exists { current } => {
-                    // Another replica allocated these labels meanwhile: give our number back.
-                    self.store.compare_and_delete(&id_key(id), claimed).await?;
-                    self.taken.remove(&candidate);
                     let theirs = std::str::from_utf8(&current.value)
                         .ok()
                         .and_then(|s| Identity::parse_decimal(s).ok());
+                    // Our own number: another replica's start took it back while we were
+                    // between the two creates. It is ours; keep it.
+                    if theirs == Some(id) {
+                        self.remember(labels, id);
+                        return Ok(id);
+                    }
+                    // Another replica allocated these labels meanwhile: give our number back.
+                    self.store.compare_and_delete(&id_key(id), claimed).await?;
+                    self.taken.remove(&candidate);
                     match theirs {
                         Some(theirs) => {
                             self.remember(labels, theirs);
@@ -389,8 +437,14 @@ impl IdentityAllocator {
                 ),
                 None => true,
             };
-            // The number goes only once no label set points at it.
-            if let (true, Some(kv)) = (released_value, self.store.get(&id_key(id)).await?) {
+            // The number goes only once no label set points at it, and only while it still
+            // has these labels (never another label set's number).
+            if let (true, Some(kv)) = (released_value, self.store.get(&id_key(id)).await?)
+                && std::str::from_utf8(&kv.value)
+                    .ok()
+                    .and_then(|t| t.parse::<LabelSet>().ok())
+                    .is_some_and(|l| l == labels)
+            {
                 self.store
                     .compare_and_delete(&id_key(id), kv.mod_revision)
                     .await?;

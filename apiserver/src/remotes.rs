@@ -221,16 +221,26 @@ impl RemoteSet {
             cluster: name.clone(),
         }
         .to_string();
-        if let Err(e) = store.delete(&config).await {
-            tracing::warn!(key = %config, error = %e, "deleting a removed remote's cluster config failed");
-            return;
+        let mut complete = true;
+        for attempt in 1..=10 {
+            match store.delete(&config).await {
+                Ok(_) => break,
+                Err(e) if attempt < 10 => {
+                    tracing::warn!(key = %config, error = %e, attempt, "deleting a removed remote's cluster config failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                // Its state goes anyway: a store that refuses this keeps nothing forever.
+                Err(e) => {
+                    complete = false;
+                    tracing::warn!(key = %config, error = %e, "deleting a removed remote's cluster config failed; deleting its state anyway");
+                }
+            }
         }
         let mut prefixes: Vec<String> = ExportKind::ALL
             .iter()
             .map(|k| k.cache_prefix(&name))
             .collect();
         prefixes.push(format!("cilium/synced/{name}/"));
-        let mut complete = true;
         for prefix in prefixes {
             match store.list(&prefix).await {
                 Ok(listing) => {

@@ -92,22 +92,21 @@ async fn cache_keys(store: &dyn KvStore) -> BTreeSet<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cilium_cluster_is_imported_from_its_etcd() {
-    // cluster3's etcd, with the certificates its clustermesh-apiserver hands out.
-    let certs = tempfile::tempdir().unwrap();
+/// cluster3's etcd over mutual TLS, with the certificates its clustermesh-apiserver hands
+/// out, and the `remotes:` entry of c2's config for it.
+async fn cluster3_etcd(certs: &std::path::Path) -> (EtcdServer, String) {
     let cluster3 = ClusterName::new("cluster3").unwrap();
     let ca = CertificateAuthority::generate(&cluster3).unwrap();
-    ca.cert().write(certs.path(), "ca").unwrap();
+    ca.cert().write(certs, "ca").unwrap();
     ca.server_cert(&cluster3, &["127.0.0.1".into()])
         .unwrap()
-        .write(certs.path(), "etcd")
+        .write(certs, "etcd")
         .unwrap();
     ca.client_cert(&ClientIdentity::Remote(ClusterName::new("c2").unwrap()))
         .unwrap()
-        .write(certs.path(), "client")
+        .write(certs, "client")
         .unwrap();
-    let p = |f: &str| certs.path().join(f);
+    let p = |f: &str| certs.join(f);
     let etcd = EtcdServer::start_with_tls(TlsFiles {
         ca: p("ca.pem"),
         server_cert: p("etcd.pem"),
@@ -116,6 +115,21 @@ async fn a_cilium_cluster_is_imported_from_its_etcd() {
         client_key: p("client-key.pem"),
     })
     .await;
+    let entry = format!(
+        "remotes:\n- {{name: cluster3, id: 3, kind: etcd, address: \"{}\", ca: {}, cert: {}, key: {}}}\n\
+         staleness: {{unreachableAfterMillis: 600, withdrawAfterMillis: 600, restoreAfterMillis: 1500, keepLastBackends: false}}\n",
+        etcd.endpoint(),
+        p("ca.pem").display(),
+        p("client.pem").display(),
+        p("client-key.pem").display(),
+    );
+    (etcd, entry)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cilium_cluster_is_imported_from_its_etcd() {
+    let certs = tempfile::tempdir().unwrap();
+    let (etcd, entry) = cluster3_etcd(certs.path()).await;
     let remote = etcd.store().await;
     for (k, v) in cluster3_state() {
         remote.put(&k, v.as_bytes(), None).await.unwrap();
@@ -123,14 +137,7 @@ async fn a_cilium_cluster_is_imported_from_its_etcd() {
 
     // B imports cluster3 from its etcd.
     let mut b = TestCluster::new("c2", 2, None);
-    b.reconfigure(&format!(
-        "remotes:\n- {{name: cluster3, id: 3, kind: etcd, address: \"{}\", ca: {}, cert: {}, key: {}}}\n\
-         staleness: {{unreachableAfterMillis: 600, withdrawAfterMillis: 600, restoreAfterMillis: 1500, keepLastBackends: false}}\n",
-        etcd.endpoint(),
-        p("ca.pem").display(),
-        p("client.pem").display(),
-        p("client-key.pem").display(),
-    ));
+    b.reconfigure(&entry);
     let running = b.start().await;
     let store = running.store.as_ref();
 
@@ -342,4 +349,100 @@ async fn a_cilium_cluster_is_imported_from_its_etcd() {
 
 async fn keys_present(store: &dyn KvStore, key: &str) -> bool {
     store.get(key).await.unwrap().is_some()
+}
+
+/// KVStoreMesh's layout: a config that says `cached`, the state under `cilium/cache/...`
+/// with its canaries there; before the config exists the remote is refused and nothing is
+/// imported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kvstoremesh_cache_is_read_and_a_remote_without_config_is_refused() {
+    let certs = tempfile::tempdir().unwrap();
+    let (etcd, entry) = cluster3_etcd(certs.path()).await;
+    let remote = etcd.store().await;
+    // cluster3's state as a KVStoreMesh in another cluster mirrors it.
+    let mut config = None;
+    for (k, v) in cluster3_state() {
+        let Ok(key) = clustermesh_model::keys::Key::parse(&k) else {
+            panic!("{k}")
+        };
+        use clustermesh_model::keys::{CachedObject, Key};
+        let remote3 = ClusterName::new("cluster3").unwrap();
+        let cached = |object| Key::Cached {
+            remote: remote3.clone(),
+            object,
+        };
+        let mirrored = match key {
+            Key::ClusterConfig { .. } => {
+                config = Some(v.replace(
+                    "\"syncedCanaries\":true,",
+                    "\"syncedCanaries\":true,\"cached\":true,",
+                ));
+                continue;
+            }
+            Key::Identity { id } => cached(CachedObject::Identity(id)),
+            Key::IpCache { ip } => cached(CachedObject::IpCache(ip)),
+            Key::Node { name, .. } => cached(CachedObject::Node(name)),
+            Key::Service {
+                namespace, name, ..
+            } => cached(CachedObject::Service { namespace, name }),
+            other => panic!("{other}"),
+        };
+        remote
+            .put(&mirrored.to_string(), v.as_bytes(), None)
+            .await
+            .unwrap();
+    }
+    for kind in ["identities", "ip", "nodes", "services"] {
+        remote
+            .put(
+                &format!("cilium/synced/cluster3/cilium/cache/{kind}/v1"),
+                b"1764672000",
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    let mut b = TestCluster::new("c2", 2, None);
+    b.reconfigure(&entry);
+    let running = b.start().await;
+    support::wait_for(
+        || {
+            running
+                .remotes
+                .status("cluster3")
+                .and_then(|s| s.refused)
+                .is_some_and(|r| r.contains("has no cilium/cluster-config/cluster3"))
+        },
+        "cluster3 refused for want of its config",
+    )
+    .await;
+    assert!(cache_keys(running.store.as_ref()).await.is_empty());
+    let config = config.unwrap();
+    assert!(config.contains("\"cached\":true"), "{config}");
+    remote
+        .put("cilium/cluster-config/cluster3", config.as_bytes(), None)
+        .await
+        .unwrap();
+    support::wait_for(
+        || {
+            running
+                .remotes
+                .status("cluster3")
+                .is_some_and(|s| s.imported)
+        },
+        "cluster3's snapshot from the cache layout",
+    )
+    .await;
+    let keys = cache_keys(running.store.as_ref()).await;
+    for k in [
+        "cilium/cache/identities/v1/cluster3/id/199472",
+        "cilium/cache/ip/v1/cluster3/10.244.1.10",
+        "cilium/cache/nodes/v1/cluster3/test-node-2",
+        "cilium/cache/services/v1/cluster3/ns-beta/echo-service",
+    ] {
+        assert!(keys.contains(k), "{k} not in {keys:?}");
+    }
+    let s = running.remotes.status("cluster3").unwrap();
+    assert!(s.rejected.is_empty() && s.refused.is_none(), "{s:?}");
+    running.stop().await.unwrap();
 }

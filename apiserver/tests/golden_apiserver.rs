@@ -490,7 +490,7 @@ const KEY_KINDS: [(&str, &str, &str, &[&str]); 8] = [
     (
         "`cilium/synced/<cluster>/cilium/state/<kind>/v1`",
         "a timestamp, once the kind's first sync is written",
-        "the same (Unix seconds)",
+        "a timestamp (Unix seconds; the scripts check the key only)",
         &["globalnamespace-services.txtar"],
     ),
     (

@@ -69,8 +69,8 @@ const IDENTITY_INCLUDE: [KeyRule; 4] = [
 ];
 
 /// The labels Cilium's default filter leaves out of an identity: they change with every
-/// rollout, StatefulSet pod or Job run, or say nothing about the workload. The last two are
-/// a Job's run (its `controller-uid`), which would give every run an identity of its own.
+/// rollout or StatefulSet pod, or say nothing about the workload. The last two are a Job's
+/// `controller-uid`, which changes when the Job is created again under its name.
 const IDENTITY_IGNORE: [KeyRule; 14] = [
     KeyRule::Prefix("io.kubernetes"),
     KeyRule::Prefix("kubernetes.io"),

@@ -112,6 +112,8 @@ impl EtcdRemote {
         let layout = self.layout();
         // Its canaries first, when it writes them: a snapshot before them may be partial.
         if self.config.capabilities.synced_canaries {
+            let since = tokio::time::Instant::now();
+            let mut warned = since;
             loop {
                 let mut missing = Vec::new();
                 for (_, _, canary) in &layout {
@@ -122,7 +124,14 @@ impl EtcdRemote {
                 if missing.is_empty() {
                     break;
                 }
-                tracing::debug!(remote = %self.remote, ?missing, "waiting for the remote's sync canaries");
+                // Said after 10 s, then every minute: a remote that never writes one (a Cilium 1.20 cluster
+                // exporting EndpointSlices only writes no services canary) imports nothing.
+                if since.elapsed() >= Duration::from_secs(10)
+                    && (warned == since || warned.elapsed() >= Duration::from_secs(60))
+                {
+                    warned = tokio::time::Instant::now();
+                    tracing::warn!(remote = %self.remote, ?missing, "waiting for the remote's sync canaries: nothing is imported before all four exist");
+                }
                 if send(0, Ev::Heartbeat(v1::Heartbeat {})).await.is_err() {
                     return Ok(());
                 }

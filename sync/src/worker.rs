@@ -1036,7 +1036,12 @@ async fn session(
             ),
         ),
     };
-    status.lock().connected = true;
+    {
+        let mut st = status.lock();
+        st.connected = true;
+        // Its config passed the checks: whatever refused an earlier session no longer does.
+        st.refused = None;
+    }
     // Reachable again at the first message, not at the stream's opening: a peer that
     // accepts and then fails stays unreachable (and is withdrawn on time).
     let mut staging: Option<Tracked> = (!resume).then(Tracked::default);

@@ -118,7 +118,7 @@ fn skip_reason(script: &Script, files: &BTreeMap<String, String>) -> Option<Stri
                     let Some(text) = files.get(file) else {
                         continue;
                     };
-                    for doc in yaml_documents(text).unwrap_or_default() {
+                    for doc in golden::yaml_documents(text).unwrap_or_default() {
                         let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
                         if !READ_KINDS.contains(&kind.as_str()) {
                             return Some(format!(
@@ -149,19 +149,6 @@ fn skip_reason(script: &Script, files: &BTreeMap<String, String>) -> Option<Stri
         }
     }
     None
-}
-
-/// The YAML documents of a file, as JSON values (empty documents left out).
-fn yaml_documents(text: &str) -> Result<Vec<serde_json::Value>, String> {
-    use serde::Deserialize as _;
-    let mut out = Vec::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(text) {
-        let v = serde_json::Value::deserialize(doc).map_err(|e| e.to_string())?;
-        if !v.is_null() {
-            out.push(v);
-        }
-    }
-    Ok(out)
 }
 
 /// What the `#!` flags configure.
@@ -258,7 +245,7 @@ impl Apiserver<'_> {
     ) -> Result<(), String> {
         for name in names {
             let text = files.get(name).ok_or_else(|| format!("no file {name}"))?;
-            for doc in yaml_documents(text).map_err(|e| format!("{name}: {e}"))? {
+            for doc in golden::yaml_documents(text).map_err(|e| format!("{name}: {e}"))? {
                 self.api
                     .apply(verb, doc, self.running.is_some())
                     .map_err(|e| format!("{name}: {e}"))?;

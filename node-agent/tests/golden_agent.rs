@@ -71,18 +71,6 @@ struct AgentUnderTest {
     addresses: Addresses,
 }
 
-fn yaml_documents(text: &str) -> Result<Vec<serde_json::Value>, String> {
-    use serde::Deserialize as _;
-    let mut out = Vec::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(text) {
-        let v = serde_json::Value::deserialize(doc).map_err(|e| e.to_string())?;
-        if !v.is_null() {
-            out.push(v);
-        }
-    }
-    Ok(out)
-}
-
 fn service_ref(cluster: &ClusterName, ns: &str, name: &str) -> ObjectRef {
     ObjectRef {
         kind: v1::Kind::Services,
@@ -133,7 +121,7 @@ impl AgentUnderTest {
     ) -> Result<(), String> {
         for name in names {
             let text = files.get(name).ok_or_else(|| format!("no file {name}"))?;
-            for doc in yaml_documents(text)? {
+            for doc in golden::yaml_documents(text)? {
                 let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
                 if !matches!(kind.as_str(), "Service" | "EndpointSlice" | "Namespace") {
                     return Err(format!("{name}: kind {kind:?} is not read"));

@@ -613,3 +613,16 @@ pub fn check_generated(name: &str, table: &str) {
         "docs/INTEROP.md's table is not what the runner found; the generated one:\n{table}"
     );
 }
+
+/// The YAML documents of a file, as JSON values (empty documents left out).
+pub fn yaml_documents(text: &str) -> Result<Vec<serde_json::Value>, String> {
+    use serde::Deserialize as _;
+    let mut out = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(text) {
+        let v = serde_json::Value::deserialize(doc).map_err(|e| e.to_string())?;
+        if !v.is_null() {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
